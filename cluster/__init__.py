@@ -1,0 +1,1 @@
+"""Expert-parallel cluster: topology, placement, expert shards as Ray actors, dispatch (not built yet)."""

@@ -1,0 +1,1 @@
+"""Single-process MoE model core: config, maths, checkpoints, KV cache, generation."""

@@ -1,0 +1,154 @@
+"""KV cache: per-slot storage for every layer, in four modes.
+
+- ``full``: K and V at the model's dtype. For MLA models this is the *expanded* per-head K/V,
+  i.e. what an equivalent multi-head-attention cache would hold.
+- ``int8``: K and V quantised to int8 with one fp32 scale per (token, head) (symmetric, absmax).
+- ``latent`` (MLA only): the compressed latent ``c_kv`` (``kv_lora_rank`` values) and the
+  shared rotary key (``qk_rope_head_dim`` values) per token, not per head.
+- ``latent-int8``: the latent cache quantised to int8, one scale per token per tensor.
+
+A cache has ``num_slots`` rows (one per sequence) of ``max_len`` positions. Row ``s`` holds
+``lengths[s]`` valid tokens; a forward pass on rows ``R`` with ``T`` new tokens writes them at
+``lengths[R] .. lengths[R] + T - 1`` and then ``advance(R, T)``. Rows of one batch may hold
+different lengths: attention masks the positions a row has not written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import KVMode, ModelConfig
+
+INT8_SCALE_BYTES = 4  # one fp32 scale per quantised vector
+
+
+class TensorStore:
+    """Dense storage of one per-token tensor: shape (num_slots, max_len, *feature)."""
+
+    def __init__(self, num_slots: int, max_len: int, feature: tuple[int, ...], dtype: torch.dtype):
+        self.data = torch.zeros(num_slots, max_len, *feature, dtype=dtype)
+
+    def write(self, rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor) -> None:
+        # rows (B,), pos (B, T), x (B, T, *feature)
+        self.data[rows[:, None], pos] = x.to(self.data.dtype)
+
+    def read(self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, length, *feature). rows=None means slots 0..n_rows-1 (a view, no copy)."""
+        src = self.data[:n_rows, :length] if rows is None else self.data[rows, :length]
+        return src if src.dtype == dtype else src.to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+class Int8Store(TensorStore):
+    """int8 storage with one fp32 absmax scale per stored vector (the last feature dim)."""
+
+    def __init__(self, num_slots: int, max_len: int, feature: tuple[int, ...], dtype: torch.dtype):
+        self.data = torch.zeros(num_slots, max_len, *feature, dtype=torch.int8)
+        self.scale = torch.zeros(num_slots, max_len, *feature[:-1], 1, dtype=torch.float32)
+
+    def write(self, rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor) -> None:
+        x32 = x.float()
+        scale = x32.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+        self.data[rows[:, None], pos] = torch.round(x32 / scale).to(torch.int8)
+        self.scale[rows[:, None], pos] = scale
+
+    def read(self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+        if rows is None:
+            q, s = self.data[:n_rows, :length], self.scale[:n_rows, :length]
+        else:
+            q, s = self.data[rows, :length], self.scale[rows, :length]
+        return (q.to(torch.float32) * s).to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.scale.numel() * self.scale.element_size()
+
+
+@dataclass(frozen=True)
+class CacheShapes:
+    """Per-token feature shapes of the two tensors a layer caches, for one mode."""
+
+    first: tuple[int, ...]
+    second: tuple[int, ...]
+    quantised: bool
+
+
+def cache_shapes(config: ModelConfig, mode: KVMode) -> CacheShapes:
+    a = config.attention
+    if mode in ("latent", "latent-int8"):
+        return CacheShapes((a.kv_lora_rank,), (a.qk_rope_dim,), mode == "latent-int8")
+    if a.kind == "mla":  # expanded per-head K/V: the equivalent MHA cache
+        return CacheShapes((a.num_heads, a.head_dim), (a.num_heads, a.v_head_dim), mode == "int8")
+    return CacheShapes((a.num_kv_heads, a.head_dim), (a.num_kv_heads, a.head_dim), mode == "int8")
+
+
+def kv_bytes_per_token(config: ModelConfig, mode: KVMode, dtype_bytes: int) -> int:
+    """Bytes one token occupies in the cache across all layers (scales included)."""
+    shapes = cache_shapes(config, mode)
+    per_layer = 0
+    for feat in (shapes.first, shapes.second):
+        if shapes.quantised:
+            per_layer += math.prod(feat) + math.prod(feat[:-1]) * INT8_SCALE_BYTES
+        else:
+            per_layer += math.prod(feat) * dtype_bytes
+    return per_layer * config.num_layers
+
+
+class LayerKV:
+    """The two stores of one layer (K and V, or latent and rotary key)."""
+
+    def __init__(self, first: TensorStore, second: TensorStore):
+        self.first = first
+        self.second = second
+
+
+class KVCache:
+    """KV storage for all layers of one model, `num_slots` sequences of up to `max_len` tokens."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        mode: KVMode,
+        num_slots: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.mode: KVMode = config.check_kv_mode(mode)
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.dtype = dtype
+        self.shapes = cache_shapes(config, mode)
+        store = Int8Store if self.shapes.quantised else TensorStore
+        self.layers = [
+            LayerKV(
+                store(num_slots, max_len, self.shapes.first, dtype),
+                store(num_slots, max_len, self.shapes.second, dtype),
+            )
+            for _ in range(config.num_layers)
+        ]
+        self.lengths = torch.zeros(num_slots, dtype=torch.long)
+
+    @property
+    def latent(self) -> bool:
+        return self.mode in ("latent", "latent-int8")
+
+    def advance(self, rows: torch.Tensor, n: int) -> None:
+        self.lengths[rows] += n
+
+    def free(self, rows: torch.Tensor) -> None:
+        """Forget the contents of `rows` so the slots can take new sequences."""
+        self.lengths[rows] = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.first.nbytes + layer.second.nbytes for layer in self.layers)
+
+    def bytes_in_use(self) -> int:
+        """Bytes holding valid tokens (allocated bytes scaled by occupancy)."""
+        return int(self.nbytes * int(self.lengths.sum()) / (self.num_slots * self.max_len))

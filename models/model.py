@@ -1,0 +1,535 @@
+"""The MoE decoder: one readable implementation for Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3.
+
+Plain `nn.Module`s in the gpt-fast style. Shapes in comments use
+B = batch rows, T = new tokens this step, L = key length (cached + new), H = heads,
+D = head dim, E = experts, N = B*T flattened tokens, k = experts per token.
+
+Parameter names are family-neutral (`layers.3.moe.router.weight`); the adapters in
+`models/adapters/` map them to each family's checkpoint names.
+
+Two seams matter to the rest of expertmesh:
+- `DecoderLayer.attention_block` / `DecoderLayer.ffn_block` split a layer so the cluster can
+  run attention on one node and the experts on others.
+- `ExpertBank` holds any subset of a layer's experts and refuses (raises) when tokens are
+  routed to an expert it does not hold, so no expert is ever silently skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AttentionConfig, ModelConfig, MoEConfig, RopeConfig
+from .errors import ExpertNotLoaded
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache
+    from .router_stats import RouterStats
+
+LogitsFor = Literal["last", "all"]
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if name == "gelu_pytorch_tanh" else "none")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype (as the reference implementations do).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (dim/2,) and the factor cos/sin are multiplied by.
+
+    YaRN follows Peng et al. 2023 ("YaRN: Efficient Context Window Extension"), section 3:
+    interpolate low frequencies, keep high ones, ramp in between, scale attention by mscale.
+    """
+    exponents = torch.arange(0, cfg.dim, 2, dtype=torch.float32, device="cpu") / cfg.dim
+    pos_freqs = cfg.theta**exponents
+    if cfg.scaling == "linear":
+        return 1.0 / (pos_freqs * cfg.factor), 1.0
+    if cfg.scaling != "yarn":
+        return 1.0 / pos_freqs, 1.0
+    orig = cfg.original_max_position or 4096
+
+    def correction_dim(n_rot: float) -> float:
+        return (cfg.dim * math.log(orig / (n_rot * 2 * math.pi))) / (2 * math.log(cfg.theta))
+
+    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.beta_slow)), cfg.dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(cfg.dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1.0 - ramp
+    inv_freq = (1.0 / (cfg.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    if cfg.mscale_all_dim:
+        scale = _yarn_mscale(cfg.factor, cfg.mscale) / _yarn_mscale(cfg.factor, cfg.mscale_all_dim)
+    else:
+        scale = _yarn_mscale(cfg.factor)
+    return inv_freq, scale
+
+
+class Rotary:
+    """Rotary position embedding; not a module (no parameters, nothing to load)."""
+
+    def __init__(self, cfg: RopeConfig) -> None:
+        self.interleaved = cfg.interleaved
+        self.inv_freq, self.scale = rope_inv_freq(cfg)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, dim/2)
+        return (freqs.cos() * self.scale).to(dtype), (freqs.sin() * self.scale).to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x (B, T, H, dim); cos/sin (B, T, dim/2) broadcast over heads.
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        if self.interleaved:  # DeepSeek: pairs (x0, x1), (x2, x3), ...; output de-interleaved
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            half = x.shape[-1] // 2
+            x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ----------------------------------------------------------------------------- step context
+
+
+@dataclass
+class StepContext:
+    """What every layer needs about the current forward pass; built once per pass."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: KVCache | None
+    rows: torch.Tensor  # (B,) cache slots of the batch rows
+    rows_are_prefix: bool  # rows == arange(B): cache reads can be views
+    write_pos: torch.Tensor  # (B, T) absolute positions of the new tokens
+    key_len: int  # L
+    mask: torch.Tensor | None  # (B, 1, T, L) bool, or None for plain causal over T == L
+
+    def read_rows(self) -> torch.Tensor | None:
+        return None if self.rows_are_prefix else self.rows
+
+
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext, scale: float
+) -> torch.Tensor:
+    """Scaled dot-product attention. q (B, H, T, Dq); k (B, Hkv, L, Dq); v (B, Hkv, L, Dv)."""
+    causal = ctx.mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=ctx.mask, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, optional q/k norms and q/k/v clipping."""
+
+    def __init__(self, hidden: int, cfg: AttentionConfig, rope: RopeConfig, eps: float) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(hidden, h * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(hidden, hkv * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(hidden, hkv * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * d, hidden, bias=cfg.o_bias)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if cfg.qk_norm == "per_head":
+            self.q_norm, self.k_norm = RMSNorm(d, eps), RMSNorm(d, eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(h * d, eps), RMSNorm(hkv * d, eps)
+        self.rotary = Rotary(rope)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, cfg.num_heads, cfg.head_dim)
+        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]
+        q = self.rotary.apply(q, ctx.cos, ctx.sin)
+        k = self.rotary.apply(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = cache_update(ctx, layer, k, v)  # (B, L, Hkv, D)
+        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx, cfg.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def cache_update(
+    ctx: StepContext, layer: int, first: torch.Tensor, second: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write this step's tensors into the cache and read back all L positions of each row."""
+    assert ctx.cache is not None
+    kv = ctx.cache.layers[layer]
+    kv.first.write(ctx.rows, ctx.write_pos, first)
+    kv.second.write(ctx.rows, ctx.write_pos, second)
+    n, length, rows = first.shape[0], ctx.key_len, ctx.read_rows()
+    return kv.first.read(rows, n, length, first.dtype), kv.second.read(rows, n, length, second.dtype)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3).
+
+    K and V are up-projected from a per-token latent `c_kv` (kv_lora_rank values) plus one
+    rotary key shared by all heads. With a latent cache we never expand K/V: the up-projection
+    is absorbed into the query and the output (DeepSeek-V2 paper, section 2.1.2), so attention
+    runs as multi-query attention over [c_kv, k_rope].
+    """
+
+    def __init__(self, hidden: int, cfg: AttentionConfig, rope: RopeConfig, eps: float) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, dqk = cfg.num_heads, cfg.qk_nope_dim + cfg.qk_rope_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(hidden, cfg.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * dqk, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden, h * dqk, bias=False)
+        self.kv_a_proj = nn.Linear(hidden, cfg.kv_lora_rank + cfg.qk_rope_dim, bias=cfg.qkv_bias)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, hidden, bias=cfg.o_bias)
+        self.rotary = Rotary(rope)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        h, dn, dr, dv, r = cfg.num_heads, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        if cfg.q_lora_rank:
+            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q_nope, q_rope = q.view(B, T, h, dn + dr).split([dn, dr], dim=-1)
+        c_kv, k_rope = self.kv_a_proj(x).split([r, dr], dim=-1)
+        c_kv = self.kv_a_norm(c_kv)  # (B, T, r)
+        q_rope = self.rotary.apply(q_rope, ctx.cos, ctx.sin)
+        k_rope = self.rotary.apply(k_rope.view(B, T, 1, dr), ctx.cos, ctx.sin).view(B, T, dr)
+
+        if ctx.cache is not None and ctx.cache.latent:
+            c_all, kr_all = cache_update(ctx, layer, c_kv, k_rope)  # (B, L, r), (B, L, dr)
+            w = self.kv_b_proj.weight.view(h, dn + dv, r)
+            w_uk, w_uv = w[:, :dn], w[:, dn:]  # (h, dn, r), (h, dv, r)
+            q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)
+            query = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # (B, h, T, r + dr)
+            key = torch.cat((c_all, kr_all), dim=-1).unsqueeze(1)  # (B, 1, L, r + dr)
+            out_lat = sdpa(query, key, c_all.unsqueeze(1), ctx, cfg.softmax_scale)  # (B, h, T, r)
+            out = torch.einsum("bhtr,hvr->bthv", out_lat, w_uv)
+        else:
+            kv = self.kv_b_proj(c_kv).view(B, T, h, dn + dv)
+            k_nope, v = kv.split([dn, dv], dim=-1)
+            k = torch.cat((k_nope, k_rope[:, :, None, :].expand(B, T, h, dr)), dim=-1)
+            qf = torch.cat((q_nope, q_rope), dim=-1)
+            if ctx.cache is not None:
+                k, v = cache_update(ctx, layer, k, v)
+            out = sdpa(qf.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx, cfg.softmax_scale)
+            out = out.transpose(1, 2)
+        return self.o_proj(out.reshape(B, T, h * dv))
+
+
+# ----------------------------------------------------------------------------- feed-forward
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Chooses k experts per token and their weights, per the family's rule."""
+
+    def __init__(self, hidden: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden))
+        self.score_bias: nn.Parameter | None = None
+        if cfg.score_correction_bias:
+            self.score_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.router_in_fp32:
+            return F.linear(x.float(), self.weight.float())
+        return F.linear(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, hidden) -> expert ids (N, k), weights (N, k) in x's dtype, logits (N, E)."""
+        cfg = self.cfg
+        logits = self.logits(x)
+        if cfg.scoring == "sigmoid":
+            scores = logits.float().sigmoid()
+        else:
+            scores = logits.float().softmax(dim=-1)
+        choice = scores if self.score_bias is None else scores + self.score_bias.float()
+        if cfg.topk_method != "greedy":
+            choice = self._limit_to_groups(choice)
+        if self.score_bias is None and cfg.topk_method != "group_top2_sum":
+            weights, ids = torch.topk(choice, cfg.top_k, dim=-1)
+        else:  # choose on biased scores, weight by the unbiased ones (DeepSeek-V3)
+            ids = torch.topk(choice, cfg.top_k, dim=-1)[1]
+            weights = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.scoring == "sigmoid" else 0))
+        weights = weights * cfg.routed_scaling_factor
+        return ids, weights.to(x.dtype), logits
+
+    def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Keep only experts in the best `topk_group` of `n_group` groups (DeepSeek)."""
+        cfg = self.cfg
+        grouped = choice.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)
+        if cfg.topk_method == "group_max":
+            group_scores = grouped.max(dim=-1).values
+        else:
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, torch.topk(group_scores, cfg.topk_group, dim=-1)[1], True)
+        fill = 0.0 if cfg.topk_method == "group_max" else float("-inf")
+        return grouped.masked_fill(~keep[..., None], fill).view_as(choice)
+
+
+class ExpertBank(nn.Module):
+    """Some or all routed experts of one layer, stacked for fast indexing.
+
+    gate_up (n_local, 2*I, hidden) fuses each expert's gate and up projections;
+    down (n_local, hidden, I). `expert_ids[i]` is the global id of local slot i.
+    """
+
+    def __init__(self, layer: int, hidden: int, cfg: MoEConfig, act: str, expert_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_experts = cfg.num_experts
+        self.intermediate = cfg.expert_intermediate
+        self.act = act
+        self.expert_ids = tuple(sorted(set(expert_ids)))
+        n = len(self.expert_ids)
+        self.gate_up = nn.Parameter(torch.empty(n, 2 * cfg.expert_intermediate, hidden))
+        self.down = nn.Parameter(torch.empty(n, hidden, cfg.expert_intermediate))
+        self.slot_of = [-1] * cfg.num_experts
+        for slot, e in enumerate(self.expert_ids):
+            self.slot_of[e] = slot
+
+    @property
+    def complete(self) -> bool:
+        return len(self.expert_ids) == self.num_experts
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, hidden), ids/weights (N, k) -> weighted sum of the chosen experts (N, hidden)."""
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # group the N*k assignments by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token = order // k
+        xs = x[token]  # (N*k, hidden), sorted by expert
+        ws = weights.reshape(-1)[order, None]
+        out = torch.empty_like(xs)
+        start = 0
+        missing = []
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            slot = self.slot_of[e]
+            if slot < 0:
+                missing.append(e)
+                start += n
+                continue
+            chunk = xs[start : start + n]
+            gate, up = F.linear(chunk, self.gate_up[slot]).chunk(2, dim=-1)
+            out[start : start + n] = F.linear(activation(self.act, gate) * up, self.down[slot])
+            start += n
+        if missing:
+            raise ExpertNotLoaded(self.layer, missing)
+        result = torch.zeros_like(x)
+        result.index_add_(0, token, out * ws)
+        return result
+
+
+class MoEBlock(nn.Module):
+    def __init__(
+        self, layer: int, hidden: int, cfg: MoEConfig, act: str, expert_ids: Sequence[int] | None = None
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.router = Router(hidden, cfg)
+        ids = range(cfg.num_experts) if expert_ids is None else expert_ids
+        self.experts = ExpertBank(layer, hidden, cfg, act, ids)
+        self.shared = MLP(hidden, cfg.shared_intermediate, act) if cfg.shared_intermediate else None
+        self.shared_gate = nn.Linear(hidden, 1, bias=False) if cfg.shared_gate else None
+
+    def forward(self, x: torch.Tensor, stats: RouterStats | None = None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, hidden)
+        ids, weights, _ = self.router(flat)
+        if stats is not None:
+            stats.record(self.layer, ids, weights)
+        out = self.experts(flat, ids, weights)
+        if self.shared is not None:
+            shared = self.shared(flat)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+            out = out + shared
+        return out.view(shape)
+
+
+# ----------------------------------------------------------------------------- layers and model
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, layer: int, config: ModelConfig, expert_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        attn_cls = MLAttention if config.attention.kind == "mla" else Attention
+        self.layer = layer
+        self.attn_norm = RMSNorm(hidden, eps)
+        self.attn = attn_cls(hidden, config.attention, config.rope, eps)
+        self.mlp_norm = RMSNorm(hidden, eps)
+        self.moe: MoEBlock | None = None
+        self.mlp: MLP | None = None
+        if config.moe_layers[layer]:
+            self.moe = MoEBlock(layer, hidden, config.moe, config.hidden_act, expert_ids)
+        else:
+            self.mlp = MLP(hidden, config.dense_intermediate, config.hidden_act)
+
+    def attention_block(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return x + self.attn(self.attn_norm(x), ctx, self.layer)
+
+    def ffn_block(self, x: torch.Tensor, stats: RouterStats | None = None) -> torch.Tensor:
+        h = self.mlp_norm(x)
+        if self.moe is not None:
+            return x + self.moe(h, stats)
+        assert self.mlp is not None
+        return x + self.mlp(h)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, stats: RouterStats | None = None) -> torch.Tensor:
+        return self.ffn_block(self.attention_block(x, ctx), stats)
+
+
+class MoEModel(nn.Module):
+    """Decoder-only MoE language model.
+
+    `expert_ids` selects which routed experts each MoE layer materialises
+    ({layer: ids}; layers not named, or None, hold all experts).
+    """
+
+    def __init__(self, config: ModelConfig, expert_ids: Mapping[int, Sequence[int]] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        selection = expert_ids or {}
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(i, config, selection.get(i)) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        first = self.layers[0].attn
+        self.rotary: Rotary = first.rotary
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def context(
+        self, B: int, T: int, cache: KVCache | None, rows: torch.Tensor | None
+    ) -> StepContext:
+        """Positions, rotary tables and the attention mask for B rows of T new tokens."""
+        if rows is None:
+            rows = torch.arange(B)
+            prefix = True
+        else:
+            prefix = bool(rows.numel() == B and torch.equal(rows, torch.arange(B)))
+        start = cache.lengths[rows] if cache is not None else torch.zeros(B, dtype=torch.long)
+        write_pos = start[:, None] + torch.arange(T)  # (B, T)
+        key_len = int(start.max()) + T
+        window = self.config.attention.sliding_window
+        mask = None
+        if key_len != T or (window is not None and key_len > window):
+            keys = torch.arange(key_len)  # (L,)
+            mask = keys[None, None, :] <= write_pos[:, :, None]  # (B, T, L) causal
+            if window is not None:
+                mask &= keys[None, None, :] > write_pos[:, :, None] - window
+            mask = mask[:, None]  # (B, 1, T, L)
+        cos, sin = self.rotary.cos_sin(write_pos, self.dtype)
+        return StepContext(cos, sin, cache, rows, prefix, write_pos, key_len, mask)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+        router_stats: RouterStats | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, hidden); advances the cache by T for `rows`."""
+        B, T = input_ids.shape
+        ctx = self.context(B, T, cache, rows)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, ctx, router_stats)
+        if cache is not None:
+            cache.advance(ctx.rows, T)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+        logits_for: LogitsFor = "all",
+        router_stats: RouterStats | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) for logits_for='last'."""
+        h = self.hidden_states(input_ids, cache, rows, router_stats)
+        if logits_for == "last":
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+
+def init_random(model: MoEModel, seed: int = 0, std: float = 0.02) -> MoEModel:
+    """Seeded random weights (norms to 1, DeepSeek score bias to 0): demo and benchmark models."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("score_bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model

@@ -1,0 +1,1 @@
+"""Declarative selection policies: schema, validation, reload (not built yet)."""

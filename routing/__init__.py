@@ -1,0 +1,1 @@
+"""Request classification and model selection (not built yet)."""

@@ -1,0 +1,1 @@
+"""Training and compression pipelines on Ray Train (not built yet)."""
