@@ -1,0 +1,51 @@
+"""The `expertmesh` command line. Each subcommand lives with its concern; this file only
+parses arguments and turns expected errors into one clear line (exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cmd_models import add_generate, add_inspect
+
+    parser = argparse.ArgumentParser(prog="expertmesh", description="Serve and train MoE models on Ray.")
+    parser.add_argument("--version", action="version", version=f"expertmesh {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_generate(sub)
+    add_inspect(sub)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from expertmesh.models.errors import ModelError
+    from expertmesh.models.tokenizer import TokenizerError
+
+    errors: list[type[BaseException]] = [ModelError, TokenizerError, FileNotFoundError]
+    try:
+        from expertmesh.observability import TelemetryConfigError
+
+        errors.append(TelemetryConfigError)
+    except ImportError:  # pragma: no cover - observability is part of the package
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _expected_errors() as e:
+        print(f"expertmesh {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
