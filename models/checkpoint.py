@@ -73,6 +73,7 @@ class CheckpointReader:
         self.config = self.adapter.parse_config(raw)
         self.file_of = self._index()
         self._handles: dict[str, Any] = {}
+        self._keys: dict[str, set[str]] = {}  # file -> tensor names it really holds
 
     def _index(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
@@ -93,7 +94,9 @@ class CheckpointReader:
             full = self.path / file
             if not full.is_file():
                 raise CheckpointError(f"shard {full} named in {INDEX_FILE} does not exist")
-            self._handles[file] = safe_open(str(full), framework="pt")
+            handle = safe_open(str(full), framework="pt")
+            self._handles[file] = handle
+            self._keys[file] = set(handle.keys())
         return self._handles[file]
 
     def has(self, name: str) -> bool:
@@ -104,7 +107,10 @@ class CheckpointReader:
         if file is None:
             where = INDEX_FILE if (self.path / INDEX_FILE).is_file() else SINGLE_FILE
             raise MissingTensor(name, str(self.path / where))
-        return self._handle(file).get_tensor(name)
+        handle = self._handle(file)
+        if name not in self._keys[file]:  # the index names a shard that lacks it
+            raise MissingTensor(name, str(self.path / file))
+        return handle.get_tensor(name)
 
     def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate, up, down) weights of one routed expert."""
@@ -116,13 +122,24 @@ class CheckpointReader:
         )
 
 
+def _check_shape(reader: CheckpointReader, name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
+    # copy_ would broadcast e.g. a (1, hidden) tensor into (I, hidden) without a word.
+    if tensor.shape != shape:
+        raise CheckpointError(
+            f"tensor '{name}' in {reader.path} has shape {tuple(tensor.shape)}, "
+            f"config.json implies {tuple(shape)}"
+        )
+
+
 def _fill_expert_bank(bank: ExpertBank, reader: CheckpointReader) -> None:
+    i = bank.intermediate
     with torch.no_grad():
         for slot, e in enumerate(bank.expert_ids):
-            gate, up, down = reader.expert(bank.layer, e)
-            bank.gate_up[slot, : bank.intermediate].copy_(gate)
-            bank.gate_up[slot, bank.intermediate :].copy_(up)
-            bank.down[slot].copy_(down)
+            targets = (bank.gate_up[slot, :i], bank.gate_up[slot, i:], bank.down[slot])
+            projs = ("gate_proj", "up_proj", "down_proj")
+            for proj, tensor, target in zip(projs, reader.expert(bank.layer, e), targets):
+                _check_shape(reader, reader.adapter.expert_name(bank.layer, e, proj), tensor, target.shape)
+                target.copy_(tensor)
 
 
 def load_expert_bank(

@@ -301,6 +301,7 @@ class Generator:
         c = row.completion
         c.finish_reason = reason
         if row.detok is not None and c.text is None:
+            row.detok.flush()  # emit bytes held back for an incomplete UTF-8 character
             c.text = row.text()
         if on_token is not None:
             on_token(StreamEvent(c.index, token, (c.text or "")[row.emitted :], reason))
