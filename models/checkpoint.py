@@ -131,6 +131,14 @@ def _check_shape(reader: CheckpointReader, name: str, tensor: torch.Tensor, shap
         )
 
 
+def _check_expert_selection(cfg: ModelConfig, layer: int, ids: Iterable[int], path: str | Path) -> None:
+    if not (0 <= layer < cfg.num_layers) or not cfg.moe_layers[layer]:
+        raise CheckpointError(f"layer {layer} is not a MoE layer of {path} (MoE layers: {cfg.moe_layer_ids})")
+    bad = [e for e in ids if not 0 <= e < cfg.moe.num_experts]
+    if bad:
+        raise CheckpointError(f"experts {bad} do not exist; layer {layer} has {cfg.moe.num_experts}")
+
+
 def _fill_expert_bank(bank: ExpertBank, reader: CheckpointReader) -> None:
     i = bank.intermediate
     with torch.no_grad():
@@ -148,12 +156,8 @@ def load_expert_bank(
     """Only the given experts of one layer, read straight from disk (for expert shard actors)."""
     reader = CheckpointReader(path)
     cfg = reader.config
-    if not (0 <= layer < cfg.num_layers) or not cfg.moe_layers[layer]:
-        raise CheckpointError(f"layer {layer} is not a MoE layer of {path} (MoE layers: {cfg.moe_layer_ids})")
     ids = sorted(set(expert_ids))
-    bad = [e for e in ids if not 0 <= e < cfg.moe.num_experts]
-    if bad:
-        raise CheckpointError(f"experts {bad} do not exist; layer {layer} has {cfg.moe.num_experts}")
+    _check_expert_selection(cfg, layer, ids, path)
     with torch.device("meta"):
         bank = ExpertBank(layer, cfg.hidden_size, cfg.moe, cfg.hidden_act, ids)
     bank = bank.to_empty(device="cpu").to(resolve_dtype(dtype))
@@ -174,6 +178,8 @@ def load_model(
     """
     reader = CheckpointReader(path)
     cfg = reader.config
+    for layer, ids in (expert_ids or {}).items():
+        _check_expert_selection(cfg, layer, ids, path)
     with torch.device("meta"):
         model = MoEModel(cfg, expert_ids)
     model = model.to_empty(device="cpu")
@@ -190,11 +196,7 @@ def load_model(
                 param.zero_()  # older V3 exports omit a zero bias
                 continue
             tensor = reader.get(hf)
-            if tensor.shape != param.shape:
-                raise CheckpointError(
-                    f"tensor '{hf}' in {path} has shape {tuple(tensor.shape)}, "
-                    f"config.json implies {tuple(param.shape)}"
-                )
+            _check_shape(reader, hf, tensor, param.shape)
             param.copy_(tensor)
         for layer in model.layers:
             if layer.moe is not None:
