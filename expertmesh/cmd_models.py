@@ -32,6 +32,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache", choices=KV_MODES, default=None, help="default: latent for MLA, else full")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
     p.add_argument("--trace-jsonl", type=Path, default=None, help="write OpenTelemetry spans here")
     p.set_defaults(func=run_generate)
 
@@ -45,6 +46,8 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
+    if args.kv_cache is not None:  # refuse a bad option before spending time on weights
+        read_config(path).check_kv_mode(args.kv_cache)
     model = load_model(path, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(path)
     telemetry = None
@@ -61,6 +64,7 @@ def run_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
     )
     prompt = args.prompt
     if args.chat:
