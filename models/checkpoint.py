@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .adapters import Adapter, adapter_for
+from .adapters.base import ExpertProj
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, MissingTensor
 from .model import ExpertBank, MoEModel
@@ -81,7 +82,9 @@ class CheckpointReader:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is malformed: needs a 'weight_map' object ({e})") from e
+                raise CheckpointError(
+                    f"{index} is malformed: needs a 'weight_map' object ({e})"
+                ) from e
             return dict(weight_map)
         single = self.path / SINGLE_FILE
         if not single.is_file():
@@ -122,7 +125,9 @@ class CheckpointReader:
         )
 
 
-def _check_shape(reader: CheckpointReader, name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
+def _check_shape(
+    reader: CheckpointReader, name: str, tensor: torch.Tensor, shape: torch.Size
+) -> None:
     # copy_ would broadcast e.g. a (1, hidden) tensor into (I, hidden) without a word.
     if tensor.shape != shape:
         raise CheckpointError(
@@ -131,12 +136,18 @@ def _check_shape(reader: CheckpointReader, name: str, tensor: torch.Tensor, shap
         )
 
 
-def _check_expert_selection(cfg: ModelConfig, layer: int, ids: Iterable[int], path: str | Path) -> None:
+def _check_expert_selection(
+    cfg: ModelConfig, layer: int, ids: Iterable[int], path: str | Path
+) -> None:
     if not (0 <= layer < cfg.num_layers) or not cfg.moe_layers[layer]:
-        raise CheckpointError(f"layer {layer} is not a MoE layer of {path} (MoE layers: {cfg.moe_layer_ids})")
+        raise CheckpointError(
+            f"layer {layer} is not a MoE layer of {path} (MoE layers: {cfg.moe_layer_ids})"
+        )
     bad = [e for e in ids if not 0 <= e < cfg.moe.num_experts]
     if bad:
-        raise CheckpointError(f"experts {bad} do not exist; layer {layer} has {cfg.moe.num_experts}")
+        raise CheckpointError(
+            f"experts {bad} do not exist; layer {layer} has {cfg.moe.num_experts}"
+        )
 
 
 def _fill_expert_bank(bank: ExpertBank, reader: CheckpointReader) -> None:
@@ -144,9 +155,11 @@ def _fill_expert_bank(bank: ExpertBank, reader: CheckpointReader) -> None:
     with torch.no_grad():
         for slot, e in enumerate(bank.expert_ids):
             targets = (bank.gate_up[slot, :i], bank.gate_up[slot, i:], bank.down[slot])
-            projs = ("gate_proj", "up_proj", "down_proj")
+            projs: tuple[ExpertProj, ...] = ("gate_proj", "up_proj", "down_proj")
             for proj, tensor, target in zip(projs, reader.expert(bank.layer, e), targets):
-                _check_shape(reader, reader.adapter.expert_name(bank.layer, e, proj), tensor, target.shape)
+                _check_shape(
+                    reader, reader.adapter.expert_name(bank.layer, e, proj), tensor, target.shape
+                )
                 target.copy_(tensor)
 
 
@@ -198,14 +211,14 @@ def load_model(
             tensor = reader.get(hf)
             _check_shape(reader, hf, tensor, param.shape)
             param.copy_(tensor)
-        for layer in model.layers:
-            if layer.moe is not None:
-                _fill_expert_bank(layer.moe.experts, reader)
+        for block in model.blocks:
+            if block.moe is not None:
+                _fill_expert_bank(block.moe.experts, reader)
     model = model.to(resolve_dtype(dtype))
     if cfg.moe.router_in_fp32:  # DeepSeek keeps router weights and bias in fp32
-        for layer in model.layers:
-            if layer.moe is not None:
-                layer.moe.router.float()
+        for block in model.blocks:
+            if block.moe is not None:
+                block.moe.router.float()
     return model.eval()
 
 
@@ -217,17 +230,25 @@ def state_for_save(model: MoEModel, adapter: Adapter) -> dict[str, torch.Tensor]
         if ".experts." in name or (name == "lm_head.weight" and cfg.tie_embeddings):
             continue
         out[adapter.hf_name(name)] = param.detach().contiguous()
-    for layer in model.layers:
+    for layer in model.blocks:
         if layer.moe is None:
             continue
         bank = layer.moe.experts
         if not bank.complete:
-            raise CheckpointError(f"layer {bank.layer} holds only experts {bank.expert_ids}; cannot save a partial model")
+            raise CheckpointError(
+                f"layer {bank.layer} holds only experts {bank.expert_ids}; cannot save a partial model"
+            )
         i = bank.intermediate
         for slot, e in enumerate(bank.expert_ids):
-            out[adapter.expert_name(bank.layer, e, "gate_proj")] = bank.gate_up[slot, :i].detach().contiguous()
-            out[adapter.expert_name(bank.layer, e, "up_proj")] = bank.gate_up[slot, i:].detach().contiguous()
-            out[adapter.expert_name(bank.layer, e, "down_proj")] = bank.down[slot].detach().contiguous()
+            out[adapter.expert_name(bank.layer, e, "gate_proj")] = (
+                bank.gate_up[slot, :i].detach().contiguous()
+            )
+            out[adapter.expert_name(bank.layer, e, "up_proj")] = (
+                bank.gate_up[slot, i:].detach().contiguous()
+            )
+            out[adapter.expert_name(bank.layer, e, "down_proj")] = (
+                bank.down[slot].detach().contiguous()
+            )
     return out
 
 

@@ -122,7 +122,9 @@ class ModelConfig:
         from .errors import ConfigError
 
         if mode not in KV_MODES:
-            raise ConfigError(f"kv cache mode '{mode}' is unknown; use one of {', '.join(KV_MODES)}")
+            raise ConfigError(
+                f"kv cache mode '{mode}' is unknown; use one of {', '.join(KV_MODES)}"
+            )
         if mode.startswith("latent") and self.attention.kind != "mla":
             raise ConfigError(
                 f"kv cache mode '{mode}' needs multi-head latent attention (DeepSeek-V2/V3); "

@@ -102,7 +102,9 @@ class GenerationStats:
 class _Row:
     """Per-request decoding state: tokens, text, stop-string hold-back."""
 
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer | None):
+    def __init__(
+        self, index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer | None
+    ):
         self.completion = Completion(index, prompt)
         self.params = params
         self.detok = None
@@ -191,7 +193,9 @@ class Generator:
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise GenerationError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
+                raise GenerationError(
+                    "a text prompt needs a tokenizer; pass token ids or load tokenizer.json"
+                )
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             ids = [int(t) for t in prompt]
@@ -199,7 +203,9 @@ class Generator:
             raise GenerationError("prompt is empty: give at least one token")
         bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
         if bad:
-            raise GenerationError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {self.model.config.vocab_size})")
+            raise GenerationError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary (size {self.model.config.vocab_size})"
+            )
         return ids
 
     @torch.inference_mode()
@@ -224,6 +230,27 @@ class Generator:
                     f"prompt {i}: {len(ids)} prompt tokens + max_tokens {p.max_tokens} exceed the "
                     f"model's context window of {limit} tokens"
                 )
+        with self._span(
+            "expertmesh.generate",
+            **{
+                "gen_ai.operation.name": "text_completion",
+                "gen_ai.request.max_tokens": max(p.max_tokens for p in per_row),
+                "gen_ai.usage.input_tokens": sum(map(len, encoded)),
+                "expertmesh.batch_size": len(encoded),
+                "expertmesh.kv_cache.mode": self.kv_mode,
+            },
+        ) as span:
+            completions = self._run(encoded, per_row, on_token)
+            if span is not None:
+                span.set_attribute("gen_ai.usage.output_tokens", self.stats.generated_tokens)
+        return completions
+
+    def _run(
+        self,
+        encoded: list[list[int]],
+        per_row: list[SamplingParams],
+        on_token: TokenCallback | None,
+    ) -> list[Completion]:
         rows = [_Row(i, ids, p, self.tokenizer) for i, (ids, p) in enumerate(zip(encoded, per_row))]
         max_len = max(len(ids) + p.max_tokens for ids, p in zip(encoded, per_row))
         cache = KVCache(self.model.config, self.kv_mode, len(rows), max_len, self.model.dtype)
@@ -260,11 +287,14 @@ class Generator:
         for i, ids in enumerate(encoded):
             by_length.setdefault(len(ids), []).append(i)
         for length, idx in by_length.items():
-            ids = torch.tensor([encoded[i] for i in idx])
+            batch = torch.tensor([encoded[i] for i in idx])
             rows = torch.tensor(idx)
-            with self._span("expertmesh.prefill", **{"expertmesh.batch_size": len(idx), "expertmesh.prompt_tokens": length}):
+            with self._span(
+                "expertmesh.prefill",
+                **{"expertmesh.batch_size": len(idx), "expertmesh.prompt_tokens": length},
+            ):
                 for start in range(0, length, self.prefill_chunk):
-                    chunk = ids[:, start : start + self.prefill_chunk]
+                    chunk = batch[:, start : start + self.prefill_chunk]
                     out = self.model(chunk, cache, rows, "last", self.router_stats)
             last[rows] = out[:, -1]
         return last

@@ -35,7 +35,9 @@ class TensorStore:
         # rows (B,), pos (B, T), x (B, T, *feature)
         self.data[rows[:, None], pos] = x.to(self.data.dtype)
 
-    def read(self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    def read(
+        self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype
+    ) -> torch.Tensor:
         """(B, length, *feature). rows=None means slots 0..n_rows-1 (a view, no copy)."""
         src = self.data[:n_rows, :length] if rows is None else self.data[rows, :length]
         return src if src.dtype == dtype else src.to(dtype)
@@ -58,10 +60,14 @@ class Int8Store(TensorStore):
     def write(self, rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor) -> None:
         x32 = x.float()
         scale = (x32.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-6).half()
-        self.data[rows[:, None], pos] = torch.round(x32 / scale.float()).clamp(-127, 127).to(torch.int8)
+        self.data[rows[:, None], pos] = (
+            torch.round(x32 / scale.float()).clamp(-127, 127).to(torch.int8)
+        )
         self.scale[rows[:, None], pos] = scale
 
-    def read(self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    def read(
+        self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype
+    ) -> torch.Tensor:
         if rows is None:
             q, s = self.data[:n_rows, :length], self.scale[:n_rows, :length]
         else:

@@ -105,12 +105,14 @@ def rope_inv_freq(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
         return (cfg.dim * math.log(orig / (n_rot * 2 * math.pi))) / (2 * math.log(cfg.theta))
 
     low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(cfg.beta_slow)), cfg.dim - 1)
+    high: float = min(math.ceil(correction_dim(cfg.beta_slow)), cfg.dim - 1)
     if low == high:
-        high += 0.001
+        high = high + 0.001
     ramp = ((torch.arange(cfg.dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1.0 - ramp
-    inv_freq = (1.0 / (cfg.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    inv_freq = (1.0 / (cfg.factor * pos_freqs)) * (1 - extrapolation) + (
+        1.0 / pos_freqs
+    ) * extrapolation
     if cfg.mscale_all_dim:
         scale = _yarn_mscale(cfg.factor, cfg.mscale) / _yarn_mscale(cfg.factor, cfg.mscale_all_dim)
     else:
@@ -125,7 +127,9 @@ class Rotary:
         self.interleaved = cfg.interleaved
         self.inv_freq, self.scale = rope_inv_freq(cfg)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, dim/2)
         return (freqs.cos() * self.scale).to(dtype), (freqs.sin() * self.scale).to(dtype)
 
@@ -166,7 +170,13 @@ def sdpa(
     """Scaled dot-product attention. q (B, H, T, Dq); k (B, Hkv, L, Dq); v (B, Hkv, L, Dv)."""
     causal = ctx.mask is None and q.shape[2] > 1
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=ctx.mask, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        q,
+        k,
+        v,
+        attn_mask=ctx.mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
     )
 
 
@@ -219,7 +229,9 @@ def cache_update(
     kv.first.write(ctx.rows, ctx.write_pos, first)
     kv.second.write(ctx.rows, ctx.write_pos, second)
     n, length, rows = first.shape[0], ctx.key_len, ctx.read_rows()
-    return kv.first.read(rows, n, length, first.dtype), kv.second.read(rows, n, length, second.dtype)
+    return kv.first.read(rows, n, length, first.dtype), kv.second.read(
+        rows, n, length, second.dtype
+    )
 
 
 class MLAttention(nn.Module):
@@ -243,14 +255,22 @@ class MLAttention(nn.Module):
             self.q_proj = Linear(hidden, h * dqk, bias=False)
         self.kv_a_proj = Linear(hidden, cfg.kv_lora_rank + cfg.qk_rope_dim, bias=cfg.qkv_bias)
         self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, 1e-6)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_dim + cfg.v_head_dim), bias=False)
+        self.kv_b_proj = Linear(
+            cfg.kv_lora_rank, h * (cfg.qk_nope_dim + cfg.v_head_dim), bias=False
+        )
         self.o_proj = Linear(h * cfg.v_head_dim, hidden, bias=cfg.o_bias)
         self.rotary = Rotary(rope)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        h, dn, dr, dv, r = cfg.num_heads, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        h, dn, dr, dv, r = (
+            cfg.num_heads,
+            cfg.qk_nope_dim,
+            cfg.qk_rope_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        )
         if cfg.q_lora_rank:
             q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
         else:
@@ -277,7 +297,9 @@ class MLAttention(nn.Module):
             qf = torch.cat((q_nope, q_rope), dim=-1)
             if ctx.cache is not None:
                 k, v = cache_update(ctx, layer, k, v)
-            out = sdpa(qf.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx, cfg.softmax_scale)
+            out = sdpa(
+                qf.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx, cfg.softmax_scale
+            )
             out = out.transpose(1, 2)
         return self.o_proj(out.reshape(B, T, h * dv))
 
@@ -332,7 +354,9 @@ class Router(nn.Module):
             ids = torch.topk(choice, cfg.top_k, dim=-1)[1]
             weights = scores.gather(1, ids)
         if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.scoring == "sigmoid" else 0))
+            weights = weights / (
+                weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.scoring == "sigmoid" else 0)
+            )
         weights = weights * cfg.routed_scaling_factor
         return ids, weights.to(x.dtype), logits
 
@@ -357,7 +381,9 @@ class ExpertBank(nn.Module):
     down (n_local, hidden, I). `expert_ids[i]` is the global id of local slot i.
     """
 
-    def __init__(self, layer: int, hidden: int, cfg: MoEConfig, act: str, expert_ids: Sequence[int]) -> None:
+    def __init__(
+        self, layer: int, hidden: int, cfg: MoEConfig, act: str, expert_ids: Sequence[int]
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.num_experts = cfg.num_experts
@@ -424,7 +450,12 @@ class ExpertBank(nn.Module):
 
 class MoEBlock(nn.Module):
     def __init__(
-        self, layer: int, hidden: int, cfg: MoEConfig, act: str, expert_ids: Sequence[int] | None = None
+        self,
+        layer: int,
+        hidden: int,
+        cfg: MoEConfig,
+        act: str,
+        expert_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
@@ -453,7 +484,9 @@ class MoEBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, layer: int, config: ModelConfig, expert_ids: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, layer: int, config: ModelConfig, expert_ids: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
         attn_cls = MLAttention if config.attention.kind == "mla" else Attention
@@ -478,7 +511,9 @@ class DecoderLayer(nn.Module):
         assert self.mlp is not None
         return x + self.mlp(h)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, stats: RouterStats | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: StepContext, stats: RouterStats | None = None
+    ) -> torch.Tensor:
         return self.ffn_block(self.attention_block(x, ctx), stats)
 
 
@@ -489,7 +524,9 @@ class MoEModel(nn.Module):
     ({layer: ids}; layers not named, or None, hold all experts).
     """
 
-    def __init__(self, config: ModelConfig, expert_ids: Mapping[int, Sequence[int]] | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, expert_ids: Mapping[int, Sequence[int]] | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         selection = expert_ids or {}
@@ -501,8 +538,12 @@ class MoEModel(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        first = self.layers[0].attn
-        self.rotary: Rotary = first.rotary
+        self.rotary: Rotary = self.blocks[0].attn.rotary
+
+    @property
+    def blocks(self) -> list[DecoderLayer]:
+        """The decoder layers, typed (nn.ModuleList items are plain Modules to a type checker)."""
+        return list(self.layers)  # type: ignore[arg-type]
 
     @property
     def dtype(self) -> torch.dtype:

@@ -55,7 +55,9 @@ def require(raw: Mapping[str, Any], key: str, *alternatives: str) -> Any:
         if raw.get(k) is not None:
             return raw[k]
     names = " or ".join(repr(k) for k in (key, *alternatives))
-    raise ConfigError(f"config.json: field {names} is missing; it is required for {raw.get('model_type')}")
+    raise ConfigError(
+        f"config.json: field {names} is missing; it is required for {raw.get('model_type')}"
+    )
 
 
 def parse_rope(raw: Mapping[str, Any], dim: int, interleaved: bool = False) -> RopeConfig:

@@ -68,7 +68,9 @@ class DeepseekAdapter(Adapter):
         topk_group = int(raw.get("topk_group") or 1)
         n_exp = num_experts(raw)
         if n_exp % n_group:
-            raise ConfigError(f"config.json: n_routed_experts ({n_exp}) must be divisible by n_group ({n_group})")
+            raise ConfigError(
+                f"config.json: n_routed_experts ({n_exp}) must be divisible by n_group ({n_group})"
+            )
         if version == 3:
             scoring = raw.get("scoring_func", "sigmoid")
             topk_method: TopkMethod = "group_top2_sum"
@@ -77,7 +79,9 @@ class DeepseekAdapter(Adapter):
             scoring = raw.get("scoring_func", "softmax")
             method = raw.get("topk_method", "greedy")
             if method not in ("greedy", "group_limited_greedy"):
-                raise ConfigError(f"config.json: topk_method '{method}' is not supported for deepseek_v2")
+                raise ConfigError(
+                    f"config.json: topk_method '{method}' is not supported for deepseek_v2"
+                )
             topk_method = "greedy" if method == "greedy" else "group_max"
             norm = False  # transformers' DeepSeek-V2 applies no renormalisation
         return ModelConfig(
@@ -105,7 +109,10 @@ class DeepseekAdapter(Adapter):
 
 _RENAMES = (
     (r"^layers\.(\d+)\.moe\.router\.weight$", r"model.layers.\1.mlp.gate.weight"),
-    (r"^layers\.(\d+)\.moe\.router\.score_bias$", r"model.layers.\1.mlp.gate.e_score_correction_bias"),
+    (
+        r"^layers\.(\d+)\.moe\.router\.score_bias$",
+        r"model.layers.\1.mlp.gate.e_score_correction_bias",
+    ),
     (r"^layers\.(\d+)\.moe\.shared\.", r"model.layers.\1.mlp.shared_experts."),
     (r"^layers\.(\d+)\.moe\.", r"model.layers.\1.mlp."),
     (r"\.attn\.q_a_norm\.", ".attn.q_a_layernorm."),
