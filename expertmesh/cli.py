@@ -13,7 +13,9 @@ from . import __version__
 def build_parser() -> argparse.ArgumentParser:
     from .cmd_models import add_generate, add_inspect
 
-    parser = argparse.ArgumentParser(prog="expertmesh", description="Serve and train MoE models on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="expertmesh", description="Serve and train MoE models on Ray."
+    )
     parser.add_argument("--version", action="version", version=f"expertmesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)

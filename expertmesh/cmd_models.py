@@ -29,10 +29,14 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--kv-cache", choices=KV_MODES, default=None, help="default: latent for MLA, else full")
+    p.add_argument(
+        "--kv-cache", choices=KV_MODES, default=None, help="default: latent for MLA, else full"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens"
+    )
     p.add_argument("--trace-jsonl", type=Path, default=None, help="write OpenTelemetry spans here")
     p.set_defaults(func=run_generate)
 
@@ -40,7 +44,13 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 def add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="parameters and KV-cache bytes per token of a checkpoint")
     p.add_argument("model", help="checkpoint directory, or 'demo'")
-    p.add_argument("--kv-dtype-bytes", type=int, choices=[1, 2, 4], default=2, help="element size of a full-precision cache (2 = bf16)")
+    p.add_argument(
+        "--kv-dtype-bytes",
+        type=int,
+        choices=[1, 2, 4],
+        default=2,
+        help="element size of a full-precision cache (2 = bf16)",
+    )
     p.set_defaults(func=run_inspect)
 
 
@@ -55,7 +65,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.trace_jsonl is not None:
         from expertmesh.observability import TelemetryConfig, configure_telemetry
 
-        telemetry = configure_telemetry(TelemetryConfig(exporter="jsonl", jsonl_path=args.trace_jsonl))
+        telemetry = configure_telemetry(
+            TelemetryConfig(exporter="jsonl", jsonl_path=args.trace_jsonl)
+        )
         tracer = telemetry.tracer
     params = SamplingParams(
         max_tokens=args.max_tokens,

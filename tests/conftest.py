@@ -41,11 +41,18 @@ def _hf_model(family: str):
         return tf.Qwen2MoeForCausalLM(cfg)
     if family == "qwen3_moe":
         cfg = tf.Qwen3MoeConfig(
-            **common, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=24, norm_topk_prob=True
+            **common,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            head_dim=24,
+            norm_topk_prob=True,
         )
         return tf.Qwen3MoeForCausalLM(cfg)
     if family == "olmoe":
-        cfg = tf.OlmoeConfig(**common, num_experts=6, num_experts_per_tok=2, eos_token_id=255, pad_token_id=0)
+        cfg = tf.OlmoeConfig(
+            **common, num_experts=6, num_experts_per_tok=2, eos_token_id=255, pad_token_id=0
+        )
         return tf.OlmoeForCausalLM(cfg)
     mla = dict(
         n_routed_experts=8,
@@ -62,7 +69,12 @@ def _hf_model(family: str):
     mla_common = {**common, "num_key_value_heads": common["num_attention_heads"]}
     if family == "deepseek_v2":
         cfg = tf.DeepseekV2Config(
-            **mla_common, **mla, q_lora_rank=None, topk_method="group_limited_greedy", n_group=2, topk_group=1
+            **mla_common,
+            **mla,
+            q_lora_rank=None,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
         )
         return tf.DeepseekV2ForCausalLM(cfg)
     if family == "deepseek_v3":
@@ -73,7 +85,9 @@ def _hf_model(family: str):
     raise ValueError(family)
 
 
-def make_hf_checkpoint(family: str, path: Path, seed: int = 0, std: float = 0.15, max_shard_size: str | None = None):
+def make_hf_checkpoint(
+    family: str, path: Path, seed: int = 0, std: float = 0.15, max_shard_size: str | None = None
+):
     """Build, re-initialise with a larger std (so implementations cannot agree by accident),
     save with `save_pretrained`, and return the transformers model."""
     torch.manual_seed(seed)
