@@ -563,7 +563,10 @@ class MoEModel(nn.Module):
         key_len = int(start.max()) + T
         window = self.config.attention.sliding_window
         mask = None
-        if key_len != T or (window is not None and key_len > window):
+        # A decode step whose rows all hold the same length attends to every key: no mask.
+        uniform_decode = T == 1 and bool((start == start[0]).all())
+        needs_window = window is not None and key_len > window
+        if (key_len != T and not uniform_decode) or needs_window:
             keys = torch.arange(key_len)  # (L,)
             mask = keys[None, None, :] <= write_pos[:, :, None]  # (B, T, L) causal
             if window is not None:
