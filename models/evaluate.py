@@ -42,7 +42,8 @@ def perplexity(
         inputs, targets = seq[:-1][None], seq[1:]
         cache = KVCache(model.config, mode, 1, inputs.shape[1], model.dtype)
         logits = torch.cat(
-            [model(inputs[:, s : s + chunk], cache) for s in range(0, inputs.shape[1], chunk)], dim=1
+            [model(inputs[:, s : s + chunk], cache) for s in range(0, inputs.shape[1], chunk)],
+            dim=1,
         )[0]
         nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         count += len(targets)

@@ -407,22 +407,25 @@ class ExpertBank(nn.Module):
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # group the N*k assignments by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        missing = [e for e, n in enumerate(counts) if n and self.slot_of[e] < 0]
-        if missing:
-            raise ExpertNotLoaded(self.layer, missing)
         token = order // k
         xs = x[token]  # (N*k, hidden), sorted by expert
-        out = self._per_expert(xs, counts)
+        out = self.expert_outputs(xs, counts)
         result = torch.zeros_like(x)
         result.index_add_(0, token, out * weights.reshape(-1)[order, None])
         return result
 
-    def _per_expert(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """One GEMM pair per expert that has tokens.
+    def expert_outputs(self, xs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Unweighted outputs for token rows `xs` sorted by expert; counts[e] rows go to expert e
+        (global ids). One GEMM pair per expert that has tokens. Expert shards call this directly.
 
         Works in the transposed layout (features x tokens) throughout: W @ x^T is the fast
         GEMM shape here (see SKINNY_ROWS), gate and up become contiguous row blocks, and the
         per-expert Python work is a handful of tensor ops (it dominates at decode time)."""
+        missing = [e for e, n in enumerate(counts) if n and self.slot_of[e] < 0]
+        if missing:
+            raise ExpertNotLoaded(self.layer, missing)
+        if not xs.shape[0]:
+            return xs.clone()
         gate_up, down = self._expert_views()
         xt = xs.t()  # (hidden, N*k), a view
         i = self.intermediate
