@@ -1,0 +1,258 @@
+"""Dispatch: moving each layer's routed tokens to the expert shards and back.
+
+`RemoteExpertBank` takes the place of a layer's `ExpertBank` inside the attention worker's
+model (same call: rows, expert ids, weights -> combined output), so the model core runs
+unchanged: attention, norms and routers stay local; expert work goes to shards.
+
+Per layer and step: assignments are sorted by expert once; each expert's rows are split over
+its live replicas in proportion to the placement's shares; every node with work gets one call;
+the replies are written back in the original order and combined with the router weights.
+
+Failures: a call to a dead shard raises `ShardLost`; its rows go to another live replica of the
+same expert. If an expert has no live replica, the shard is recovered (restarted by Ray and
+reloaded from the checkpoint) and the rows are retried. No expert is ever skipped: after the
+recovery deadline the step fails loudly with `ShardLost`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .shard import ExpertShard, ShardReply
+
+
+class ShardLost(RuntimeError):
+    """A shard did not answer (its actor or node died)."""
+
+    def __init__(self, node: str, reason: str = "") -> None:
+        super().__init__(f"expert shard on node '{node}' is lost{': ' + reason if reason else ''}")
+        self.node = node
+
+
+Replica = tuple[str, float]  # (node, share of the expert's tokens)
+
+
+class RoutingTable:
+    """Which nodes hold a replica of each (layer, expert), and the share each should take.
+
+    Swapped atomically as a whole (live rebalancing builds a new table, then swaps)."""
+
+    def __init__(self, routes: Mapping[tuple[int, int], Sequence[Replica]]) -> None:
+        self.routes: dict[tuple[int, int], tuple[Replica, ...]] = {}
+        for key, replicas in routes.items():
+            if not replicas:
+                raise ValueError(f"layer {key[0]} expert {key[1]} has no replica")
+            total = sum(s for _, s in replicas)
+            self.routes[key] = tuple((n, s / total) for n, s in replicas)
+
+    def replicas(self, layer: int, expert: int) -> tuple[Replica, ...]:
+        return self.routes[(layer, expert)]
+
+    def node_experts(self) -> dict[str, dict[int, list[int]]]:
+        out: dict[str, dict[int, list[int]]] = {}
+        for (layer, expert), replicas in sorted(self.routes.items()):
+            for node, _ in replicas:
+                out.setdefault(node, {}).setdefault(layer, []).append(expert)
+        return out
+
+    @property
+    def nodes(self) -> list[str]:
+        return sorted(self.node_experts())
+
+
+class ShardPool(Protocol):
+    """The shards a dispatcher talks to (Ray actors, or in-process objects in tests)."""
+
+    def submit(self, node: str, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> Any: ...
+
+    def result(self, handle: Any) -> ShardReply:
+        """The reply, or ShardLost(node) when the shard died."""
+        ...
+
+    def recover(self, node: str, experts: dict[int, list[int]], timeout_s: float) -> None:
+        """Bring the shard on `node` back holding `experts`, or raise ShardLost."""
+        ...
+
+
+class InProcessShardPool:
+    """Shards as plain objects in this process: single-node runs and unit tests."""
+
+    def __init__(self, shards: Mapping[str, ExpertShard]) -> None:
+        self.shards = dict(shards)
+        self.dead: set[str] = set()
+
+    def submit(self, node: str, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> Any:
+        return (node, layer, x, expert_ids)
+
+    def result(self, handle: Any) -> ShardReply:
+        node, layer, x, ids = handle
+        if node in self.dead:
+            raise ShardLost(node, "marked dead")
+        return self.shards[node].compute(layer, x, ids)
+
+    def recover(self, node: str, experts: dict[int, list[int]], timeout_s: float) -> None:
+        self.dead.discard(node)
+        self.shards[node].ensure(experts)
+
+
+@dataclass
+class DispatchStats:
+    """Accumulated per-layer dispatch figures (reset by the caller when it wants a window)."""
+
+    tokens: dict[int, np.ndarray] = field(default_factory=dict)
+    """layer -> token-assignments per expert."""
+    wall_s: float = 0.0
+    compute_s: float = 0.0
+    emulated_compute_s: float = 0.0
+    emulated_link_s: float = 0.0
+    calls: int = 0
+    failovers: int = 0
+    recoveries: int = 0
+    bytes_sent: int = 0
+
+    def record_tokens(self, layer: int, counts: np.ndarray) -> None:
+        if layer in self.tokens:
+            self.tokens[layer] += counts
+        else:
+            self.tokens[layer] = counts.astype(np.int64).copy()
+
+
+class Dispatcher:
+    """Sends one layer's expert work to the shards and gathers the results."""
+
+    def __init__(
+        self,
+        table: RoutingTable,
+        pool: ShardPool,
+        num_experts: int,
+        recovery_timeout_s: float = 30.0,
+    ) -> None:
+        self.table = table
+        self.pool = pool
+        self.num_experts = num_experts
+        self.recovery_timeout_s = recovery_timeout_s
+        self.stats = DispatchStats()
+        self.dead: set[str] = set()
+        self._lock = threading.Lock()  # guards table swaps against an in-flight step
+
+    def swap_table(self, table: RoutingTable) -> None:
+        with self._lock:
+            self.table = table
+            self.dead &= set(table.nodes)
+
+    def run(
+        self, layer: int, xs: np.ndarray, experts: np.ndarray, counts: Sequence[int]
+    ) -> np.ndarray:
+        """Rows `xs` sorted by expert (`experts[i]` is row i's expert) -> unweighted outputs."""
+        with self._lock:
+            t0 = time.perf_counter()
+            out = np.empty((xs.shape[0], xs.shape[1]), dtype=np.float32)
+            pending = self._split(layer, counts)  # node -> row indices
+            attempts = 0
+            while pending:
+                attempts += 1
+                handles = {
+                    node: self.pool.submit(node, layer, xs[rows], experts[rows])
+                    for node, rows in pending.items()
+                }
+                failed: dict[str, np.ndarray] = {}
+                for node, handle in handles.items():
+                    rows = pending[node]
+                    try:
+                        reply = self.pool.result(handle)
+                    except ShardLost:
+                        self.dead.add(node)
+                        failed[node] = rows
+                        continue
+                    out[rows] = reply.outputs
+                    st = self.stats
+                    st.calls += 1
+                    st.compute_s += reply.compute_s
+                    st.emulated_compute_s += reply.emulated_compute_s
+                    st.emulated_link_s += reply.emulated_link_s
+                    st.bytes_sent += 2 * len(rows) * xs.shape[1] * xs.itemsize  # rows out and back
+                pending = self._reassign(layer, failed, experts, attempts)
+            self.stats.wall_s += time.perf_counter() - t0
+            self.stats.record_tokens(layer, np.asarray(counts))
+            return out
+
+    def _split(self, layer: int, counts: Sequence[int]) -> dict[str, np.ndarray]:
+        """Row indices per node: each expert's contiguous rows cut by replica share."""
+        per_node: dict[str, list[np.ndarray]] = {}
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            replicas = [
+                (node, s) for node, s in self.table.replicas(layer, e) if node not in self.dead
+            ]
+            if not replicas:  # every replica is down: use the first and let recovery handle it
+                replicas = [self.table.replicas(layer, e)[0]]
+            total = sum(s for _, s in replicas)
+            cut = start
+            for i, (node, share) in enumerate(replicas):
+                end = start + n if i == len(replicas) - 1 else cut + int(round(n * share / total))
+                if end > cut:
+                    per_node.setdefault(node, []).append(np.arange(cut, end))
+                cut = end
+            start += n
+        return {node: np.concatenate(parts) for node, parts in per_node.items()}
+
+    def _reassign(
+        self, layer: int, failed: dict[str, np.ndarray], experts: np.ndarray, attempts: int
+    ) -> dict[str, np.ndarray]:
+        """Rows of failed nodes -> live replicas of the same experts, or recover the node."""
+        if not failed:
+            return {}
+        out: dict[str, list[np.ndarray]] = {}
+        for node, rows in failed.items():
+            for row in rows:
+                e = int(experts[row])
+                live = [n for n, _ in self.table.replicas(layer, e) if n not in self.dead]
+                if live:
+                    self.stats.failovers += 1
+                    target = live[row % len(live)]
+                else:
+                    target = self._recover(node, attempts)
+                out.setdefault(target, []).append(np.array([row]))
+        return {node: np.concatenate(parts) for node, parts in out.items()}
+
+    def _recover(self, node: str, attempts: int) -> str:
+        if attempts > 3:
+            raise ShardLost(node, "no live replica and recovery did not bring it back")
+        experts = self.table.node_experts().get(node, {})
+        self.pool.recover(node, experts, self.recovery_timeout_s)
+        self.dead.discard(node)
+        self.stats.recoveries += 1
+        return node
+
+
+class RemoteExpertBank(nn.Module):
+    """Drop-in for `ExpertBank` that runs the experts on shards through a `Dispatcher`."""
+
+    def __init__(self, layer: int, num_experts: int, dispatcher: Dispatcher) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_experts = num_experts
+        self.dispatcher = dispatcher
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token = order // k
+        xs = x[token].float().numpy()
+        outputs = self.dispatcher.run(self.layer, xs, flat[order].numpy(), counts)
+        out = torch.from_numpy(outputs).to(x.dtype)
+        result = torch.zeros_like(x)
+        result.index_add_(0, token, out * weights.reshape(-1)[order, None])
+        return result

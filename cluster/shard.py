@@ -1,0 +1,194 @@
+"""Expert shards: the experts assigned to one node, held by one Ray actor on that node.
+
+A shard reads its own experts from the checkpoint (`load_expert_bank` reads only those
+tensors), so expert weights never travel through the driver. It answers one call per layer
+per step: "run these token rows through these experts" and returns unweighted outputs; the
+dispatcher weights and combines them.
+
+On the embedded single-machine cluster a shard *emulates* its node: it sleeps so that its
+compute appears `reference_speed / speed` times slower, and so that the bytes it receives and
+returns appear to cross its node's Ethernet link (latency + bytes / bandwidth). On a real
+cluster emulation is off and nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from expertmesh.models.checkpoint import load_expert_bank, resolve_dtype
+from expertmesh.models.model import ExpertBank
+
+
+@dataclass(frozen=True)
+class NodeEmulation:
+    """How one node differs from the machine the embedded cluster really runs on."""
+
+    slowdown: float = 1.0
+    """Compute takes this many times longer than measured (reference speed / node speed)."""
+    link_gbps: float = float("inf")
+    link_latency_us: float = 0.0
+
+    def link_s(self, nbytes: int) -> float:
+        if self.link_gbps == float("inf"):
+            return self.link_latency_us * 1e-6
+        return self.link_latency_us * 1e-6 + nbytes * 8 / (self.link_gbps * 1e9)
+
+
+@dataclass
+class ShardReply:
+    """What one `compute` call returns: outputs and where the time went."""
+
+    outputs: np.ndarray  # (n, hidden), unweighted expert outputs in request order
+    compute_s: float
+    emulated_compute_s: float
+    emulated_link_s: float
+
+
+@dataclass
+class ShardStatus:
+    node: str
+    pid: int
+    experts: dict[int, list[int]]
+    calls: int
+    tokens: int
+    started_at: float
+    last_call_at: float
+    restarts_seen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ExpertShard:
+    """The state and work of one shard. Wrapped as a Ray actor by `shard_actor_class()`;
+    usable in-process too (unit tests, single-node runs)."""
+
+    def __init__(
+        self,
+        node: str,
+        checkpoint: str,
+        experts: Mapping[int, Sequence[int]],
+        dtype: str = "float32",
+        emulation: NodeEmulation | None = None,
+        torch_threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        self.node = node
+        self.checkpoint = checkpoint
+        self.dtype = resolve_dtype(dtype)
+        self.emulation = emulation or NodeEmulation()
+        self.banks: dict[int, ExpertBank] = {}
+        for layer, ids in experts.items():
+            if ids:
+                self.banks[layer] = load_expert_bank(checkpoint, layer, ids, self.dtype)
+        self.calls = 0
+        self.tokens = 0
+        self.started_at = time.time()
+        self.last_call_at = 0.0
+
+    # --------------------------------------------------------------- membership
+
+    def experts(self) -> dict[int, list[int]]:
+        return {layer: list(bank.expert_ids) for layer, bank in self.banks.items()}
+
+    def load(self, layer: int, ids: Sequence[int]) -> list[int]:
+        """Add experts of one layer (read from the checkpoint); returns the layer's expert ids."""
+        have = set(self.banks[layer].expert_ids) if layer in self.banks else set()
+        want = have | set(ids)
+        if want != have:
+            self.banks[layer] = load_expert_bank(self.checkpoint, layer, sorted(want), self.dtype)
+        return sorted(want)
+
+    def drop(self, layer: int, ids: Sequence[int]) -> list[int]:
+        """Forget experts of one layer; returns the layer's remaining expert ids."""
+        if layer not in self.banks:
+            return []
+        keep = sorted(set(self.banks[layer].expert_ids) - set(ids))
+        if not keep:
+            del self.banks[layer]
+            return []
+        bank = self.banks[layer]
+        slots = [bank.slot_of[e] for e in keep]
+        with torch.device("meta"):
+            smaller = ExpertBank(layer, bank.gate_up.shape[2], _moe_cfg(bank), bank.act, keep)
+        smaller = smaller.to_empty(device="cpu").to(bank.gate_up.dtype)
+        with torch.no_grad():
+            smaller.gate_up.copy_(bank.gate_up[slots])
+            smaller.down.copy_(bank.down[slots])
+        self.banks[layer] = smaller
+        return keep
+
+    def ensure(self, experts: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+        """Make this shard hold exactly `experts` (after a restart or a rebalance)."""
+        for layer in list(self.banks):
+            extra = set(self.banks[layer].expert_ids) - set(experts.get(layer, ()))
+            if extra:
+                self.drop(layer, sorted(extra))
+        for layer, ids in experts.items():
+            if ids:
+                self.load(layer, ids)
+        return self.experts()
+
+    # --------------------------------------------------------------- work
+
+    def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> ShardReply:
+        """Rows `x` (n, hidden) through experts `expert_ids` (n,), outputs in the same order."""
+        t0 = time.perf_counter()
+        ids = torch.from_numpy(np.ascontiguousarray(expert_ids, dtype=np.int64))
+        xs = torch.from_numpy(np.array(x, copy=True)).to(self.dtype)
+        bank = self.banks.get(layer)
+        if bank is None:
+            from expertmesh.models.errors import ExpertNotLoaded
+
+            raise ExpertNotLoaded(layer, sorted(set(ids.tolist())))
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids, minlength=bank.num_experts).tolist()
+        with torch.inference_mode():
+            out_sorted = bank.expert_outputs(xs[order], counts)
+            out = torch.empty_like(out_sorted)
+            out[order] = out_sorted
+        compute_s = time.perf_counter() - t0
+        emu = self.emulation
+        extra_compute = compute_s * (emu.slowdown - 1.0) if emu.slowdown > 1 else 0.0
+        nbytes = x.nbytes + out.numel() * out.element_size()
+        link_s = emu.link_s(nbytes) if emu.link_gbps != float("inf") or emu.link_latency_us else 0.0
+        if extra_compute + link_s > 0:
+            time.sleep(extra_compute + link_s)
+        self.calls += 1
+        self.tokens += int(ids.numel())
+        self.last_call_at = time.time()
+        return ShardReply(out.to(torch.float32).numpy(), compute_s, extra_compute, link_s)
+
+    def status(self) -> ShardStatus:
+        return ShardStatus(
+            node=self.node,
+            pid=os.getpid(),
+            experts=self.experts(),
+            calls=self.calls,
+            tokens=self.tokens,
+            started_at=self.started_at,
+            last_call_at=self.last_call_at,
+        )
+
+    def ping(self) -> str:
+        return self.node
+
+
+def _moe_cfg(bank: ExpertBank) -> Any:
+    """A MoEConfig with the bank's shape (for building a smaller bank of the same layer)."""
+    from expertmesh.models.config import MoEConfig
+
+    return MoEConfig(num_experts=bank.num_experts, top_k=1, expert_intermediate=bank.intermediate)
+
+
+def shard_actor_class() -> Any:
+    """`ExpertShard` as a Ray actor class that Ray restarts after a crash (its __init__ reloads
+    the experts it was created with; the dispatcher then calls `ensure` with the current set)."""
+    import ray
+
+    return ray.remote(max_restarts=-1, max_task_retries=0)(ExpertShard)
