@@ -199,7 +199,7 @@ class Dispatcher:
             total = sum(s for _, s in replicas)
             cut = start
             for i, (node, share) in enumerate(replicas):
-                end = start + n if i == len(replicas) - 1 else cut + int(round(n * share / total))
+                end = start + n if i == len(replicas) - 1 else cut + round(n * share / total)
                 if end > cut:
                     per_node.setdefault(node, []).append(np.arange(cut, end))
                 cut = end
