@@ -102,6 +102,16 @@ class InProcessShardPool:
         self.dead.discard(node)
         self.shards[node].ensure(experts)
 
+    def load_many(self, adds: Mapping[str, Mapping[int, Sequence[int]]]) -> None:
+        for node, per_layer in adds.items():
+            for layer, ids in per_layer.items():
+                self.shards[node].load(layer, ids)
+
+    def drop_many(self, drops: Mapping[str, Mapping[int, Sequence[int]]]) -> None:
+        for node, per_layer in drops.items():
+            for layer, ids in per_layer.items():
+                self.shards[node].drop(layer, ids)
+
 
 @dataclass
 class DispatchStats:

@@ -178,6 +178,22 @@ class ExpertShard:
     def ping(self) -> str:
         return self.node
 
+    def measure_speed(self, size: int = 1024, repeats: int = 5) -> float:
+        """GEMM throughput of this node in GFLOP/s (used where the topology says "measure")."""
+        return measure_gflops(size, repeats)
+
+
+def measure_gflops(size: int = 1024, repeats: int = 5) -> float:
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
 
 def _moe_cfg(bank: ExpertBank) -> Any:
     """A MoEConfig with the bank's shape (for building a smaller bank of the same layer)."""

@@ -11,6 +11,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cmd_cluster import add_cluster
     from .cmd_models import add_generate, add_inspect
 
     parser = argparse.ArgumentParser(
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
     add_inspect(sub)
+    add_cluster(sub)
     return parser
 
 
@@ -28,6 +30,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from expertmesh.models.tokenizer import TokenizerError
 
     errors: list[type[BaseException]] = [ModelError, TokenizerError, FileNotFoundError]
+    from expertmesh.cluster.dispatch import ShardLost
+    from expertmesh.cluster.placement import PlacementError
+    from expertmesh.cluster.planning import TraceError
+    from expertmesh.cluster.topology import TopologyError
+
+    errors += [TopologyError, PlacementError, TraceError, ShardLost]
     try:
         from expertmesh.observability import TelemetryConfigError
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ from rich.table import Table
 from expertmesh.models.checkpoint import load_model, read_config
 from expertmesh.models.config import KV_MODES
 from expertmesh.models.generate import Generator, SamplingParams, StreamEvent
+from expertmesh.models.model import MoEModel
+from expertmesh.models.router_stats import RouterStats
 from expertmesh.models.summary import summarize
 from expertmesh.models.tokenizer import Tokenizer
 
@@ -38,6 +41,16 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens"
     )
     p.add_argument("--trace-jsonl", type=Path, default=None, help="write OpenTelemetry spans here")
+    p.add_argument(
+        "--record-trace", type=Path, default=None, help="write the routing trace (tokens per expert) here"
+    )
+    p.add_argument(
+        "--cluster",
+        type=Path,
+        default=None,
+        metavar="TOPOLOGY",
+        help="run the experts on an embedded expert-parallel cluster for this topology YAML",
+    )
     p.set_defaults(func=run_generate)
 
 
@@ -58,8 +71,17 @@ def run_generate(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     if args.kv_cache is not None:  # refuse a bad option before spending time on weights
         read_config(path).check_kv_mode(args.kv_cache)
-    model = load_model(path, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(path)
+    if args.cluster is not None:
+        from expertmesh.cluster.runtime import ExpertParallelModel
+        from expertmesh.cluster.topology import load_topology
+
+        with ExpertParallelModel.launch(path, load_topology(args.cluster), dtype=args.dtype) as ep:
+            return _generate(args, ep.model, tokenizer)
+    return _generate(args, load_model(path, dtype=args.dtype), tokenizer)
+
+
+def _generate(args: argparse.Namespace, model: MoEModel, tokenizer: Tokenizer) -> int:
     telemetry = None
     tracer = None
     if args.trace_jsonl is not None:
@@ -81,7 +103,8 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    gen = Generator(model, tokenizer, kv_mode=args.kv_cache, tracer=tracer)
+    stats = RouterStats(model.config) if args.record_trace else None
+    gen = Generator(model, tokenizer, kv_mode=args.kv_cache, tracer=tracer, router_stats=stats)
 
     def show(event: StreamEvent) -> None:
         sys.stdout.write(event.text)
@@ -100,6 +123,8 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     if telemetry is not None:
         telemetry.shutdown()
+    if stats is not None:
+        args.record_trace.write_text(json.dumps(stats.to_dict()))
     return 0
 
 

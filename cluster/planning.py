@@ -1,0 +1,92 @@
+"""From what users give us (a topology YAML, a checkpoint, a routing trace) to the planner's
+inputs, and back to something printable: the glue between `topology`, the model core and
+`placement`.
+
+A routing trace is the JSON that `RouterStats.to_dict()` writes (`expertmesh generate
+--record-trace FILE`): {"num_experts": E, "layers": {"<layer>": [tokens per expert]}}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from expertmesh.models.config import ModelConfig
+
+from .placement import ExpertShape, NodeCapacity, Placement, PlacementOptions, plan_placement
+from .topology import Topology
+
+
+class TraceError(ValueError):
+    """A routing trace file does not fit the model."""
+
+
+def expert_shape(config: ModelConfig, dtype_bytes: int = 2) -> ExpertShape:
+    return ExpertShape(
+        num_layers=len(config.moe_layer_ids),
+        num_experts=config.moe.num_experts,
+        top_k=config.moe.top_k,
+        hidden_size=config.hidden_size,
+        expert_bytes=3 * config.hidden_size * config.moe.expert_intermediate * dtype_bytes,
+        dtype_bytes=dtype_bytes,
+    )
+
+
+def node_capacities(topology: Topology, shape: ExpertShape) -> list[NodeCapacity]:
+    """Expert slots each node's weight memory holds; link = the node's link to the attention node."""
+    head = topology.attention_nodes[0].name
+    caps = []
+    for node in topology.nodes:
+        link = topology.link(head, node.name)
+        caps.append(
+            NodeCapacity(
+                name=node.name,
+                speed=node.speed if node.speed is not None else 1.0,
+                expert_slots=int(node.weight_bytes // shape.expert_bytes),
+                link_gbps=min(link.bandwidth_gbps, 1e6),
+                link_latency_us=link.latency_us,
+                rack=node.rack or "",
+            )
+        )
+    return caps
+
+
+def load_trace(path: str | Path, config: ModelConfig) -> np.ndarray:
+    """(num MoE layers, num experts) token counts from a trace file, checked against the model."""
+    try:
+        raw: dict[str, Any] = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TraceError(f"routing trace {path}: cannot read it ({e})") from e
+    if raw.get("num_experts") != config.moe.num_experts:
+        raise TraceError(
+            f"routing trace {path}: num_experts is {raw.get('num_experts')}, the model has "
+            f"{config.moe.num_experts}; record the trace with this model"
+        )
+    layers = raw.get("layers", {})
+    load = np.ones((len(config.moe_layer_ids), config.moe.num_experts))
+    for i, layer in enumerate(config.moe_layer_ids):
+        counts = layers.get(str(layer))
+        if counts is not None:
+            if len(counts) != config.moe.num_experts:
+                raise TraceError(f"routing trace {path}: layers.{layer} has {len(counts)} counts, expected {config.moe.num_experts}")
+            load[i] = np.asarray(counts, dtype=float)
+    return load
+
+
+def plan_for_topology(
+    topology: Topology,
+    config: ModelConfig,
+    trace: np.ndarray | None = None,
+    min_replicas: int = 1,
+    rack_local: bool = False,
+    dtype_bytes: int = 2,
+) -> Placement:
+    """Plan expert placement for a model on a topology; keys of the result use model layer ids."""
+    shape = expert_shape(config, dtype_bytes)
+    nodes = node_capacities(topology, shape)
+    options = PlacementOptions(min_replicas=min_replicas, rack_local=rack_local)
+    placement = plan_placement(nodes, shape, trace, options)
+    return placement.with_layer_ids(config.moe_layer_ids)

@@ -1,0 +1,113 @@
+"""Live rebalancing: when routing drifts and the placement's predicted imbalance passes a
+threshold, compute an incremental plan that moves as few expert bytes as possible and apply it
+without making any request wait on a missing expert:
+
+1. every shard that gains experts loads them (from the checkpoint, on its own node) while the
+   old routing table keeps serving;
+2. the routing table is swapped in one step between two layers' dispatches (the only pause
+   requests see is that swap);
+3. only then do shards drop the experts they no longer serve.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from expertmesh.models.config import ModelConfig
+
+from .dispatch import RoutingTable
+from .placement import PlacementOptions, evaluate, plan_increment
+from .planning import expert_shape, node_capacities
+from .runtime import ExpertParallelModel, routes_from_placement
+from .topology import Topology
+
+
+@dataclass
+class RebalanceReport:
+    triggered: bool
+    balancedness_before: float
+    balancedness_after: float
+    bytes_moved: int = 0
+    moves: int = 0
+    load_s: float = 0.0
+    """Time spent loading new replicas (requests keep being served meanwhile)."""
+    pause_s: float = 0.0
+    """Time the routing-table swap held the dispatcher (what an in-flight request can wait)."""
+    drop_s: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Rebalancer:
+    """Watches the dispatcher's per-expert token counts and rebalances the placement."""
+
+    def __init__(
+        self,
+        ep: ExpertParallelModel,
+        topology: Topology,
+        threshold: float = 1.2,
+        min_tokens: int = 512,
+        options: PlacementOptions | None = None,
+    ) -> None:
+        self.ep = ep
+        self.topology = topology
+        self.config: ModelConfig = ep.config
+        self.threshold = threshold
+        self.min_tokens = min_tokens
+        self.options = options or PlacementOptions()
+        self.shape = expert_shape(self.config)
+        self.nodes = node_capacities(topology, self.shape)
+
+    def observed_load(self) -> np.ndarray:
+        """(MoE layers, experts) token assignments since the last reset."""
+        tokens = self.ep.dispatcher.stats.tokens
+        return np.stack(
+            [tokens.get(layer, np.zeros(self.config.moe.num_experts)) for layer in self.config.moe_layer_ids]
+        ).astype(float)
+
+    def check(self) -> RebalanceReport:
+        """Rebalance if the observed load makes the current placement too imbalanced."""
+        load = self.observed_load()
+        placement = self.ep.placement
+        before = evaluate(placement.by_index(self.config.moe_layer_ids), self.nodes, self.shape, load)["balancedness"]
+        if load.sum() < self.min_tokens or before <= self.threshold:
+            return RebalanceReport(False, before, before)
+        return self.apply(load, before)
+
+    def apply(self, load: np.ndarray, before: float) -> RebalanceReport:
+        current = self.ep.placement.by_index(self.config.moe_layer_ids)
+        new, moves = plan_increment(current, self.nodes, self.shape, load, self.options)
+        new = new.with_layer_ids(self.config.moe_layer_ids)
+        layer_of = self.config.moe_layer_ids
+        adds: dict[str, dict[int, list[int]]] = {}
+        drops: dict[str, dict[int, list[int]]] = {}
+        for m in moves:
+            layer = layer_of[m.layer]
+            if m.dst is not None:
+                adds.setdefault(m.dst, {}).setdefault(layer, []).append(m.expert)
+            if m.src is not None:
+                drops.setdefault(m.src, {}).setdefault(layer, []).append(m.expert)
+        pool: Any = self.ep.pool
+        t0 = time.perf_counter()
+        pool.load_many(adds)  # new replicas are in memory before anyone routes to them
+        t1 = time.perf_counter()
+        self.ep.dispatcher.swap_table(RoutingTable(routes_from_placement(new)))
+        self.ep.placement = new
+        t2 = time.perf_counter()
+        pool.drop_many(drops)
+        t3 = time.perf_counter()
+        after = evaluate(new.by_index(layer_of), self.nodes, self.shape, load)["balancedness"]
+        self.ep.dispatcher.stats.tokens.clear()
+        return RebalanceReport(
+            triggered=True,
+            balancedness_before=before,
+            balancedness_after=after,
+            bytes_moved=sum(m.bytes for m in moves if m.dst is not None),
+            moves=len(moves),
+            load_s=t1 - t0,
+            pause_s=t2 - t1,
+            drop_s=t3 - t2,
+        )

@@ -1,0 +1,146 @@
+"""The expert-parallel model: attention, norms and routers here; experts on shards.
+
+    with ExpertParallelModel.launch("ckpt/", topology) as ep:
+        Generator(ep.model, tokenizer).generate(["Hello"])
+
+`launch` starts the embedded cluster for the topology (or joins a running Ray cluster with
+`local=False`), plans the placement from the topology and an optional routing trace, starts
+one `ExpertShard` actor per node holding that node's experts, and returns a model whose MoE
+layers dispatch to them. Its outputs equal the single-process model's on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from expertmesh.models.checkpoint import load_model, read_config
+from expertmesh.models.config import ModelConfig
+from expertmesh.models.model import MoEModel
+
+from .dispatch import Dispatcher, RemoteExpertBank, Replica, RoutingTable, ShardPool
+
+
+def routes_from_placement(placement: Any) -> dict[tuple[int, int], list[Replica]]:
+    """Placement.replicas ({(layer, expert): [ReplicaAssignment(node, share)]}) -> routes."""
+    return {
+        (int(layer), int(expert)): [(r.node, float(r.share)) for r in replicas]
+        for (layer, expert), replicas in placement.replicas.items()
+    }
+
+
+def attach_dispatcher(model: MoEModel, dispatcher: Dispatcher) -> MoEModel:
+    """Swap every MoE layer's local ExpertBank for one that dispatches to shards."""
+    for block in model.blocks:
+        if block.moe is not None:
+            block.moe.experts = RemoteExpertBank(
+                block.layer, model.config.moe.num_experts, dispatcher
+            )  # type: ignore[assignment]
+    return model
+
+
+def measure_node_speeds(nodes: Sequence[str]) -> dict[str, float]:
+    """Relative GEMM speed of each node on a real cluster (fastest = 1.0), one probe task each."""
+    import ray
+
+    from .pool import node_resource
+    from .shard import measure_gflops
+
+    probe = ray.remote(num_cpus=0)(measure_gflops)
+    refs = {n: probe.options(resources={node_resource(n): 0.001}).remote() for n in nodes}
+    gflops = {n: float(ray.get(r)) for n, r in refs.items()}
+    fastest = max(gflops.values())
+    return {n: g / fastest for n, g in gflops.items()}
+
+
+def attention_model(checkpoint: str | Path, dtype: str = "float32") -> MoEModel:
+    """The model without routed-expert weights (what an attention worker holds)."""
+    config = read_config(checkpoint)
+    return load_model(checkpoint, dtype, expert_ids={layer: [] for layer in config.moe_layer_ids})
+
+
+class ExpertParallelModel:
+    """A model whose experts run on shards, plus the handles to manage them."""
+
+    def __init__(
+        self,
+        model: MoEModel,
+        dispatcher: Dispatcher,
+        pool: ShardPool,
+        placement: Any = None,
+        cluster: Any = None,
+    ) -> None:
+        self.model = model
+        self.dispatcher = dispatcher
+        self.pool = pool
+        self.placement = placement
+        self.cluster = cluster
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @classmethod
+    def from_routes(
+        cls,
+        checkpoint: str | Path,
+        routes: Mapping[tuple[int, int], Sequence[Replica]],
+        pool: ShardPool,
+        dtype: str = "float32",
+        placement: Any = None,
+        cluster: Any = None,
+    ) -> ExpertParallelModel:
+        model = attention_model(checkpoint, dtype)
+        dispatcher = Dispatcher(RoutingTable(routes), pool, model.config.moe.num_experts)
+        attach_dispatcher(model, dispatcher)
+        return cls(model, dispatcher, pool, placement, cluster)
+
+    @classmethod
+    def launch(
+        cls,
+        checkpoint: str | Path,
+        topology: Any,
+        trace: np.ndarray | None = None,
+        dtype: str = "float32",
+        local: bool = True,
+        emulate: bool = True,
+        min_replicas: int = 1,
+    ) -> ExpertParallelModel:
+        """Start (or join) the cluster, plan, start shards, and return the model."""
+        from .local import LocalCluster, emulation_for
+        from .planning import plan_for_topology
+        from .pool import RayShardPool
+
+        config = read_config(checkpoint)
+        cluster = None
+        if local:
+            cluster = LocalCluster(topology)
+            cluster.start()
+        elif topology.nodes_to_measure:
+            topology = topology.with_speeds(measure_node_speeds(topology.nodes_to_measure))
+        placement = plan_for_topology(topology, config, trace, min_replicas=min_replicas)
+        routes = routes_from_placement(placement)
+        assignment = RoutingTable(routes).node_experts()
+        try:
+            pool = RayShardPool(
+                str(checkpoint), assignment, dtype, emulation_for(topology) if emulate else None
+            )
+        except Exception:
+            if cluster is not None:
+                cluster.stop()
+            raise
+        return cls.from_routes(checkpoint, routes, pool, dtype, placement, cluster)
+
+    def shutdown(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+
+    def __enter__(self) -> ExpertParallelModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

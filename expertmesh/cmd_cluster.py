@@ -1,0 +1,118 @@
+"""`expertmesh cluster plan|up`: placement on a topology, and the embedded expert-parallel cluster."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from expertmesh.models.checkpoint import read_config
+
+from .paths import resolve_model
+
+
+def add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="plan and run the expert-parallel cluster")
+    csub = p.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+
+    plan = csub.add_parser("plan", help="print the expert placement for a topology")
+    _common(plan)
+    plan.add_argument("--json", type=Path, default=None, help="also write the placement as JSON")
+    plan.set_defaults(func=run_plan)
+
+    up = csub.add_parser("up", help="start the embedded cluster and place the model on it")
+    _common(up)
+    up.add_argument("--prompt", default="ROMEO:", help="one request to prove it serves")
+    up.add_argument("--max-tokens", type=int, default=16)
+    up.add_argument("--exit-after-ready", action="store_true", help="stop after the first request")
+    up.set_defaults(func=run_up)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topology", required=True, type=Path, help="topology YAML (examples/topologies/)")
+    p.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (default)")
+    p.add_argument("--trace", type=Path, default=None, help="routing trace JSON (expertmesh generate --record-trace)")
+    p.add_argument("--min-replicas", type=int, default=1, help="replicas per expert (redundancy for failover)")
+    p.add_argument("--rack-local", action="store_true", help="keep experts off nodes behind slow links when possible")
+
+
+def _plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from expertmesh.cluster.planning import load_trace, plan_for_topology
+    from expertmesh.cluster.topology import load_topology
+
+    topology = load_topology(args.topology)
+    config = read_config(resolve_model(args.model))
+    trace = load_trace(args.trace, config) if args.trace else None
+    placement = plan_for_topology(topology, config, trace, args.min_replicas, args.rack_local)
+    return topology, config, placement
+
+
+def print_placement(console: Console, topology, placement) -> None:  # type: ignore[no-untyped-def]
+    table = Table(title=f"Placement on {topology.name}")
+    for col in ("node", "speed", "experts held", "predicted step time", "share of tokens"):
+        table.add_column(col, justify="left" if col == "node" else "right")
+    total_tokens = sum(placement.node_tokens.values()) or 1.0
+    for node in topology.nodes:
+        held = placement.experts_on(node.name)
+        table.add_row(
+            node.name,
+            f"{node.speed if node.speed is not None else 'measure'}",
+            str(len(held)),
+            f"{placement.node_time.get(node.name, 0.0):.3g}",
+            f"{placement.node_tokens.get(node.name, 0.0) / total_tokens:.1%}",
+        )
+    console.print(table)
+    replicated = sum(1 for r in placement.replicas.values() if len(r) > 1)
+    console.print(
+        f"balance (max/mean node time, speeds counted): {placement.balancedness:.3f}; "
+        f"ignoring speeds: {placement.balancedness_equal_speed:.3f}; "
+        f"cross-node bytes per token: {placement.cross_node_bytes_per_token:,.0f}; "
+        f"experts with replicas: {replicated}"
+    )
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    topology, _, placement = _plan(args)
+    console = Console()
+    print_placement(console, topology, placement)
+    if args.json:
+        args.json.write_text(placement.to_json())
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from expertmesh.cluster.runtime import ExpertParallelModel
+    from expertmesh.cluster.topology import load_topology
+    from expertmesh.models.generate import Generator, SamplingParams
+    from expertmesh.models.tokenizer import Tokenizer
+
+    from expertmesh.cluster.planning import load_trace
+
+    console = Console()
+    path = resolve_model(args.model)
+    topology = load_topology(args.topology)
+    trace = load_trace(args.trace, read_config(path)) if args.trace else None
+    console.print(f"starting the embedded cluster for '{topology.name}' ({len(topology.nodes)} Ray nodes)...")
+    with ExpertParallelModel.launch(path, topology, trace, min_replicas=args.min_replicas) as ep:
+        print_placement(console, topology, ep.placement)
+        tokenizer = Tokenizer.from_dir(path)
+        [out] = Generator(ep.model, tokenizer).generate([args.prompt], SamplingParams(max_tokens=args.max_tokens))
+        console.print(f"[bold]{args.prompt}[/bold]{out.text}")
+        statuses = ep.pool.statuses()  # type: ignore[attr-defined]
+        for node, st in statuses.items():
+            console.print(f"shard {node}: pid {st.pid}, {sum(len(v) for v in st.experts.values())} experts, {st.tokens} tokens served")
+        if args.exit_after_ready:
+            return 0
+        console.print("cluster is up; Ctrl-C stops it")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
