@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy models observability expertmesh
+	$(BIN)/mypy models observability expertmesh cluster training
 
 check: lint typecheck test
 

@@ -178,9 +178,7 @@ def rebalance_experts(
     if num_groups < 1 or num_logical % num_groups:
         raise ValueError(f"{num_logical} experts do not split into {num_groups} groups")
     if num_groups % num_nodes == 0:
-        phy2log, rank, logcnt = _hierarchical(
-            weight, num_replicas, num_groups, num_nodes, num_gpus
-        )
+        phy2log, rank, logcnt = _hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
     else:
         phy2log, rank, logcnt = _hierarchical(weight, num_replicas, 1, 1, num_gpus)
     log2phy = np.full((layers, num_logical, int(logcnt.max())), -1, dtype=np.int64)

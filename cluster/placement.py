@@ -176,7 +176,9 @@ class PlacementOptions:
         if self.tokens_per_step < 1:
             raise ValueError(f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
         if not (self.reference_tflops > 0 and math.isfinite(self.reference_tflops)):
-            raise ValueError(f"reference_tflops must be finite and > 0, got {self.reference_tflops}")
+            raise ValueError(
+                f"reference_tflops must be finite and > 0, got {self.reference_tflops}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +391,9 @@ def _cost(nodes: Sequence[NodeCapacity], shape: ExpertShape, options: PlacementO
     return _Cost(compute_s + link_s, latency_s, colocated, preferred, link_bytes)
 
 
-def _token_load(load: np.ndarray | None, shape: ExpertShape, options: PlacementOptions) -> np.ndarray:
+def _token_load(
+    load: np.ndarray | None, shape: ExpertShape, options: PlacementOptions
+) -> np.ndarray:
     """(L, E) token-assignments per step: each layer's load scaled to tokens_per_step * top_k."""
     L, E = shape.num_layers, shape.num_experts
     if load is None:
@@ -774,7 +778,14 @@ def _improve(
         dst, low = free_t.argmin(axis=1), target_t.argmin(axis=1)
         has_room = (np.isfinite(free_t[r, dst]) & relocate)[:, None]
 
-        def after(x: np.ndarray, node: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        def after(
+            x: np.ndarray,
+            node: np.ndarray,
+            ok: np.ndarray,
+            t: np.ndarray = t,
+            ts: np.ndarray = ts,
+            cs: np.ndarray = cs,
+        ) -> np.ndarray:
             """New max of src and `node` (per layer or per candidate) if x tokens go there."""
             node = np.broadcast_to(node[:, None] if node.ndim == 1 else node, x.shape)
             tn = np.take_along_axis(t, node, axis=1)
@@ -847,7 +858,7 @@ def _spread_surplus(state: _State, a: np.ndarray, cost: _Cost, spare: np.ndarray
     2N - 1 transfers a layer). A transfer to a node without a replica of that expert creates
     one, taking a spare slot (spare: (L,) per layer, updated) and one of the node's free slots.
     """
-    L, N = state.times.shape
+    N = state.times.shape[1]
     c = cost.token_s
     t = state.times
     room = (state.cap_left > 0) & cost.preferred & (t > 0)
@@ -868,7 +879,9 @@ def _spread_surplus(state: _State, a: np.ndarray, cost: _Cost, spare: np.ndarray
     w_multi = state.multi_tokens[ls, :, ns]  # (G, K)
     e_single, k_multi = w_single.argmax(axis=1), w_multi.argmax(axis=1)
     from_single = w_single[g, e_single] >= w_multi[g, k_multi]
-    surplus[ls, ns] = np.minimum(surplus[ls, ns], np.maximum(w_single[g, e_single], w_multi[g, k_multi]))
+    surplus[ls, ns] = np.minimum(
+        surplus[ls, ns], np.maximum(w_single[g, e_single], w_multi[g, k_multi])
+    )
     # North-west corner: overlap of node i's surplus interval with node j's deficit interval.
     s_hi, d_hi = np.cumsum(surplus, axis=1), np.cumsum(deficit, axis=1)
     x = np.minimum(s_hi[:, :, None], d_hi[:, None, :]) - np.maximum(
@@ -880,7 +893,10 @@ def _spread_surplus(state: _State, a: np.ndarray, cost: _Cost, spare: np.ndarray
     giver = np.searchsorted(ls * N + ns, tl * N + ts)  # index into (ls, ns)
     new_row = state.rows_used[ls] + _rank_within(ls, from_single)
     row = np.where(from_single, new_row, k_multi)[giver]
-    held = ~from_single[giver] & state.multi_held[tl, np.minimum(row, state.multi_expert.shape[1] - 1), td]
+    held = (
+        ~from_single[giver]
+        & state.multi_held[tl, np.minimum(row, state.multi_expert.shape[1] - 1), td]
+    )
     # A new replica needs a spare slot of the layer and a free slot on the taker.
     ok = held | (_rank_within(tl, ~held) < spare[tl])
     ok &= held | (_rank_within(tl * N + td, ~held & ok) < state.cap_left[tl, td])
@@ -928,7 +944,12 @@ def _state_times(state: _State, a: np.ndarray, cost: _Cost) -> np.ndarray:
 
 
 def _best_swap(
-    a: np.ndarray, single: np.ndarray, src: np.ndarray, low: np.ndarray, t: np.ndarray, c: np.ndarray
+    a: np.ndarray,
+    single: np.ndarray,
+    src: np.ndarray,
+    low: np.ndarray,
+    t: np.ndarray,
+    c: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per layer, the best swap of a single replica on src (i) with one on low (j, lighter):
     (new max of the two nodes or inf, i, j). For each i the j whose weight is nearest to
@@ -1104,8 +1125,8 @@ def _plan(
     _repair(state, a, counts, caps, cost, m)
     used = counts.sum(axis=1)
     spare = np.clip(caps.sum(axis=1) - used, 0, max(budget - int(used.sum()), 0) // len(used))
-    if relocate:
-        _spread_surplus(state, a, cost, spare)
+    # Splitting surplus only adds replicas (nothing held moves), so increments use it too.
+    _spread_surplus(state, a, cost, spare)
     _improve(state, a, cost, IMPROVE_ROUNDS, relocate=relocate)
     return _placement(nodes, shape, options, cost, a, *_replicas(state, a, m))
 
@@ -1216,7 +1237,7 @@ def placement_from_eplb(
     _check_nodes(nodes)
     phy2log = np.asarray(result.phy2log)
     L, R = phy2log.shape
-    if L != shape.num_layers:
+    if shape.num_layers != L:
         raise PlacementError(f"EPLB result has {L} layers; the shape has {shape.num_layers}")
     if result.num_gpus != len(nodes):
         raise PlacementError(f"EPLB planned {result.num_gpus} GPUs for {len(nodes)} nodes")

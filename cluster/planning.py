@@ -9,6 +9,7 @@ A routing trace is the JSON that `RouterStats.to_dict()` writes (`expertmesh gen
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def node_capacities(topology: Topology, shape: ExpertShape) -> list[NodeCapacity
                 name=node.name,
                 speed=node.speed if node.speed is not None else 1.0,
                 expert_slots=int(node.weight_bytes // shape.expert_bytes),
-                link_gbps=min(link.bandwidth_gbps, 1e6),
+                link_gbps=link.bandwidth_gbps,  # inf: the attention node's own process
                 link_latency_us=link.latency_us,
                 rack=node.rack or "",
             )
@@ -71,7 +72,9 @@ def load_trace(path: str | Path, config: ModelConfig) -> np.ndarray:
         counts = layers.get(str(layer))
         if counts is not None:
             if len(counts) != config.moe.num_experts:
-                raise TraceError(f"routing trace {path}: layers.{layer} has {len(counts)} counts, expected {config.moe.num_experts}")
+                raise TraceError(
+                    f"routing trace {path}: layers.{layer} has {len(counts)} counts, expected {config.moe.num_experts}"
+                )
             load[i] = np.asarray(counts, dtype=float)
     return load
 
@@ -83,10 +86,27 @@ def plan_for_topology(
     min_replicas: int = 1,
     rack_local: bool = False,
     dtype_bytes: int = 2,
+    reference_tflops: float | None = None,
 ) -> Placement:
-    """Plan expert placement for a model on a topology; keys of the result use model layer ids."""
+    """Plan expert placement for a model on a topology; keys of the result use model layer ids.
+
+    reference_tflops: effective TFLOP/s of a speed-1.0 node; default the topology's
+    `reference_tflops`, else the planner's GPU-class default.
+    """
     shape = expert_shape(config, dtype_bytes)
     nodes = node_capacities(topology, shape)
     options = PlacementOptions(min_replicas=min_replicas, rack_local=rack_local)
+    tflops = reference_tflops or topology.reference_tflops
+    if tflops is not None:
+        options = replace(options, reference_tflops=tflops)
     placement = plan_placement(nodes, shape, trace, options)
     return placement.with_layer_ids(config.moe_layer_ids)
+
+
+def embedded_reference_tflops(topology: Topology) -> float:
+    """Reference TFLOP/s on the embedded cluster: this machine runs the fastest node at full
+    speed and emulates the others slower, so a speed-1.0 node gets machine / fastest speed."""
+    from .shard import SHARD_THREADS, measure_gflops
+
+    fastest = max((n.speed or 1.0) for n in topology.nodes)
+    return measure_gflops(512, 3, threads=SHARD_THREADS) / 1000.0 / fastest

@@ -82,10 +82,22 @@ class RayShardPool:
 
     def load_many(self, adds: Mapping[str, Mapping[int, Sequence[int]]]) -> None:
         """Load experts on several shards in parallel; returns when all are in memory."""
-        self._ray.get([self.handles[n].load.remote(layer, list(ids)) for n, per in adds.items() for layer, ids in per.items()])
+        self._ray.get(
+            [
+                self.handles[n].load.remote(layer, list(ids))
+                for n, per in adds.items()
+                for layer, ids in per.items()
+            ]
+        )
 
     def drop_many(self, drops: Mapping[str, Mapping[int, Sequence[int]]]) -> None:
-        self._ray.get([self.handles[n].drop.remote(layer, list(ids)) for n, per in drops.items() for layer, ids in per.items()])
+        self._ray.get(
+            [
+                self.handles[n].drop.remote(layer, list(ids))
+                for n, per in drops.items()
+                for layer, ids in per.items()
+            ]
+        )
 
     def kill(self, node: str, no_restart: bool = False) -> None:
         """Kill a shard actor (fault injection); Ray restarts it unless no_restart."""

@@ -29,8 +29,14 @@ from .topology import Topology
 @dataclass
 class RebalanceReport:
     triggered: bool
+    """Imbalance passed the threshold."""
     balancedness_before: float
     balancedness_after: float
+    step_time_before_s: float = 0.0
+    """Predicted expert time per step under the observed load, current placement."""
+    step_time_after_s: float = 0.0
+    applied: bool = False
+    """A new placement went live (only when it predicts a faster step)."""
     bytes_moved: int = 0
     moves: int = 0
     load_s: float = 0.0
@@ -57,7 +63,7 @@ class Rebalancer:
         self.config: ModelConfig = ep.config
         self.threshold = threshold
         self.min_tokens = min_tokens
-        self.options = options or PlacementOptions()
+        self.options = options or ep.plan_options
         self.shape = expert_shape(self.config)
         self.nodes = node_capacities(topology, self.shape)
 
@@ -65,22 +71,42 @@ class Rebalancer:
         """(MoE layers, experts) token assignments since the last reset."""
         tokens = self.ep.dispatcher.stats.tokens
         return np.stack(
-            [tokens.get(layer, np.zeros(self.config.moe.num_experts)) for layer in self.config.moe_layer_ids]
+            [
+                tokens.get(layer, np.zeros(self.config.moe.num_experts))
+                for layer in self.config.moe_layer_ids
+            ]
         ).astype(float)
 
     def check(self) -> RebalanceReport:
         """Rebalance if the observed load makes the current placement too imbalanced."""
         load = self.observed_load()
-        placement = self.ep.placement
-        before = evaluate(placement.by_index(self.config.moe_layer_ids), self.nodes, self.shape, load)["balancedness"]
+        current = self._evaluate(self.ep.placement, load)
+        before = current["balancedness"]
         if load.sum() < self.min_tokens or before <= self.threshold:
-            return RebalanceReport(False, before, before)
-        return self.apply(load, before)
+            return RebalanceReport(
+                False, before, before, current["step_time_s"], current["step_time_s"]
+            )
+        return self.apply(load, current)
 
-    def apply(self, load: np.ndarray, before: float) -> RebalanceReport:
-        current = self.ep.placement.by_index(self.config.moe_layer_ids)
-        new, moves = plan_increment(current, self.nodes, self.shape, load, self.options)
+    def _evaluate(self, placement: Any, load: np.ndarray) -> dict[str, Any]:
+        return evaluate(
+            placement.by_index(self.config.moe_layer_ids),
+            self.nodes,
+            self.shape,
+            load,
+            self.options,
+        )
+
+    def apply(self, load: np.ndarray, current: dict[str, Any]) -> RebalanceReport:
+        before = current["balancedness"]
+        old = self.ep.placement.by_index(self.config.moe_layer_ids)
+        new, moves = plan_increment(old, self.nodes, self.shape, load, self.options)
         new = new.with_layer_ids(self.config.moe_layer_ids)
+        predicted = self._evaluate(new, load)
+        if predicted["step_time_s"] >= current["step_time_s"]:  # nothing to gain: keep it
+            return RebalanceReport(
+                True, before, before, current["step_time_s"], current["step_time_s"]
+            )
         layer_of = self.config.moe_layer_ids
         adds: dict[str, dict[int, list[int]]] = {}
         drops: dict[str, dict[int, list[int]]] = {}
@@ -99,12 +125,14 @@ class Rebalancer:
         t2 = time.perf_counter()
         pool.drop_many(drops)
         t3 = time.perf_counter()
-        after = evaluate(new.by_index(layer_of), self.nodes, self.shape, load)["balancedness"]
         self.ep.dispatcher.stats.tokens.clear()
         return RebalanceReport(
             triggered=True,
             balancedness_before=before,
-            balancedness_after=after,
+            balancedness_after=predicted["balancedness"],
+            step_time_before_s=current["step_time_s"],
+            step_time_after_s=predicted["step_time_s"],
+            applied=True,
             bytes_moved=sum(m.bytes for m in moves if m.dst is not None),
             moves=len(moves),
             load_s=t1 - t0,

@@ -22,6 +22,9 @@ from expertmesh.models.config import ModelConfig
 from expertmesh.models.model import MoEModel
 
 from .dispatch import Dispatcher, RemoteExpertBank, Replica, RoutingTable, ShardPool
+from .placement import PlacementOptions
+
+DEFAULT_TFLOPS = PlacementOptions().reference_tflops
 
 
 def routes_from_placement(placement: Any) -> dict[tuple[int, int], list[Replica]]:
@@ -78,6 +81,8 @@ class ExpertParallelModel:
         self.pool = pool
         self.placement = placement
         self.cluster = cluster
+        self.plan_options = PlacementOptions()
+        """The options the placement was planned with (the rebalancer plans with them too)."""
 
     @property
     def config(self) -> ModelConfig:
@@ -111,7 +116,7 @@ class ExpertParallelModel:
     ) -> ExpertParallelModel:
         """Start (or join) the cluster, plan, start shards, and return the model."""
         from .local import LocalCluster, emulation_for
-        from .planning import plan_for_topology
+        from .planning import embedded_reference_tflops, plan_for_topology
         from .pool import RayShardPool
 
         config = read_config(checkpoint)
@@ -121,7 +126,16 @@ class ExpertParallelModel:
             cluster.start()
         elif topology.nodes_to_measure:
             topology = topology.with_speeds(measure_node_speeds(topology.nodes_to_measure))
-        placement = plan_for_topology(topology, config, trace, min_replicas=min_replicas)
+        tflops = None
+        if local and emulate and topology.reference_tflops is None:
+            tflops = embedded_reference_tflops(topology)  # what the emulated nodes really do
+        placement = plan_for_topology(
+            topology, config, trace, min_replicas=min_replicas, reference_tflops=tflops
+        )
+        options = PlacementOptions(
+            min_replicas=min_replicas,
+            reference_tflops=tflops or topology.reference_tflops or DEFAULT_TFLOPS,
+        )
         routes = routes_from_placement(placement)
         assignment = RoutingTable(routes).node_experts()
         try:
@@ -132,7 +146,9 @@ class ExpertParallelModel:
             if cluster is not None:
                 cluster.stop()
             raise
-        return cls.from_routes(checkpoint, routes, pool, dtype, placement, cluster)
+        ep = cls.from_routes(checkpoint, routes, pool, dtype, placement, cluster)
+        ep.plan_options = options
+        return ep
 
     def shutdown(self) -> None:
         if self.cluster is not None:

@@ -64,6 +64,10 @@ class ShardStatus:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+SHARD_THREADS = 1
+"""Torch threads per shard actor (one Ray CPU each on the embedded cluster)."""
+
+
 class ExpertShard:
     """The state and work of one shard. Wrapped as a Ray actor by `shard_actor_class()`;
     usable in-process too (unit tests, single-node runs)."""
@@ -75,7 +79,7 @@ class ExpertShard:
         experts: Mapping[int, Sequence[int]],
         dtype: str = "float32",
         emulation: NodeEmulation | None = None,
-        torch_threads: int = 1,
+        torch_threads: int = SHARD_THREADS,
     ) -> None:
         torch.set_num_threads(torch_threads)
         self.node = node
@@ -183,7 +187,18 @@ class ExpertShard:
         return measure_gflops(size, repeats)
 
 
-def measure_gflops(size: int = 1024, repeats: int = 5) -> float:
+def measure_gflops(size: int = 1024, repeats: int = 5, threads: int | None = None) -> float:
+    """Best-of-`repeats` square GEMM throughput of this process (or with `threads` threads)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _gemm_gflops(size, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _gemm_gflops(size: int, repeats: int) -> float:
     a = torch.randn(size, size)
     b = torch.randn(size, size)
     torch.mm(a, b)  # warm-up

@@ -168,6 +168,9 @@ class Topology:
     name: str
     nodes: tuple[Node, ...]
     links: LinkRules
+    reference_tflops: float | None = None
+    """Effective expert-GEMM TFLOP/s of a speed-1.0 node (None: the planner's default, or
+    measured on this machine for the embedded cluster)."""
     _by_name: Mapping[str, Node] = field(init=False, repr=False, compare=False, hash=False)
     _pairs: Mapping[frozenset[str], Link] = field(init=False, repr=False, compare=False, hash=False)
 
@@ -267,9 +270,10 @@ class Topology:
             links["pairs"] = [
                 {"nodes": list(p.nodes), **link_dict(p.link)} for p in self.links.pairs
             ]
-        return {
-            "version": SCHEMA_VERSION,
-            "name": self.name,
+        out: dict[str, Any] = {"version": SCHEMA_VERSION, "name": self.name}
+        if self.reference_tflops is not None:
+            out["reference_tflops"] = self.reference_tflops
+        return out | {
             "nodes": [
                 {
                     "name": n.name,
@@ -366,6 +370,7 @@ class NodeSpec(_Spec):
 class TopologySpec(_Spec):
     version: Literal[1]
     name: Annotated[str, Field(min_length=1, strict=True)]
+    reference_tflops: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] | None = None
     nodes: list[NodeSpec] = Field(min_length=1)
     links: LinksSpec
 
@@ -535,7 +540,9 @@ def _build(spec: TopologySpec) -> Topology:
         same_region=_link(links.same_region) if links.same_region else None,
         pairs=tuple(PairLink((p.nodes[0], p.nodes[1]), _link(p)) for p in links.pairs),
     )
-    return Topology(name=spec.name, nodes=tuple(nodes), links=rules)
+    return Topology(
+        name=spec.name, nodes=tuple(nodes), links=rules, reference_tflops=spec.reference_tflops
+    )
 
 
 def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import threading
 from pathlib import Path
@@ -22,6 +23,18 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
     plan = csub.add_parser("plan", help="print the expert placement for a topology")
     _common(plan)
     plan.add_argument("--json", type=Path, default=None, help="also write the placement as JSON")
+    speed = plan.add_mutually_exclusive_group()
+    speed.add_argument(
+        "--reference-tflops",
+        type=float,
+        default=None,
+        help="effective TFLOP/s of a speed-1.0 node (default: the topology's, else 50)",
+    )
+    speed.add_argument(
+        "--embedded",
+        action="store_true",
+        help="plan as `cluster up` does on this machine (reference speed measured here)",
+    )
     plan.set_defaults(func=run_plan)
 
     up = csub.add_parser("up", help="start the embedded cluster and place the model on it")
@@ -33,27 +46,48 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--topology", required=True, type=Path, help="topology YAML (examples/topologies/)")
+    p.add_argument(
+        "--topology", required=True, type=Path, help="topology YAML (examples/topologies/)"
+    )
     p.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (default)")
-    p.add_argument("--trace", type=Path, default=None, help="routing trace JSON (expertmesh generate --record-trace)")
-    p.add_argument("--min-replicas", type=int, default=1, help="replicas per expert (redundancy for failover)")
-    p.add_argument("--rack-local", action="store_true", help="keep experts off nodes behind slow links when possible")
+    p.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="routing trace JSON (expertmesh generate --record-trace)",
+    )
+    p.add_argument(
+        "--min-replicas", type=int, default=1, help="replicas per expert (redundancy for failover)"
+    )
+    p.add_argument(
+        "--rack-local",
+        action="store_true",
+        help="keep experts off nodes behind slow links when possible",
+    )
 
 
 def _plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from expertmesh.cluster.planning import load_trace, plan_for_topology
+    from expertmesh.cluster.placement import PlacementError
+    from expertmesh.cluster.planning import embedded_reference_tflops, load_trace, plan_for_topology
     from expertmesh.cluster.topology import load_topology
 
     topology = load_topology(args.topology)
     config = read_config(resolve_model(args.model))
     trace = load_trace(args.trace, config) if args.trace else None
-    placement = plan_for_topology(topology, config, trace, args.min_replicas, args.rack_local)
+    tflops = getattr(args, "reference_tflops", None)
+    if getattr(args, "embedded", False) and topology.reference_tflops is None:
+        tflops = embedded_reference_tflops(topology)
+    if tflops is not None and not tflops > 0:
+        raise PlacementError(f"--reference-tflops must be > 0, got {tflops}")
+    placement = plan_for_topology(
+        topology, config, trace, args.min_replicas, args.rack_local, reference_tflops=tflops
+    )
     return topology, config, placement
 
 
 def print_placement(console: Console, topology, placement) -> None:  # type: ignore[no-untyped-def]
     table = Table(title=f"Placement on {topology.name}")
-    for col in ("node", "speed", "experts held", "predicted step time", "share of tokens"):
+    for col in ("node", "speed", "experts held", "predicted time per step (s)", "share of tokens"):
         table.add_column(col, justify="left" if col == "node" else "right")
     total_tokens = sum(placement.node_tokens.values()) or 1.0
     for node in topology.nodes:
@@ -86,33 +120,36 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    from expertmesh.cluster.planning import load_trace
     from expertmesh.cluster.runtime import ExpertParallelModel
     from expertmesh.cluster.topology import load_topology
     from expertmesh.models.generate import Generator, SamplingParams
     from expertmesh.models.tokenizer import Tokenizer
 
-    from expertmesh.cluster.planning import load_trace
-
     console = Console()
     path = resolve_model(args.model)
     topology = load_topology(args.topology)
     trace = load_trace(args.trace, read_config(path)) if args.trace else None
-    console.print(f"starting the embedded cluster for '{topology.name}' ({len(topology.nodes)} Ray nodes)...")
+    console.print(
+        f"starting the embedded cluster for '{topology.name}' ({len(topology.nodes)} Ray nodes)..."
+    )
     with ExpertParallelModel.launch(path, topology, trace, min_replicas=args.min_replicas) as ep:
         print_placement(console, topology, ep.placement)
         tokenizer = Tokenizer.from_dir(path)
-        [out] = Generator(ep.model, tokenizer).generate([args.prompt], SamplingParams(max_tokens=args.max_tokens))
+        [out] = Generator(ep.model, tokenizer).generate(
+            [args.prompt], SamplingParams(max_tokens=args.max_tokens)
+        )
         console.print(f"[bold]{args.prompt}[/bold]{out.text}")
         statuses = ep.pool.statuses()  # type: ignore[attr-defined]
         for node, st in statuses.items():
-            console.print(f"shard {node}: pid {st.pid}, {sum(len(v) for v in st.experts.values())} experts, {st.tokens} tokens served")
+            console.print(
+                f"shard {node}: pid {st.pid}, {sum(len(v) for v in st.experts.values())} experts, {st.tokens} tokens served"
+            )
         if args.exit_after_ready:
             return 0
         console.print("cluster is up; Ctrl-C stops it")
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
     return 0

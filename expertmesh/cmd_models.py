@@ -42,7 +42,10 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--trace-jsonl", type=Path, default=None, help="write OpenTelemetry spans here")
     p.add_argument(
-        "--record-trace", type=Path, default=None, help="write the routing trace (tokens per expert) here"
+        "--record-trace",
+        type=Path,
+        default=None,
+        help="write the routing trace (tokens per expert) here",
     )
     p.add_argument(
         "--cluster",

@@ -74,7 +74,8 @@ def test_rebalance_under_skewed_load_moves_experts_and_keeps_output(cluster, sin
         [[7] * 40, [7, 8] * 20], SamplingParams(max_tokens=8, ignore_eos=True)
     )
     report = rebalancer.check()
-    assert report.triggered
-    assert report.balancedness_after <= report.balancedness_before
-    assert report.pause_s < 0.5
+    assert report.triggered and report.applied
+    assert report.step_time_after_s < report.step_time_before_s
+    assert report.moves > 0
+    assert report.pause_s < 0.5  # requests wait only for the routing-table swap
     assert _texts(cluster) == single_process_texts

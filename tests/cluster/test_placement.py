@@ -42,7 +42,9 @@ def nodes_with(speeds, slots, gbps=100.0, latency_us=5.0, racks=None):
 
 def skewed_load(shape: ExpertShape, seed: int = 0, alpha: float = 1.3) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.minimum(rng.zipf(alpha, size=(shape.num_layers, shape.num_experts)), 100).astype(float)
+    return np.minimum(rng.zipf(alpha, size=(shape.num_layers, shape.num_experts)), 100).astype(
+        float
+    )
 
 
 def check_invariants(p: Placement, nodes, shape: ExpertShape, min_replicas: int) -> None:
@@ -124,9 +126,7 @@ def test_colocated_node_sends_no_bytes():
 
 
 def test_rack_local_keeps_experts_off_slow_uplink_when_room_allows():
-    nodes = nodes_with(
-        [1.0] * 4, 64, gbps=[100.0, 100.0, 1.0, 1.0], racks=["a", "a", "b", "b"]
-    )
+    nodes = nodes_with([1.0] * 4, 64, gbps=[100.0, 100.0, 1.0, 1.0], racks=["a", "a", "b", "b"])
     local = plan_placement(nodes, SHAPE, None, PlacementOptions(rack_local=True))
     assert local.slots_used.get("n2", 0) == 0 and local.slots_used.get("n3", 0) == 0
     spread = plan_placement(nodes, SHAPE, None, PlacementOptions(rack_local=False))

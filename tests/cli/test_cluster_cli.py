@@ -1,0 +1,161 @@
+"""`expertmesh cluster plan|up` and `generate --cluster`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from expertmesh.cli import main
+from expertmesh.cluster.placement import Placement
+
+ROOT = Path(__file__).resolve().parents[2]
+MIXED = ROOT / "examples" / "topologies" / "mixed.yaml"
+
+
+def test_plan_prints_every_node_balance_and_bytes(capsys, tmp_path):
+    out_json = tmp_path / "placement.json"
+    assert (
+        main(["cluster", "plan", "--topology", str(MIXED), "--embedded", "--json", str(out_json)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    for node in ("gpu-0", "cpu-fast", "cpu-slow"):
+        assert node in out
+    assert "balance" in out and "cross-node bytes per token" in out
+    placement = Placement.from_json(out_json.read_text())
+    held = {n: len(placement.experts_on(n)) for n in placement.nodes}
+    assert held["gpu-0"] > held["cpu-slow"] > 0  # the fast node holds more, all nodes are used
+
+
+def test_plan_with_a_trace_replicates_the_hot_expert(capsys, tmp_path):
+    trace = tmp_path / "trace.json"
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "demo",
+                "--max-tokens",
+                "4",
+                "--record-trace",
+                str(trace),
+                "ROMEO:",
+            ]
+        )
+        == 0
+    )
+    data = json.loads(trace.read_text())
+    layers = {k: [1] * data["num_experts"] for k in data["layers"]}
+    for counts in layers.values():
+        counts[5] = 400
+    trace.write_text(json.dumps({"num_experts": data["num_experts"], "layers": layers}))
+    out_json = tmp_path / "placement.json"
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "cluster",
+                "plan",
+                "--topology",
+                str(MIXED),
+                "--embedded",
+                "--trace",
+                str(trace),
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
+    placement = Placement.from_json(out_json.read_text())
+    hot = [reps for (layer, e), reps in placement.replicas.items() if e == 5]
+    assert hot and all(len(r) >= 2 for r in hot)
+
+
+def test_trace_for_another_model_is_one_clear_line(tmp_path):
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"num_experts": 3, "layers": {}}))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "expertmesh.cli",
+            "cluster",
+            "plan",
+            "--topology",
+            str(MIXED),
+            "--trace",
+            str(trace),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "num_experts is 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_topology_names_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(MIXED.read_text().replace("speed: 0.5", "speed: -1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "expertmesh.cli", "cluster", "plan", "--topology", str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "nodes[2].speed" in proc.stderr or "nodes.2.speed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.e2e
+def test_generate_on_the_cluster_prints_the_same_text_as_without():
+    args = [
+        sys.executable,
+        "-m",
+        "expertmesh.cli",
+        "generate",
+        "--model",
+        "demo",
+        "--max-tokens",
+        "10",
+        "--seed",
+        "0",
+        "--temperature",
+        "0",
+        "ROMEO:",
+    ]
+    alone = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    clustered = subprocess.run(
+        [*args, "--cluster", str(MIXED)], capture_output=True, text=True, check=True
+    ).stdout
+    assert clustered == alone
+    assert alone.startswith("ROMEO:")
+
+
+@pytest.mark.e2e
+def test_cluster_up_places_the_demo_and_serves_one_request():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "expertmesh.cli",
+            "cluster",
+            "up",
+            "--topology",
+            str(MIXED),
+            "--exit-after-ready",
+            "--max-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for node in ("gpu-0", "cpu-fast", "cpu-slow"):
+        assert f"shard {node}" in proc.stdout
