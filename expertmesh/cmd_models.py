@@ -72,8 +72,9 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
+    config = read_config(path)  # a missing or bad checkpoint is reported first
     if args.kv_cache is not None:  # refuse a bad option before spending time on weights
-        read_config(path).check_kv_mode(args.kv_cache)
+        config.check_kv_mode(args.kv_cache)
     tokenizer = Tokenizer.from_dir(path)
     if args.cluster is not None:
         from expertmesh.cluster.runtime import ExpertParallelModel
