@@ -13,6 +13,7 @@ from . import __version__
 def build_parser() -> argparse.ArgumentParser:
     from .cmd_cluster import add_cluster
     from .cmd_models import add_generate, add_inspect
+    from .cmd_policy import add_policy
 
     parser = argparse.ArgumentParser(
         prog="expertmesh", description="Serve and train MoE models on Ray."
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_inspect(sub)
     add_cluster(sub)
+    add_policy(sub)
     return parser
 
 
@@ -36,6 +38,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from expertmesh.cluster.topology import TopologyError
 
     errors += [TopologyError, PlacementError, TraceError, ShardLost]
+    from expertmesh.policies import PolicyError
+    from expertmesh.routing import DecisionLogError
+
+    errors += [PolicyError, DecisionLogError]
     try:
         from expertmesh.observability import TelemetryConfigError
 

@@ -1,1 +1,52 @@
-"""Declarative selection policies: schema, validation, reload (not built yet)."""
+"""Declarative selection policies: the YAML schema (`schema.py`), validation into frozen
+dataclasses (`load.py` -> `policy.py`), static checks (`check.py`), reload on change
+(`source.py`), API-key hashing (`keys.py`) and the vocabularies rules are written in
+(`taxonomy.py`: Llama Guard 3 hazard codes, PII kinds, task types). Imports no other
+expertmesh package; `expertmesh.routing` applies policies to requests."""
+
+from .check import Finding, check_policy
+from .errors import PolicyError
+from .keys import hash_api_key, new_api_key
+from .load import AUTO, load_policy, parse_policy, policy_from_text
+from .policy import (
+    Budget,
+    CatalogModel,
+    LatencyTarget,
+    Policy,
+    RateLimit,
+    Rule,
+    RuleEffect,
+    RuleMatch,
+    Tenant,
+)
+from .source import PolicyFile, PolicySource, StaticPolicy
+from .taxonomy import CAPABILITIES, HAZARD_CATEGORIES, OBJECTIVES, PII_KINDS, TASK_TYPES
+
+__all__ = [
+    "AUTO",
+    "CAPABILITIES",
+    "HAZARD_CATEGORIES",
+    "OBJECTIVES",
+    "PII_KINDS",
+    "TASK_TYPES",
+    "Budget",
+    "CatalogModel",
+    "Finding",
+    "LatencyTarget",
+    "Policy",
+    "PolicyError",
+    "PolicyFile",
+    "PolicySource",
+    "RateLimit",
+    "Rule",
+    "RuleEffect",
+    "RuleMatch",
+    "StaticPolicy",
+    "Tenant",
+    "check_policy",
+    "hash_api_key",
+    "load_policy",
+    "new_api_key",
+    "parse_policy",
+    "policy_from_text",
+]
