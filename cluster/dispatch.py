@@ -123,6 +123,13 @@ class DispatchStats:
     compute_s: float = 0.0
     emulated_compute_s: float = 0.0
     emulated_link_s: float = 0.0
+    slowest_compute_s: float = 0.0
+    """Per layer call, the slowest shard's compute (real + emulated slowdown), summed: the
+    compute part of the time the attention worker waits."""
+    slowest_link_s: float = 0.0
+    """The emulated link time of that slowest shard, summed likewise."""
+    steps: int = 0
+    """Layer calls (one per MoE layer per forward pass)."""
     calls: int = 0
     failovers: int = 0
     recoveries: int = 0
@@ -174,6 +181,7 @@ class Dispatcher:
                     for node, rows in pending.items()
                 }
                 failed: dict[str, np.ndarray] = {}
+                slowest: tuple[float, float, float] = (0.0, 0.0, 0.0)  # total, compute, link
                 for node, handle in handles.items():
                     rows = pending[node]
                     try:
@@ -189,8 +197,14 @@ class Dispatcher:
                     st.emulated_compute_s += reply.emulated_compute_s
                     st.emulated_link_s += reply.emulated_link_s
                     st.bytes_sent += 2 * len(rows) * xs.shape[1] * xs.itemsize  # rows out and back
+                    work = reply.compute_s + reply.emulated_compute_s
+                    if work + reply.emulated_link_s > slowest[0]:
+                        slowest = (work + reply.emulated_link_s, work, reply.emulated_link_s)
+                self.stats.slowest_compute_s += slowest[1]
+                self.stats.slowest_link_s += slowest[2]
                 pending = self._reassign(layer, failed, experts, attempts)
             self.stats.wall_s += time.perf_counter() - t0
+            self.stats.steps += 1
             self.stats.record_tokens(layer, np.asarray(counts))
             return out
 

@@ -39,6 +39,8 @@ class RebalanceReport:
     """A new placement went live (only when it predicts a faster step)."""
     bytes_moved: int = 0
     moves: int = 0
+    plan_s: float = 0.0
+    """Time spent planning (in the caller's process; serving continues)."""
     load_s: float = 0.0
     """Time spent loading new replicas (requests keep being served meanwhile)."""
     pause_s: float = 0.0
@@ -99,6 +101,7 @@ class Rebalancer:
 
     def apply(self, load: np.ndarray, current: dict[str, Any]) -> RebalanceReport:
         before = current["balancedness"]
+        t_plan = time.perf_counter()
         old = self.ep.placement.by_index(self.config.moe_layer_ids)
         new, moves = plan_increment(old, self.nodes, self.shape, load, self.options)
         new = new.with_layer_ids(self.config.moe_layer_ids)
@@ -118,6 +121,7 @@ class Rebalancer:
                 drops.setdefault(m.src, {}).setdefault(layer, []).append(m.expert)
         pool: Any = self.ep.pool
         t0 = time.perf_counter()
+        plan_s = t0 - t_plan
         pool.load_many(adds)  # new replicas are in memory before anyone routes to them
         t1 = time.perf_counter()
         self.ep.dispatcher.swap_table(RoutingTable(routes_from_placement(new)))
@@ -135,6 +139,7 @@ class Rebalancer:
             applied=True,
             bytes_moved=sum(m.bytes for m in moves if m.dst is not None),
             moves=len(moves),
+            plan_s=plan_s,
             load_s=t1 - t0,
             pause_s=t2 - t1,
             drop_s=t3 - t2,

@@ -14,6 +14,7 @@ cluster emulation is off and nothing sleeps.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class ExpertShard:
         self.dtype = resolve_dtype(dtype)
         self.emulation = emulation or NodeEmulation()
         self.banks: dict[int, ExpertBank] = {}
+        self._membership = threading.Lock()  # load / drop / ensure, one at a time
         for layer, ids in experts.items():
             if ids:
                 self.banks[layer] = load_expert_bank(checkpoint, layer, ids, self.dtype)
@@ -102,6 +104,10 @@ class ExpertShard:
 
     def load(self, layer: int, ids: Sequence[int]) -> list[int]:
         """Add experts of one layer (read from the checkpoint); returns the layer's expert ids."""
+        with self._membership:
+            return self._load(layer, ids)
+
+    def _load(self, layer: int, ids: Sequence[int]) -> list[int]:
         have = set(self.banks[layer].expert_ids) if layer in self.banks else set()
         want = have | set(ids)
         if want != have:
@@ -110,6 +116,10 @@ class ExpertShard:
 
     def drop(self, layer: int, ids: Sequence[int]) -> list[int]:
         """Forget experts of one layer; returns the layer's remaining expert ids."""
+        with self._membership:
+            return self._drop(layer, ids)
+
+    def _drop(self, layer: int, ids: Sequence[int]) -> list[int]:
         if layer not in self.banks:
             return []
         keep = sorted(set(self.banks[layer].expert_ids) - set(ids))
@@ -129,13 +139,17 @@ class ExpertShard:
 
     def ensure(self, experts: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
         """Make this shard hold exactly `experts` (after a restart or a rebalance)."""
+        with self._membership:
+            return self._ensure(experts)
+
+    def _ensure(self, experts: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
         for layer in list(self.banks):
             extra = set(self.banks[layer].expert_ids) - set(experts.get(layer, ()))
             if extra:
-                self.drop(layer, sorted(extra))
+                self._drop(layer, sorted(extra))
         for layer, ids in experts.items():
             if ids:
-                self.load(layer, ids)
+                self._load(layer, ids)
         return self.experts()
 
     # --------------------------------------------------------------- work
@@ -222,4 +236,8 @@ def shard_actor_class() -> Any:
     the experts it was created with; the dispatcher then calls `ensure` with the current set)."""
     import ray
 
-    return ray.remote(max_restarts=-1, max_task_retries=0)(ExpertShard)
+    # Two threads: a load or drop (seconds for big experts) runs beside `compute` calls, so
+    # rebalancing never makes a request wait on a busy shard. Membership changes hold a lock;
+    # `compute` reads one bank reference per call and banks are swapped whole, never mutated.
+    remote: Any = ray.remote
+    return remote(max_restarts=-1, max_task_retries=0, max_concurrency=2)(ExpertShard)
