@@ -99,8 +99,9 @@ class GenerationStats:
     decode_steps: int = 0
 
 
-class _Row:
-    """Per-request decoding state: tokens, text, stop-string hold-back."""
+class RequestState:
+    """Per-request decoding state: tokens, text, stop strings and their hold-back, seeded
+    sampler. Shared by `Generator` and the serving scheduler."""
 
     def __init__(
         self, index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer | None
@@ -133,6 +134,42 @@ class _Row:
                     break
         return longest
 
+    def accept(self, token: int, eos_ids: Sequence[int]) -> StreamEvent | None:
+        """Take the sampled `token`; the event to stream (None when nothing is safe to show yet
+        and the request goes on). Sets `done` when the request finished."""
+        c, p = self.completion, self.params
+        if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
+            return self.finish("stop", None)
+        c.token_ids.append(token)
+        if self.detok is not None:
+            self.detok.push(token)
+            text = self.detok.text
+            for stop in p.stop:
+                # Search only where this token could have completed a match.
+                at = text.find(stop, max(0, self.emitted - len(stop)))
+                if at >= 0:
+                    c.text = text[:at]
+                    return self.finish("stop", token)
+        if len(c.token_ids) >= p.max_tokens:
+            return self.finish("length", token)
+        text = self.text()
+        safe_end = max(self.emitted, len(text) - self.held_back(text))
+        event = StreamEvent(c.index, token, text[self.emitted : safe_end], None)
+        self.emitted = safe_end
+        return event
+
+    def finish(self, reason: FinishReason, token: int | None) -> StreamEvent:
+        """End the request; the last event carries the rest of the text and the reason."""
+        c = self.completion
+        c.finish_reason = reason
+        if self.detok is not None and c.text is None:
+            self.detok.flush()  # emit bytes held back for an incomplete UTF-8 character
+            c.text = self.text()
+        event = StreamEvent(c.index, token, (c.text or "")[self.emitted :], reason)
+        self.emitted = len(c.text or "")
+        self.done = True
+        return event
+
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits (V,) with tokens outside top-k / the top-p nucleus set to -inf."""
@@ -148,7 +185,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def sample(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
+def sample(logits: torch.Tensor, rows: Sequence[RequestState]) -> list[int]:
     """Next token per row from logits (B, V)."""
     greedy = logits.argmax(dim=-1).tolist()
     out = []
@@ -251,7 +288,7 @@ class Generator:
         per_row: list[SamplingParams],
         on_token: TokenCallback | None,
     ) -> list[Completion]:
-        rows = [_Row(i, ids, p, self.tokenizer) for i, (ids, p) in enumerate(zip(encoded, per_row))]
+        rows = [RequestState(i, ids, p, self.tokenizer) for i, (ids, p) in enumerate(zip(encoded, per_row))]
         max_len = max(len(ids) + p.max_tokens for ids, p in zip(encoded, per_row))
         cache = KVCache(self.model.config, self.kv_mode, len(rows), max_len, self.model.dtype)
         stats = self.stats = GenerationStats(prompt_tokens=sum(map(len, encoded)))
@@ -299,44 +336,10 @@ class Generator:
             last[rows] = out[:, -1]
         return last
 
-    def _accept(self, row: _Row, token: int, on_token: TokenCallback | None) -> None:
-        c, p = row.completion, row.params
-        eos = () if p.ignore_eos else self.eos_ids()
-        if token in eos or token in p.stop_token_ids:
-            self._finish(row, "stop", on_token, None)
-            return
-        c.token_ids.append(token)
-        if row.detok is not None:
-            row.detok.push(token)
-            text = row.detok.text
-            for stop in p.stop:
-                # Search only where this token could have completed a match.
-                at = text.find(stop, max(0, row.emitted - len(stop)))
-                if at >= 0:
-                    c.text = text[:at]
-                    self._finish(row, "stop", on_token, token)
-                    return
-        if len(c.token_ids) >= p.max_tokens:
-            self._finish(row, "length", on_token, token)
-            return
-        if on_token is not None:
-            text = row.text()
-            safe_end = max(row.emitted, len(text) - row.held_back(text))
-            on_token(StreamEvent(c.index, token, text[row.emitted : safe_end], None))
-            row.emitted = safe_end
-
-    def _finish(
-        self, row: _Row, reason: FinishReason, on_token: TokenCallback | None, token: int | None
-    ) -> None:
-        c = row.completion
-        c.finish_reason = reason
-        if row.detok is not None and c.text is None:
-            row.detok.flush()  # emit bytes held back for an incomplete UTF-8 character
-            c.text = row.text()
-        if on_token is not None:
-            on_token(StreamEvent(c.index, token, (c.text or "")[row.emitted :], reason))
-        row.emitted = len(c.text or "")
-        row.done = True
+    def _accept(self, row: RequestState, token: int, on_token: TokenCallback | None) -> None:
+        event = row.accept(token, self.eos_ids())
+        if event is not None and on_token is not None:
+            on_token(event)
 
     def eos_ids(self) -> tuple[int, ...]:
         ids = set(self.model.config.eos_token_ids)
