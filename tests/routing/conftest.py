@@ -67,3 +67,9 @@ def make_policy() -> Callable[..., Policy]:
 def policy_data() -> Callable[..., dict[str, Any]]:
     """policy_data(**overrides) -> a fresh policy dict over BASE (to edit before parsing)."""
     return policy_dict
+
+
+@pytest.fixture
+def api_keys() -> dict[str, str]:
+    """Tenant name -> plaintext key whose hash BASE stores."""
+    return {"eu-corp": EU_KEY, "global": GLOBAL_KEY}

@@ -350,3 +350,30 @@ def test_decide_emits_a_span_with_the_choice(make_policy):
     assert span.name == "expertmesh.select"
     assert span.attributes["expertmesh.model"] == d.model.name
     assert span.attributes["expertmesh.decision_id"] == d.decision_id
+
+
+def test_selector_follows_reloads_and_keeps_deciding_on_a_bad_file(policy_data, tmp_path):
+    import os
+
+    import yaml
+
+    from expertmesh.policies import PolicyFile
+
+    path = tmp_path / "p.yaml"
+
+    def write(data) -> None:
+        path.write_text(yaml.safe_dump(data))
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+    write(policy_data())
+    selector = Selector(PolicyFile(path, check_interval_s=0))
+    first = selector.plan(req())
+    write(policy_data(rules=[rule(forbid_models=["local-free"])]))
+    second = selector.plan(req())
+    assert second.model.name == "eu-cheap" and second.policy.version != first.policy.version
+    bad = policy_data()
+    bad["models"][0]["regions"] = "local"  # not a list
+    write(bad)
+    third = selector.plan(req())
+    assert third.policy.version == second.policy.version and third.model.name == "eu-cheap"
