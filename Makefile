@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy models observability expertmesh cluster training
+	$(BIN)/mypy models observability expertmesh cluster training serving policies routing
 
 check: lint typecheck test
 

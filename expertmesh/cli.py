@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cmd_cluster import add_cluster
     from .cmd_models import add_generate, add_inspect
     from .cmd_policy import add_policy
+    from .cmd_serve import add_serve
 
     parser = argparse.ArgumentParser(
         prog="expertmesh", description="Serve and train MoE models on Ray."
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect(sub)
     add_cluster(sub)
     add_policy(sub)
+    add_serve(sub)
     return parser
 
 
@@ -42,6 +44,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from expertmesh.routing import DecisionLogError
 
     errors += [PolicyError, DecisionLogError]
+    from expertmesh.serving.config import ServingConfigError
+
+    errors.append(ServingConfigError)
     try:
         from expertmesh.observability import TelemetryConfigError
 

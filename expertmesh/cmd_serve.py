@@ -1,0 +1,279 @@
+"""`expertmesh up|status|down`: the whole platform on this machine.
+
+`up` starts the embedded Ray cluster (one Ray node per topology node with `--topology`, else
+one node), deploys the API (`serving.app.build_app`) on Ray Serve, waits until it answers,
+prints the URL and an example `curl`, and serves until Ctrl-C or `expertmesh down`.
+`--detach` runs that in the background and returns once the API is up; the state file
+(`~/.expertmesh/up.json`, or `$EXPERTMESH_HOME/up.json`) records its pid and URL for
+`status` and `down`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+DEFAULT_PORT = 8000
+
+
+def state_file() -> Path:
+    home = Path(os.environ.get("EXPERTMESH_HOME", Path.home() / ".expertmesh"))
+    return home / "up.json"
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="start the local cluster, the selector and the OpenAI API")
+    up.add_argument("--config", type=Path, default=None, help="serving config YAML (ServingConfig)")
+    up.add_argument("--model", default=None, help="checkpoint directory or 'demo' (default)")
+    up.add_argument("--topology", type=Path, default=None, help="run experts on this topology")
+    up.add_argument("--policy", type=Path, default=None, help="selector policy YAML")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT)
+    up.add_argument("--detach", action="store_true", help="run in the background")
+    up.add_argument(
+        "--request",
+        metavar="PROMPT",
+        default=None,
+        help="once up, send this prompt through the API (openai client) and print the reply",
+    )
+    up.add_argument("--max-tokens", type=int, default=32, help="max_tokens of --request")
+    up.add_argument("--exit-after-request", action="store_true", help="shut down after --request")
+    up.set_defaults(func=run_up)
+
+    status = sub.add_parser("status", help="show whether the local platform is up")
+    status.set_defaults(func=run_status)
+    down = sub.add_parser("down", help="stop the local platform started by `expertmesh up`")
+    down.add_argument("--timeout", type=float, default=60.0)
+    down.set_defaults(func=run_down)
+
+
+def serving_config(args: argparse.Namespace) -> Any:
+    from expertmesh.serving.config import load_serving_config, parse_serving_config
+
+    config = load_serving_config(args.config) if args.config else parse_serving_config({})
+    updates: dict[str, Any] = {}
+    if args.model is not None:
+        updates["model"] = args.model
+    if args.topology is not None:
+        updates["topology"] = str(args.topology.resolve())
+    if args.policy is not None:
+        updates["policy"] = str(args.policy.resolve())
+    if updates:
+        config = parse_serving_config({**config.model_dump(), **updates}, "command line")
+    return config
+
+
+def run_up(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    config = serving_config(args)  # bad config: fail before starting anything
+    if args.topology is not None:
+        from expertmesh.cluster.topology import load_topology
+
+        load_topology(args.topology)
+    if args.policy is not None:
+        _check_policy(args.policy)
+    existing = _read_state()
+    if existing is not None and _alive(existing["pid"]):
+        console.print(
+            f"already up at {existing['url']} (pid {existing['pid']}); `expertmesh down` first"
+        )
+        return 1
+    if args.detach:
+        return _detach(args, console)
+    return _serve_foreground(args, config, console)
+
+
+def _check_policy(path: Path) -> None:
+    from expertmesh.policies import load_policy
+
+    load_policy(path)
+
+
+def _detach(args: argparse.Namespace, console: Console) -> int:
+    argv = [a for a in sys.argv[1:] if a != "--detach"]
+    log = state_file().with_name("up.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "expertmesh.cli", *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = _read_state()
+        if state is not None and state.get("pid") == proc.pid and state.get("ready"):
+            console.print(f"expertmesh is up at {state['url']} (pid {proc.pid}, log {log})")
+            return 0
+        if proc.poll() is not None:
+            console.print(f"expertmesh up failed (exit {proc.returncode}); see {log}")
+            return 1
+        time.sleep(0.5)
+    console.print(f"expertmesh up did not become ready in 300 s; see {log}")
+    return 1
+
+
+def _serve_foreground(args: argparse.Namespace, config: Any, console: Console) -> int:
+    import ray
+    from ray import serve
+
+    from expertmesh.serving.app import build_app
+
+    cluster = None
+    if config.topology is not None:
+        from expertmesh.cluster.local import LocalCluster
+        from expertmesh.cluster.topology import load_topology
+
+        cluster = LocalCluster(load_topology(config.topology))
+        console.print(f"starting the embedded cluster ({len(cluster.topology.nodes)} Ray nodes)...")
+        cluster.start()
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    url = f"http://{args.host}:{args.port}"
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        console.print("deploying the API on Ray Serve...")
+        serve.run(build_app(config), name="expertmesh", route_prefix=config.route_prefix)
+        _write_state({"pid": os.getpid(), "url": url, "ready": True, "model": config.model_name})
+        console.print(f"[bold]expertmesh is up[/bold]: {url}/v1  (model {config.model_name!r})")
+        console.print(
+            f"try:  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"""-d '{{"model": "{config.model_name}", "messages": [{{"role": "user", "content": "ROMEO:"}}], "max_tokens": 32}}'""",
+            soft_wrap=True,
+            highlight=False,
+        )
+        if args.request is not None:
+            print(
+                _one_request(
+                    url, config.model_name, args.request, args.max_tokens, _dev_key(config)
+                )
+            )
+            if args.exit_after_request:
+                return 0
+        console.print("serving; Ctrl-C or `expertmesh down` stops it")
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop.wait(0.5):
+                pass
+        return 0
+    finally:
+        _clear_state(os.getpid())
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        if cluster is not None:
+            cluster.stop()
+        else:
+            ray.shutdown()
+
+
+def _dev_key(config: Any) -> str:
+    """The key the example request sends: $EXPERTMESH_API_KEY, else the dev key of the
+    example policies (documented in examples/policies/README.md)."""
+    return os.environ.get("EXPERTMESH_API_KEY", "sk-expertmesh-dev")
+
+
+def _one_request(url: str, model: str, prompt: str, max_tokens: int, key: str) -> str:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=2)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens
+    )
+    usage = reply.usage
+    text = reply.choices[0].message.content or ""
+    tokens = (
+        f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens"
+        if usage
+        else ""
+    )
+    return f"{prompt}{text}\n[{reply.choices[0].finish_reason}; {tokens}]"
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import httpx
+
+    console = Console()
+    state = _read_state()
+    if state is None or not _alive(state["pid"]):
+        console.print("expertmesh is not up (no running `expertmesh up`)")
+        return 1
+    try:
+        health = httpx.get(f"{state['url']}/health", timeout=5).json()
+        models = httpx.get(f"{state['url']}/v1/models", timeout=5).json()
+    except httpx.HTTPError as e:
+        console.print(f"expertmesh (pid {state['pid']}) does not answer at {state['url']}: {e}")
+        return 1
+    console.print(f"expertmesh is up at {state['url']}/v1 (pid {state['pid']})")
+    console.print(f"models: {', '.join(m['id'] for m in models['data'])}")
+    console.print(f"health: {json.dumps(health)}")
+    return 0 if health.get("status") == "ok" else 1
+
+
+def run_down(args: argparse.Namespace) -> int:
+    console = Console()
+    state = _read_state()
+    if state is None or not _alive(state["pid"]):
+        console.print("expertmesh is not up")
+        _clear_state(None)
+        return 0
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline and _alive(state["pid"]):
+        time.sleep(0.2)
+    if _alive(state["pid"]):
+        console.print(f"pid {state['pid']} did not stop in {args.timeout:.0f} s; killing it")
+        os.kill(state["pid"], signal.SIGKILL)
+    _clear_state(None)
+    console.print("expertmesh is down")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child (detached by us, not yet reaped) counts as gone.
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return "\nState:\tZ" not in status
+    except OSError:
+        return True
+
+
+def _read_state() -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(state_file().read_text())
+        return data
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_state(state: dict[str, Any]) -> None:
+    path = state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
+
+
+def _clear_state(pid: int | None) -> None:
+    state = _read_state()
+    if state is not None and (pid is None or state.get("pid") == pid):
+        with contextlib.suppress(OSError):
+            state_file().unlink()

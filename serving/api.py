@@ -1,0 +1,373 @@
+"""The OpenAI-compatible HTTP API as a FastAPI app over any `Engine`.
+
+    api = make_api(engine, ApiSettings())
+
+Routes: POST /v1/chat/completions, POST /v1/completions (JSON or SSE streaming), GET /v1/models,
+GET /health (503 when the engine is dead or its loop stalled), GET /metrics (Prometheus text).
+Every response carries `x-request-id` (the client's, or a new one). Errors use the OpenAI
+error body; 429 answers carry `Retry-After`. A `Gate` (the model selector, see
+`routing/`) can authenticate the caller and choose the model; without one every request goes
+to the engine's model it names.
+
+`app.py` wraps this app in a Ray Serve deployment; tests can also serve it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from expertmesh.models.errors import GenerationError
+from expertmesh.models.generate import SamplingParams
+
+from .engine import (
+    Engine,
+    EngineError,
+    EngineOutput,
+    EngineRequest,
+    InvalidRequest,
+    Message,
+)
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Usage,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    error_body,
+    new_id,
+    now,
+)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    default_max_tokens: int = 256
+    """max_tokens when a request sets none."""
+    request_timeout_s: float | None = 120.0
+    """Deadline of every request, from arrival."""
+
+
+@dataclass
+class GateDecision:
+    """What a gate decided for one request."""
+
+    model: str
+    headers: dict[str, str] = field(default_factory=dict)
+    settle: Callable[[int, int], Awaitable[None]] | None = None
+    """Called once with (prompt_tokens, completion_tokens) when the request ends."""
+
+
+class Gate(Protocol):
+    """Authentication, authorisation and model choice in front of the engine (the selector)."""
+
+    async def admit(
+        self, request_id: str, headers: Mapping[str, str], body: BaseModel, kind: str
+    ) -> GateDecision: ...
+
+
+class Metrics:
+    """The API's OpenTelemetry instruments (no-ops when telemetry is off)."""
+
+    def __init__(self, meter: Any, engine: Engine) -> None:
+        self.requests = meter.create_counter(
+            "expertmesh.requests", unit="{request}", description="Requests by route and status"
+        )
+        self.ttft = meter.create_histogram(
+            "gen_ai.server.time_to_first_token", unit="s", description="Time to first token"
+        )
+        self.tpot = meter.create_histogram(
+            "gen_ai.server.time_per_output_token", unit="s", description="Time per output token"
+        )
+        self.tokens = meter.create_counter(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens by type"
+        )
+
+        def queue(_options: Any) -> Any:
+            from opentelemetry.metrics import Observation
+
+            h = engine.health()
+            return [
+                Observation(h.waiting, {"state": "waiting"}),
+                Observation(h.running, {"state": "running"}),
+            ]
+
+        meter.create_observable_gauge(
+            "expertmesh.engine.requests", callbacks=[queue], description="Requests in the engine"
+        )
+
+
+def _error(exc: EngineError, request_id: str) -> JSONResponse:
+    headers = {"x-request-id": request_id}
+    retry = getattr(exc, "retry_after_s", None)
+    if retry is not None:
+        headers["Retry-After"] = str(max(1, round(retry)))
+    return JSONResponse(
+        error_body(str(exc), exc.type, exc.param), status_code=exc.status, headers=headers
+    )
+
+
+def _validation_error(e: ValidationError, request_id: str) -> JSONResponse:
+    first = e.errors()[0]
+    param = ".".join(str(p) for p in first["loc"])
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    return JSONResponse(
+        error_body(message, "invalid_request_error", param or None),
+        status_code=400,
+        headers={"x-request-id": request_id},
+    )
+
+
+def make_api(
+    engine: Engine,
+    settings: ApiSettings | None = None,
+    gate: Gate | None = None,
+    meter: Any = None,
+    prometheus_registry: Any = None,
+    tracer: Any = None,
+) -> FastAPI:
+    settings = settings or ApiSettings()
+    app = FastAPI(title="expertmesh", version="0.1.0")
+    if meter is None:
+        from opentelemetry.metrics import NoOpMeter
+
+        meter = NoOpMeter("expertmesh.serving")
+    metrics = Metrics(meter, engine)
+
+    def sampling(
+        body: ChatCompletionRequest | CompletionRequest, limit: int | None
+    ) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=limit or settings.default_max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                seed=body.seed,
+                stop=body.stop_list(),
+            )
+        except GenerationError as e:
+            raise InvalidRequest(str(e)) from e
+
+    async def parse(request: Request, model: type[BaseModel], rid: str) -> BaseModel | Response:
+        try:
+            raw = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return JSONResponse(
+                error_body("the request body is not valid JSON", "invalid_request_error"),
+                status_code=400,
+                headers={"x-request-id": rid},
+            )
+        try:
+            return model.model_validate(raw)
+        except ValidationError as e:
+            return _validation_error(e, rid)
+
+    async def run(
+        request: Request,
+        kind: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        rid: str,
+    ) -> Response:
+        arrived = time.monotonic()
+        headers = {"x-request-id": rid}
+        try:
+            decision = (
+                await gate.admit(rid, request.headers, body, kind)
+                if gate is not None
+                else GateDecision(body.model)
+            )
+            headers.update(decision.headers)
+            if isinstance(body, ChatCompletionRequest):
+                er = EngineRequest(
+                    rid,
+                    decision.model,
+                    sampling(body, body.output_limit()),
+                    messages=tuple(Message(m.role, m.text()) for m in body.messages),
+                    deadline_s=_deadline(arrived, settings),
+                )
+            else:
+                er = EngineRequest(
+                    rid,
+                    decision.model,
+                    sampling(body, body.output_limit()),
+                    prompt=body.prompt_text(),
+                    deadline_s=_deadline(arrived, settings),
+                )
+            stream = engine.generate(er)
+            first = await anext(stream)  # errors before the first token become HTTP errors
+        except EngineError as e:
+            metrics.requests.add(1, {"route": kind, "status": e.status})
+            return _error(e, rid) if not headers else _with(_error(e, rid), headers)
+        except StopAsyncIteration:
+            first = EngineOutput("", "stop", 0, 0)
+            stream = _empty()
+        metrics.ttft.record(time.monotonic() - arrived, {"gen_ai.request.model": er.model})
+        created = now()
+        model = er.model
+        settle = decision.settle
+
+        async def finish(out: EngineOutput, started: float) -> None:
+            metrics.requests.add(1, {"route": kind, "status": 200})
+            metrics.tokens.add(out.prompt_tokens, {"gen_ai.token.type": "input"})
+            metrics.tokens.add(out.completion_tokens, {"gen_ai.token.type": "output"})
+            if out.completion_tokens > 1:
+                metrics.tpot.record(
+                    (time.monotonic() - started) / (out.completion_tokens - 1),
+                    {"gen_ai.request.model": model},
+                )
+            if settle is not None:
+                await settle(out.prompt_tokens, out.completion_tokens)
+
+        if not body.stream:
+            parts = [first.text]
+            last = first
+            try:
+                while last.finish_reason is None:
+                    last = await anext(stream)
+                    parts.append(last.text)
+            except EngineError as e:
+                return _with(_error(e, rid), headers)
+            await finish(last, arrived)
+            usage = _usage(last)
+            text = "".join(parts)
+            if kind == "chat":
+                doc = chat_response(rid, model, text, _reason(last), usage, created)
+            else:
+                if isinstance(body, CompletionRequest) and body.echo:
+                    text = body.prompt_text() + text
+                doc = completion_response(rid, model, text, _reason(last), usage, created)
+            return JSONResponse(doc, headers=headers)
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[bytes]:
+            out = first
+            started = time.monotonic()
+            try:
+                if kind == "chat":
+                    yield _sse(
+                        chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None)
+                    )
+                while True:
+                    if out.text or out.finish_reason is not None:
+                        reason = _reason(out) if out.finish_reason is not None else None
+                        if kind == "chat":
+                            delta = {"content": out.text} if out.text else {}
+                            yield _sse(chat_chunk(rid, model, created, delta, reason))
+                        else:
+                            yield _sse(completion_chunk(rid, model, created, out.text, reason))
+                    if out.finish_reason is not None:
+                        break
+                    out = await anext(stream)
+            except EngineError as e:
+                yield _sse(error_body(str(e), e.type, e.param))
+                yield b"data: [DONE]\n\n"
+                return
+            finally:
+                close = getattr(stream, "aclose", None)  # client gone or done: frees the slot
+                if close is not None:
+                    await close()
+            await finish(out, started)
+            if include_usage:
+                chunk = chat_chunk if kind == "chat" else completion_chunk
+                yield _sse(chunk(rid, model, created, None, None, _usage(out)))
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        rid = request.headers.get("x-request-id") or new_id("chatcmpl")
+        body = await parse(request, ChatCompletionRequest, rid)
+        if isinstance(body, Response):
+            return body
+        assert isinstance(body, ChatCompletionRequest)
+        return await run(request, "chat", body, rid)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        rid = request.headers.get("x-request-id") or new_id("cmpl")
+        body = await parse(request, CompletionRequest, rid)
+        if isinstance(body, Response):
+            return body
+        assert isinstance(body, CompletionRequest)
+        return await run(request, "completion", body, rid)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": card.id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": card.owned_by,
+                    "context_window": card.context_window,
+                }
+                for card in engine.models()
+            ],
+        }
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        h = engine.health()
+        doc = {
+            "status": "ok" if h.healthy else "unhealthy",
+            "detail": h.detail,
+            "running": h.running,
+            "waiting": h.waiting,
+            "last_progress_age_s": round(h.last_progress_age_s, 3),
+            **h.extra,
+        }
+        return JSONResponse(doc, status_code=200 if h.healthy else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        if prometheus_registry is None:
+            return PlainTextResponse("# metrics are off (telemetry.metrics_exporter)\n")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(prometheus_registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _empty() -> AsyncIterator[EngineOutput]:
+    return
+    yield  # pragma: no cover
+
+
+def _with(response: Response, headers: Mapping[str, str]) -> Response:
+    for k, v in headers.items():
+        response.headers.setdefault(k, v)
+    return response
+
+
+def _deadline(arrived: float, settings: ApiSettings) -> float | None:
+    return None if settings.request_timeout_s is None else arrived + settings.request_timeout_s
+
+
+def _usage(out: EngineOutput) -> Usage:
+    return Usage(
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        total_tokens=out.prompt_tokens + out.completion_tokens,
+    )
+
+
+def _reason(out: EngineOutput) -> str:
+    return "length" if out.finish_reason in ("length", "deadline") else "stop"
+
+
+def _sse(doc: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"

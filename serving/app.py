@@ -1,0 +1,109 @@
+"""The public facade: `build_app(config)` returns the Ray Serve application of the API.
+
+    serve run expertmesh.serving.app:build_app model=demo          # Serve CLI (args -> config)
+    serve.run(build_app({"model": "demo"}))                       # Python
+    # RayService serveConfigV2: import_path: expertmesh.serving.app:build_app, args: {...}
+    expertmesh up                                                 # our CLI (local cluster)
+
+Each replica of the `ApiServer` deployment builds its engine from the config (our MoE engine,
+vLLM, or a remote API), the selector gate when a policy is configured, and telemetry, then
+serves `api.make_api(...)`. Ray Serve calls `check_health` every `health_check_period_s`: a
+dead engine or a stalled engine loop (work held, no progress) fails it and Serve replaces the
+replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from .api import ApiSettings, Gate, make_api
+from .config import ServingConfig, parse_serving_config
+from .engine import Engine, EngineDead
+
+
+def build_engine(config: ServingConfig) -> Engine:
+    """The engine a config names (imports only that engine's dependencies)."""
+    from expertmesh.paths import resolve_model
+
+    if config.engine == "expertmesh":
+        from .local_engine import ExpertMeshEngine
+
+        return ExpertMeshEngine.load(
+            config.model_name,
+            resolve_model(config.model),
+            config.scheduler.build(),
+            config.kv_cache,
+            config.topology,
+        )
+    if config.engine == "remote":
+        from .remote_engine import RemoteOpenAIEngine
+
+        assert config.remote is not None
+        return RemoteOpenAIEngine.from_spec(config.model_name, config.remote)
+    from .vllm_engine import VLLMEngine
+
+    return VLLMEngine.load(config.model_name, str(resolve_model(config.model)), config)
+
+
+def build_gate(config: ServingConfig, engine: Engine) -> Gate | None:
+    if config.policy is None:
+        return None
+    from .gate import SelectorGate
+
+    return SelectorGate.from_policy_file(config.policy, engine)
+
+
+@serve.ingress()
+class ApiServer:
+    """One API replica: engine + gate + telemetry behind the OpenAI routes."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from expertmesh.observability import TelemetryConfig, configure_telemetry
+
+        self.config = parse_serving_config(config)
+        self.telemetry = configure_telemetry(TelemetryConfig(**self.config.telemetry))
+        self.engine = build_engine(self.config)
+        self.gate = build_gate(self.config, self.engine)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return make_api(
+            self.engine,
+            ApiSettings(self.config.default_max_tokens, self.config.request_timeout_s),
+            self.gate,
+            meter=self.telemetry.meter,
+            prometheus_registry=self.telemetry.prometheus_registry,
+            tracer=self.telemetry.tracer,
+        )
+
+    def check_health(self) -> None:
+        health = self.engine.health()
+        if not health.healthy:
+            raise EngineDead(health.detail)
+
+    async def __del__(self) -> None:
+        await self.engine.shutdown()
+
+
+def deployment_options(config: ServingConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "name": "expertmesh-api",
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "health_check_period_s": config.health_check_period_s,
+        "health_check_timeout_s": config.health_check_timeout_s,
+        "ray_actor_options": {"num_cpus": 0},
+    }
+    if config.autoscaling is not None:
+        options["autoscaling_config"] = config.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = config.num_replicas
+    return options
+
+
+def build_app(args: dict[str, Any] | ServingConfig | None = None) -> serve.Application:
+    """The API as a Ray Serve application; `args` are `ServingConfig` fields."""
+    config = args if isinstance(args, ServingConfig) else parse_serving_config(args or {})
+    deployment: Any = serve.deployment(ApiServer)
+    deployment = deployment.options(**deployment_options(config))
+    return deployment.bind(config.model_dump())

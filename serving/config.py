@@ -1,0 +1,137 @@
+"""What a user writes to configure serving (YAML, `serveConfigV2` args, CLI flags): validated
+at the edge with messages that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .scheduler import SchedulerConfig
+
+
+class ServingConfigError(ValueError):
+    """A serving config is invalid; the message names the field and the fix."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class SchedulerSpec(_Spec):
+    num_slots: Annotated[int, Field(ge=1, le=1024)] = 16
+    """Requests decoding at once (KV-cache rows)."""
+    max_waiting: Annotated[int, Field(ge=1)] = 64
+    """Queue bound; beyond it requests get 429 with Retry-After."""
+    prefill_chunk: Annotated[int, Field(ge=1)] = 64
+    """Prompt tokens per prefill step (interleaved with decode steps)."""
+    kv_budget_tokens: Annotated[int, Field(ge=1)] | None = None
+    """KV positions all running requests may reserve; default num_slots x context window."""
+    max_len: Annotated[int, Field(ge=2)] | None = None
+    """Context window served (prompt + output); default the model's."""
+    stall_after_s: Annotated[float, Field(gt=0)] = 30.0
+    """No progress for this long while holding work = stalled (health check fails)."""
+
+    def build(self) -> SchedulerConfig:
+        return SchedulerConfig(**self.model_dump())
+
+
+class RemoteSpec(_Spec):
+    base_url: str = Field(pattern=r"^https?://")
+    """OpenAI-compatible endpoint, e.g. http://host:8000/v1."""
+    model: str
+    """The model name at the remote endpoint."""
+    api_key_env: str | None = None
+    """Environment variable holding the remote API key (never the key itself)."""
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class AutoscalingSpec(_Spec):
+    """Ray Serve autoscaling of the API deployment (`autoscaling_config`)."""
+
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 1
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 16.0
+    upscale_delay_s: Annotated[float, Field(ge=0)] = 10.0
+    downscale_delay_s: Annotated[float, Field(ge=0)] = 120.0
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class ServingConfig(_Spec):
+    engine: Literal["expertmesh", "vllm", "remote"] = "expertmesh"
+    """Which engine serves: our MoE engine, vLLM (extra `expertmesh[vllm]`), or a remote
+    OpenAI-compatible API."""
+    model: str = "demo"
+    """Checkpoint directory, or "demo" for the bundled demo model (engines expertmesh, vllm)."""
+    model_name: str = "expertmesh-demo"
+    """The name clients put in `model`."""
+    topology: str | None = None
+    """Topology YAML: run the experts on the expert-parallel cluster (engine expertmesh)."""
+    kv_cache: Literal["full", "int8", "latent", "latent-int8"] | None = None
+    scheduler: SchedulerSpec = SchedulerSpec()
+    remote: RemoteSpec | None = None
+    policy: str | None = None
+    """Selector policy YAML (API keys, budgets, model choice); None = open access."""
+    default_max_tokens: Annotated[int, Field(ge=1)] = 256
+    request_timeout_s: Annotated[float, Field(gt=0)] | None = 120.0
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 256
+    """Ray Serve: concurrent requests per replica (our own queue bounds the engine)."""
+    num_replicas: Annotated[int, Field(ge=1)] = 1
+    autoscaling: AutoscalingSpec | None = None
+    """Set to autoscale the API deployment instead of a fixed num_replicas."""
+    health_check_period_s: Annotated[float, Field(gt=0)] = 5.0
+    health_check_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    telemetry: dict[str, Any] = {"metrics_exporter": "prometheus"}
+    """observability.TelemetryConfig fields."""
+    route_prefix: str = "/"
+
+    @model_validator(mode="after")
+    def _engine_fields(self) -> ServingConfig:
+        if self.engine == "remote" and self.remote is None:
+            raise ValueError("engine 'remote' needs a `remote` section (base_url, model)")
+        if self.engine != "remote" and self.remote is not None:
+            raise ValueError(
+                f"`remote` is only used with engine 'remote' (engine is {self.engine!r})"
+            )
+        if self.topology is not None and self.engine != "expertmesh":
+            raise ValueError("`topology` is only used with engine 'expertmesh'")
+        return self
+
+
+def parse_serving_config(data: Any, source: str = "serving config") -> ServingConfig:
+    """Validate a mapping; ServingConfigError naming every bad field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ServingConfigError(
+            f"{source}: expected a mapping of fields, got {type(data).__name__}"
+        )
+    try:
+        return ServingConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field; remove it or check its spelling"
+            lines.append(f"  {loc}: {msg}")
+        raise ServingConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def load_serving_config(path: str | Path) -> ServingConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ServingConfigError(f"cannot read serving config {path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ServingConfigError(f"serving config {path} is not valid YAML: {e}") from e
+    return parse_serving_config(data, str(path))

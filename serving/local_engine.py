@@ -1,0 +1,156 @@
+"""`ExpertMeshEngine`: our MoE model (one process, or expert-parallel on the cluster) behind the
+`Engine` protocol, with the continuous-batching scheduler of `scheduler.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from expertmesh.models.checkpoint import load_model
+from expertmesh.models.errors import ModelError
+from expertmesh.models.model import MoEModel
+from expertmesh.models.tokenizer import Tokenizer
+
+from .engine import (
+    DeadlineExceeded,
+    EngineDead,
+    EngineHealth,
+    EngineOutput,
+    EngineRequest,
+    InvalidRequest,
+    ModelCard,
+    UnknownModel,
+)
+from .scheduler import ContinuousBatcher, SchedulerConfig, SchedulerEvent
+
+
+class ExpertMeshEngine:
+    """Serves one model under `name`. Owns the scheduler thread; `shutdown` stops it (and the
+    expert-parallel cluster, when it started one)."""
+
+    def __init__(
+        self,
+        name: str,
+        model: MoEModel,
+        tokenizer: Tokenizer,
+        scheduler: SchedulerConfig | None = None,
+        kv_mode: str | None = None,
+        owner: Any = None,
+    ) -> None:
+        self.name = name
+        self.tokenizer = tokenizer
+        self.batcher = ContinuousBatcher(model, tokenizer, scheduler, kv_mode)  # type: ignore[arg-type]
+        self.owner = owner
+        self._counter = 0
+        self.batcher.start()
+
+    @classmethod
+    def load(
+        cls,
+        name: str,
+        checkpoint: str | Path,
+        scheduler: SchedulerConfig | None = None,
+        kv_mode: str | None = None,
+        topology: str | Path | None = None,
+        dtype: str = "float32",
+    ) -> ExpertMeshEngine:
+        """Load a checkpoint in this process, or (with `topology`) place its experts on an
+        expert-parallel cluster: a running Ray cluster with the topology's node resources, or
+        the embedded one when this process is not connected to Ray."""
+        tokenizer = Tokenizer.from_dir(checkpoint)
+        if topology is None:
+            return cls(name, load_model(checkpoint, dtype), tokenizer, scheduler, kv_mode)
+        import ray
+
+        from expertmesh.cluster.runtime import ExpertParallelModel
+        from expertmesh.cluster.topology import load_topology
+
+        ep = ExpertParallelModel.launch(
+            checkpoint, load_topology(topology), dtype=dtype, local=not ray.is_initialized()
+        )
+        return cls(name, ep.model, tokenizer, scheduler, kv_mode, owner=ep)
+
+    def models(self) -> Sequence[ModelCard]:
+        return [ModelCard(self.name, self.batcher.context_window)]
+
+    def prompt_ids(self, request: EngineRequest) -> list[int]:
+        if request.messages is not None:
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in request.messages]
+                )
+            except ModelError as e:
+                raise InvalidRequest(str(e), param="messages") from e
+        else:
+            assert request.prompt is not None
+            text = request.prompt
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        if not ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        return ids
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if request.model != self.name:
+            raise UnknownModel(f"model {request.model!r} is not served here; try {self.name!r}")
+        if not self.batcher.alive:
+            raise EngineDead(f"the engine loop is not running ({self.batcher.fatal!r})")
+        ids = self.prompt_ids(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[SchedulerEvent] = asyncio.Queue()
+
+        def sink(event: SchedulerEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        self.batcher.submit(request.request_id, ids, request.params, sink, request.deadline_s)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item.error is not None:
+                    finished = True
+                    raise EngineDead(f"the engine failed: {item.error!r}") from item.error
+                if item.event is None:  # ended by the scheduler: cancelled or deadline
+                    finished = True
+                    if item.finish_reason == "deadline":
+                        raise DeadlineExceeded(
+                            f"request {request.request_id} passed its deadline after "
+                            f"{item.completion_tokens} tokens"
+                        )
+                    return
+                finish = item.event.finish_reason
+                yield EngineOutput(
+                    item.event.text, finish, item.prompt_tokens, item.completion_tokens
+                )
+                if finish is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer stopped early (client disconnected)
+                self.batcher.cancel(request.request_id)
+
+    def health(self) -> EngineHealth:
+        running, waiting = self.batcher.counts()
+        age = time.monotonic() - self.batcher.last_progress
+        if not self.batcher.alive:
+            return EngineHealth(
+                False, f"engine loop dead: {self.batcher.fatal!r}", running, waiting, age
+            )
+        if self.batcher.stalled():
+            return EngineHealth(
+                False,
+                f"engine loop stalled: no progress for {age:.1f} s with {running + waiting} requests",
+                running,
+                waiting,
+                age,
+            )
+        return EngineHealth(True, "ok", running, waiting, age, self.batcher.describe())
+
+    async def shutdown(self) -> None:
+        self.batcher.stop()
+        if self.owner is not None:
+            with contextlib.suppress(Exception):
+                self.owner.shutdown()

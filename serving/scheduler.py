@@ -1,0 +1,380 @@
+"""Continuous batching for one model: requests join and leave the running batch every step.
+
+One engine thread owns the model and its KV cache (`num_slots` rows of `max_len` positions).
+Each step it
+
+1. retires requests that were cancelled (client gone) or ran past their deadline, freeing
+   their slot and KV memory;
+2. admits waiting requests, oldest first, while a slot is free and the KV budget (tokens
+   reserved = prompt + max_tokens of every running request) has room: a request is admitted
+   only if it can finish, so a running request never runs out of KV memory;
+3. runs one prefill chunk (at most `prefill_chunk` prompt tokens, of the oldest requests still
+   prefilling, equal chunk lengths batched together), so a long prompt never stalls the
+   decoding requests for more than one chunk;
+4. runs one decode step for every request past its prefill, all in one batch.
+
+The waiting queue is bounded: `submit` raises `Overloaded` when it is full (the server answers
+429 with Retry-After) instead of building an unbounded backlog. `last_progress` is stamped
+after every step that did work; a loop that holds work but stops stamping is stalled, which
+`health()` reports.
+
+Outputs leave through a per-request `sink` callback, called on the engine thread; the async
+engine wrapper hands them to the request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from expertmesh.models.config import KVMode
+from expertmesh.models.generate import RequestState, SamplingParams, StreamEvent, sample
+from expertmesh.models.kv_cache import KVCache
+from expertmesh.models.model import MoEModel
+from expertmesh.models.tokenizer import Tokenizer
+
+from .engine import ContextTooLong, Overloaded
+
+Sink = Callable[["SchedulerEvent"], None]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_slots: int = 16
+    """Requests decoding at once (KV-cache rows)."""
+    max_waiting: int = 64
+    """Bounded queue of requests not yet admitted; beyond it, `Overloaded`."""
+    kv_budget_tokens: int | None = None
+    """KV positions all running requests may reserve together; None = num_slots x max_len."""
+    prefill_chunk: int = 64
+    """Prompt tokens per prefill step."""
+    max_len: int | None = None
+    """Positions per slot (prompt + output); None = the model's context window."""
+    stall_after_s: float = 30.0
+    """A loop holding work with no progress for this long is reported stalled."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_slots", "max_waiting", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"scheduler.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SchedulerEvent:
+    """What a sink receives: a stream event, or the end of a request without one (error)."""
+
+    event: StreamEvent | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Sink
+    deadline: float | None
+    state: RequestState
+    arrived: float = field(default_factory=time.monotonic)
+    slot: int = -1
+    prefilled: int = 0
+    cancelled: bool = False
+
+    @property
+    def reserve(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled >= len(self.prompt_ids)
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    admitted: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    expired: int = 0
+    rejected: int = 0
+
+
+class ContinuousBatcher:
+    """See the module docstring. Thread-safe `submit` / `cancel`; `start` / `stop` the loop."""
+
+    def __init__(
+        self,
+        model: MoEModel,
+        tokenizer: Tokenizer | None,
+        config: SchedulerConfig | None = None,
+        kv_mode: KVMode | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or SchedulerConfig()
+        self.max_len = min(
+            self.config.max_len or model.config.max_position, model.config.max_position
+        )
+        self.kv_budget = self.config.kv_budget_tokens or self.config.num_slots * self.max_len
+        mode = model.config.check_kv_mode(kv_mode or model.config.default_kv_mode)
+        self.cache = KVCache(model.config, mode, self.config.num_slots, self.max_len, model.dtype)
+        eos = set(model.config.eos_token_ids) | (
+            set(tokenizer.eos_token_ids) if tokenizer else set()
+        )
+        self.eos_ids = tuple(eos)
+        self.stats = SchedulerStats()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._by_id: dict[str, _Request] = {}
+        self._free_slots = list(range(self.config.num_slots))
+        self._reserved = 0
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.last_progress = time.monotonic()
+        self.fatal: BaseException | None = None
+        self.step_hook: Callable[[], None] | None = None
+        """Called at the start of every step (fault injection in tests: make it sleep)."""
+
+    # ----------------------------------------------------------------- public, any thread
+
+    @property
+    def context_window(self) -> int:
+        return self.max_len
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.max_len:
+            raise ContextTooLong(prompt_tokens, max_tokens, self.max_len)
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        sink: Sink,
+        deadline: float | None = None,
+    ) -> None:
+        """Queue a request; raises ContextTooLong or Overloaded (nothing is queued then)."""
+        ids = list(prompt_ids)
+        self.check_fits(len(ids), params.max_tokens)
+        state = RequestState(0, ids, params, self.tokenizer)
+        req = _Request(request_id, ids, params, sink, deadline, state)
+        with self._lock:
+            if len(self._waiting) >= self.config.max_waiting:
+                self.stats.rejected += 1
+                raise Overloaded(
+                    f"the engine queue is full ({self.config.max_waiting} requests waiting); "
+                    "retry after a moment",
+                    retry_after_s=self.retry_after_s(),
+                )
+            if request_id in self._by_id:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._waiting.append(req)
+            self._by_id[request_id] = req
+            self._lock.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (its client went away); its slot is freed at the next step."""
+        with self._lock:
+            req = self._by_id.get(request_id)
+            if req is not None:
+                req.cancelled = True
+                self._lock.notify()
+
+    def retry_after_s(self) -> float:
+        """A rough wait until a slot frees: one request's decode time at the current pace."""
+        return 1.0
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._running), len(self._waiting)
+
+    def kv_bytes_in_use(self) -> int:
+        return self.cache.bytes_in_use()
+
+    def stalled(self) -> bool:
+        running, waiting = self.counts()
+        busy = running + waiting > 0
+        return busy and time.monotonic() - self.last_progress > self.config.stall_after_s
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="expertmesh-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.fatal is None
+
+    # ----------------------------------------------------------------- engine thread
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stop and not self._waiting and not self._running:
+                        self._lock.wait()
+                        self.last_progress = time.monotonic()
+                    if self._stop:
+                        break
+                self.step()
+        except BaseException as e:  # the engine is dead: fail everything, health says so
+            self.fatal = e
+            self._fail_all(e)
+            raise
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduling step (public for tests that drive the loop by hand)."""
+        if self.step_hook is not None:
+            self.step_hook()
+        self._retire()
+        self._admit()
+        did = self._prefill() | self._decode()
+        self.stats.steps += 1
+        if did:
+            self.last_progress = time.monotonic()
+
+    def _retire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            waiting = [
+                r
+                for r in self._waiting
+                if r.cancelled or (r.deadline is not None and now > r.deadline)
+            ]
+            for r in waiting:
+                self._waiting.remove(r)
+        for r in waiting:
+            self._end(r, "cancelled" if r.cancelled else "deadline")
+        for r in [
+            r for r in self._running if r.cancelled or (r.deadline is not None and now > r.deadline)
+        ]:
+            self._end(r, "cancelled" if r.cancelled else "deadline")
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and self._free_slots:
+                req = self._waiting[0]
+                if self._reserved + req.reserve > self.kv_budget and self._running:
+                    break  # wait for running requests to finish and release KV
+                self._waiting.popleft()
+                req.slot = self._free_slots.pop()
+                self._reserved += req.reserve
+                self._running.append(req)
+                self.stats.admitted += 1
+
+    def _prefill(self) -> bool:
+        todo = [r for r in self._running if not r.decoding]
+        if not todo:
+            return False
+        chunk = self.config.prefill_chunk
+        first = todo[0]
+        n = min(chunk, len(first.prompt_ids) - first.prefilled)
+        group = [r for r in todo if min(chunk, len(r.prompt_ids) - r.prefilled) == n]
+        ids = torch.tensor([r.prompt_ids[r.prefilled : r.prefilled + n] for r in group])
+        rows = torch.tensor([r.slot for r in group])
+        logits = self.model(ids, self.cache, rows, "last")[:, -1]
+        self.stats.prefill_tokens += n * len(group)
+        done = []
+        for i, r in enumerate(group):
+            r.prefilled += n
+            if r.decoding:
+                done.append((r, logits[i]))
+        if done:
+            self._emit([r for r, _ in done], torch.stack([lg for _, lg in done]))
+        return True
+
+    def _decode(self) -> bool:
+        # Requests whose prefill finished this step sampled their first token already.
+        active = [r for r in self._running if r.decoding and r.state.completion.token_ids]
+        active = [r for r in active if not r.state.done]
+        if not active:
+            return False
+        ids = torch.tensor([[r.state.completion.token_ids[-1]] for r in active])
+        rows = torch.tensor([r.slot for r in active])
+        logits = self.model(ids, self.cache, rows, "last")[:, -1]
+        self.stats.decode_tokens += len(active)
+        self._emit(active, logits)
+        return True
+
+    def _emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        tokens = sample(logits, [r.state for r in reqs])
+        for r, tok in zip(reqs, tokens):
+            event = r.state.accept(tok, self.eos_ids)
+            if r.state.done:
+                self._release(r)
+                self.stats.finished += 1
+            if event is not None:
+                self._send(r, event)
+
+    def _send(self, r: _Request, event: StreamEvent) -> None:
+        c = r.state.completion
+        try:
+            r.sink(SchedulerEvent(event, len(r.prompt_ids), len(c.token_ids), event.finish_reason))
+        except Exception:  # a broken sink (client gone) must not kill the engine
+            r.cancelled = True
+
+    def _end(self, r: _Request, reason: str) -> None:
+        self._release(r)
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+        else:
+            self.stats.expired += 1
+        c = r.state.completion
+        with contextlib.suppress(Exception):
+            r.sink(SchedulerEvent(None, len(r.prompt_ids), len(c.token_ids), reason))
+
+    def _release(self, r: _Request) -> None:
+        with self._lock:
+            if r in self._running:
+                self._running.remove(r)
+                self._reserved -= r.reserve
+                self.cache.free(torch.tensor([r.slot]))
+                self._free_slots.append(r.slot)
+            self._by_id.pop(r.request_id, None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            reqs = list(self._running) + list(self._waiting)
+            self._running.clear()
+            self._waiting.clear()
+            self._by_id.clear()
+        for r in reqs:
+            with contextlib.suppress(Exception):
+                r.sink(SchedulerEvent(None, len(r.prompt_ids), 0, None, error))
+
+    def describe(self) -> dict[str, Any]:
+        running, waiting = self.counts()
+        return {
+            "running": running,
+            "waiting": waiting,
+            "slots": self.config.num_slots,
+            "kv_reserved_tokens": self._reserved,
+            "kv_budget_tokens": self.kv_budget,
+            "kv_bytes_in_use": self.kv_bytes_in_use(),
+            "kv_bytes_allocated": self.cache.nbytes,
+            "steps": self.stats.steps,
+        }
