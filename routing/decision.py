@@ -176,6 +176,11 @@ class Decision:
             self._excluded = tuple(self._explain())
         return self._excluded
 
+    @property
+    def excluded_count(self) -> int:
+        """len(excluded), without formatting the reasons."""
+        return sum(mask.bit_count() for _, mask, _ in self._stages)
+
     def headers(self) -> dict[str, str]:
         """Response headers that explain the decision."""
         h = {
@@ -183,7 +188,7 @@ class Decision:
             HEADER_POLICY: self.policy.label,
             HEADER_DECISION_ID: self.decision_id,
             HEADER_COST: f"{self.estimated_cost_usd:.6f}",
-            HEADER_EXCLUDED: str(len(self.excluded)),
+            HEADER_EXCLUDED: str(self.excluded_count),
         }
         if self.attempt:
             h[HEADER_ATTEMPT] = str(self.attempt)

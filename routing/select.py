@@ -174,21 +174,23 @@ class Selector:
                 span.set_attribute("expertmesh.outcome", record["outcome"])
                 span.set_attribute("expertmesh.decision_id", decision_id)
                 raise
-            self._write(decision.to_record())
-            span.set_attributes(
-                {
-                    "expertmesh.outcome": "selected",
-                    "expertmesh.decision_id": decision_id,
-                    "expertmesh.tenant": tenant.name,
-                    "expertmesh.model": decision.model.name,
-                    "expertmesh.policy": compiled.policy.label,
-                    "expertmesh.estimated_cost_usd": decision.estimated_cost_usd,
-                    "expertmesh.excluded_models": len(decision.excluded),
-                    "expertmesh.rules": list(decision.rules),
-                    "expertmesh.task": c.task,
-                    "expertmesh.safety": sorted(c.safety),
-                }
-            )
+            if self._log is not None:
+                self._log.write(decision.to_record())
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "expertmesh.outcome": "selected",
+                        "expertmesh.decision_id": decision_id,
+                        "expertmesh.tenant": tenant.name,
+                        "expertmesh.model": decision.model.name,
+                        "expertmesh.policy": compiled.policy.label,
+                        "expertmesh.estimated_cost_usd": decision.estimated_cost_usd,
+                        "expertmesh.excluded_models": decision.excluded_count,
+                        "expertmesh.rules": list(decision.rules),
+                        "expertmesh.task": c.task,
+                        "expertmesh.safety": sorted(c.safety),
+                    }
+                )
             return decision
 
     def fallback(self, decision: Decision, reason: str = "error") -> Decision:
@@ -214,7 +216,8 @@ class Selector:
                 continue
             nxt = _replace_choice(decision, i, stages, tried, reservation)
             nxt.attempt = decision.attempt + 1
-            self._write(nxt.to_record(event="fallback"))
+            if self._log is not None:
+                self._log.write(nxt.to_record(event="fallback"))
             return nxt
         if budget_error is not None:
             raise budget_error
