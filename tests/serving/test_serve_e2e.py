@@ -1,0 +1,199 @@
+"""The platform as users run it: `expertmesh up` (Ray + Ray Serve + the demo engine), reached
+with the official `openai` client over HTTP, sync and streaming; then `status` and `down`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from expertmesh.models.generate import SamplingParams
+from expertmesh.serving.engine import EngineRequest, Message
+from expertmesh.serving.remote_engine import RemoteOpenAIEngine
+
+pytestmark = pytest.mark.e2e
+MODEL = "expertmesh-demo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "expertmesh.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    home = tmp_path_factory.mktemp("emhome")
+    config = home / "serving.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"scheduler": {"num_slots": 16, "max_waiting": 256, "prefill_chunk": 32}}
+        )
+    )
+    env = {**os.environ, "EXPERTMESH_HOME": str(home)}
+    port = free_port()
+    up = cli("up", "--detach", "--port", str(port), "--config", str(config), env=env)
+    assert up.returncode == 0, up.stdout + up.stderr + (home / "up.log").read_text()
+    url = f"http://127.0.0.1:{port}"
+    yield url, env
+    down = cli("down", env=env)
+    assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture
+def client(platform) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{platform[0]}/v1", api_key="unused", max_retries=0)
+
+
+def test_status_reports_the_running_platform(platform):
+    url, env = platform
+    st = cli("status", env=env, timeout=60)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert url in st.stdout and MODEL in st.stdout
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_completion_sync(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    if r.choices[0].finish_reason == "length":
+        assert r.usage.completion_tokens == 8
+
+
+def test_streaming_text_equals_non_streaming_text(client):
+    kwargs = dict(model=MODEL, prompt="ROMEO:", max_tokens=12, temperature=0)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_request_larger_than_context_is_400_naming_the_limit(client):
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 2048 tokens"):
+        client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=4000)
+
+
+def test_200_concurrent_streams_finish_with_correct_usage(platform):
+    url, _ = platform
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, int, int, str]:
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Tell me of {i}"}],
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, finish, usage = "", "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage
+        assert usage is not None
+        return text, usage.completion_tokens, usage.prompt_tokens, finish
+
+    async def run() -> list:
+        client = openai.AsyncOpenAI(
+            base_url=f"{url}/v1",
+            api_key="unused",
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(
+                limits=httpx.Limits(max_connections=256), timeout=300
+            ),
+        )
+        return await asyncio.gather(*(one(client, i) for i in range(200)))
+
+    start = time.monotonic()
+    results = asyncio.run(run())
+    assert len(results) == 200
+    for _text, completion, prompt, finish in results:
+        assert prompt > 0
+        assert 1 <= completion <= 6
+        assert finish == "length" or completion < 6
+    assert time.monotonic() - start < 240
+
+
+def test_client_disconnect_frees_its_slot(platform, client):
+    url, _ = platform
+    stream = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=1500, stream=True)
+    for i, _chunk in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{url}/health").json()
+        if health["running"] == 0 and health["waiting"] == 0:
+            break
+        time.sleep(0.2)
+    assert health["running"] == 0, health
+    assert health["kv_reserved_tokens"] == 0
+
+
+def test_metrics_endpoint_exposes_ttft(platform, client):
+    client.completions.create(model=MODEL, prompt="A", max_tokens=2)
+    text = httpx.get(f"{platform[0]}/metrics").text
+    assert "gen_ai_server_time_to_first_token_seconds_bucket" in text
+
+
+def test_remote_engine_streams_from_our_own_server(platform, client):
+    url, _ = platform
+    engine = RemoteOpenAIEngine("upstream-demo", f"{url}/v1", MODEL)
+    request = EngineRequest(
+        "remote-1",
+        "upstream-demo",
+        SamplingParams(max_tokens=10, temperature=0),
+        messages=(Message("user", "Hello"),),
+    )
+
+    async def collect() -> tuple[str, int]:
+        outs = [o async for o in engine.generate(request)]
+        await engine.shutdown()
+        return "".join(o.text for o in outs), outs[-1].completion_tokens
+
+    text, tokens = asyncio.run(collect())
+    direct = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=10, temperature=0
+    )
+    assert text == direct.choices[0].message.content
+    assert tokens == direct.usage.completion_tokens
+
+
+def test_up_refuses_a_bad_config_naming_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheduler: {num_slots: 0}\n")
+    env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
+    r = cli("up", "--config", str(bad), env=env, timeout=60)
+    assert r.returncode == 2
+    assert "scheduler.num_slots" in r.stderr
+    assert not (Path(tmp_path) / "up.json").exists()
