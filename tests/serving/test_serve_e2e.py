@@ -45,9 +45,7 @@ def platform(tmp_path_factory):
     home = tmp_path_factory.mktemp("emhome")
     config = home / "serving.yaml"
     config.write_text(
-        yaml.safe_dump(
-            {"scheduler": {"num_slots": 16, "max_waiting": 256, "prefill_chunk": 32}}
-        )
+        yaml.safe_dump({"scheduler": {"num_slots": 16, "max_waiting": 256, "prefill_chunk": 32}})
     )
     env = {**os.environ, "EXPERTMESH_HOME": str(home)}
     port = free_port()
@@ -89,7 +87,9 @@ def test_chat_completion_sync(client):
 def test_streaming_text_equals_non_streaming_text(client):
     kwargs = dict(model=MODEL, prompt="ROMEO:", max_tokens=12, temperature=0)
     whole = client.completions.create(**kwargs)
-    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
     assert streamed == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
