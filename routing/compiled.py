@@ -9,6 +9,7 @@ Bit i of a mask stands for `CompiledPolicy.models[i]`. Masks are built once per 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from expertmesh.policies.load import AUTO
@@ -68,9 +69,9 @@ class CompiledPolicy:
         self._health_key: frozenset[str] | None = None
         self._health_mask = self.all_mask
 
-    def mask_of(self, keep: object) -> int:
+    def mask_of(self, keep: Callable[[CatalogModel], bool]) -> int:
         """Mask of the models for which `keep(model)` is true."""
-        return _bits([i for i, m in enumerate(self.models) if keep(m)])  # type: ignore[operator]
+        return _bits([i for i, m in enumerate(self.models) if keep(m)])
 
     def _compile_rule(self, rule: Rule) -> CompiledRule:
         match, effect = rule.match, rule.effect
