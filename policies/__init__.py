@@ -4,6 +4,8 @@ dataclasses (`load.py` -> `policy.py`), static checks (`check.py`), reload on ch
 (`taxonomy.py`: Llama Guard 3 hazard codes, PII kinds, task types). Imports no other
 expertmesh package; `expertmesh.routing` applies policies to requests."""
 
+from pathlib import Path
+
 from .check import Finding, check_policy
 from .errors import PolicyError
 from .keys import hash_api_key, new_api_key
@@ -22,9 +24,13 @@ from .policy import (
 from .source import PolicyFile, PolicySource, StaticPolicy
 from .taxonomy import CAPABILITIES, HAZARD_CATEGORIES, OBJECTIVES, PII_KINDS, TASK_TYPES
 
+DEFAULT_POLICY = Path(__file__).resolve().parent / "default.yaml"
+"""The bundled policy the server loads unless told otherwise (see its comments)."""
+
 __all__ = [
     "AUTO",
     "CAPABILITIES",
+    "DEFAULT_POLICY",
     "HAZARD_CATEGORIES",
     "OBJECTIVES",
     "PII_KINDS",

@@ -64,7 +64,13 @@ class GateDecision:
     model: str
     headers: dict[str, str] = field(default_factory=dict)
     settle: Callable[[int, int], Awaitable[None]] | None = None
-    """Called once with (prompt_tokens, completion_tokens) when the request ends."""
+    """Called once with (prompt_tokens, completion_tokens) when the request completes."""
+    max_tokens: int | None = None
+    """The output cap to enforce (the budget reservation assumed it); None: the request's."""
+    rewrite: Callable[[str], str] | None = None
+    """Applied to every message / the prompt before the engine sees it (PII redaction)."""
+    release: Callable[[], None] | None = None
+    """Called instead of `settle` when the request fails (drops a budget hold)."""
 
 
 class Gate(Protocol):
@@ -179,6 +185,7 @@ def make_api(
     ) -> Response:
         arrived = time.monotonic()
         headers = {"x-request-id": rid}
+        decision: GateDecision | None = None
         try:
             decision = (
                 await gate.admit(rid, request.headers, body, kind)
@@ -186,34 +193,39 @@ def make_api(
                 else GateDecision(body.model)
             )
             headers.update(decision.headers)
+            rewrite = decision.rewrite or (lambda text: text)
+            limit = decision.max_tokens or body.output_limit()
             if isinstance(body, ChatCompletionRequest):
                 er = EngineRequest(
                     rid,
                     decision.model,
-                    sampling(body, body.output_limit()),
-                    messages=tuple(Message(m.role, m.text()) for m in body.messages),
+                    sampling(body, limit),
+                    messages=tuple(Message(m.role, rewrite(m.text())) for m in body.messages),
                     deadline_s=_deadline(arrived, settings),
                 )
             else:
                 er = EngineRequest(
                     rid,
                     decision.model,
-                    sampling(body, body.output_limit()),
-                    prompt=body.prompt_text(),
+                    sampling(body, limit),
+                    prompt=rewrite(body.prompt_text()),
                     deadline_s=_deadline(arrived, settings),
                 )
             stream = engine.generate(er)
             first = await anext(stream)  # errors before the first token become HTTP errors
         except EngineError as e:
             metrics.requests.add(1, {"route": kind, "status": e.status})
-            return _error(e, rid) if not headers else _with(_error(e, rid), headers)
+            if decision is not None and decision.release is not None:
+                decision.release()
+            return _with(_error(e, rid), headers)
         except StopAsyncIteration:
             first = EngineOutput("", "stop", 0, 0)
             stream = _empty()
         metrics.ttft.record(time.monotonic() - arrived, {"gen_ai.request.model": er.model})
         created = now()
         model = er.model
-        settle = decision.settle
+        assert decision is not None
+        settle, release = decision.settle, decision.release
 
         async def finish(out: EngineOutput, started: float) -> None:
             metrics.requests.add(1, {"route": kind, "status": 200})
@@ -235,6 +247,8 @@ def make_api(
                     last = await anext(stream)
                     parts.append(last.text)
             except EngineError as e:
+                if release is not None:
+                    release()
                 return _with(_error(e, rid), headers)
             await finish(last, arrived)
             usage = _usage(last)
@@ -269,6 +283,8 @@ def make_api(
                         break
                     out = await anext(stream)
             except EngineError as e:
+                if release is not None:
+                    release()
                 yield _sse(error_body(str(e), e.type, e.param))
                 yield b"data: [DONE]\n\n"
                 return

@@ -14,6 +14,7 @@ replica.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -50,9 +51,12 @@ def build_engine(config: ServingConfig) -> Engine:
 def build_gate(config: ServingConfig, engine: Engine) -> Gate | None:
     if config.policy is None:
         return None
+    from expertmesh.policies import DEFAULT_POLICY
+
     from .gate import SelectorGate
 
-    return SelectorGate.from_policy_file(config.policy, engine)
+    path = DEFAULT_POLICY if config.policy == "default" else Path(config.policy)
+    return SelectorGate.from_policy_file(path, engine, config.budget_ledger, config.decision_log)
 
 
 @serve.ingress()

@@ -77,8 +77,15 @@ class ServingConfig(_Spec):
     kv_cache: Literal["full", "int8", "latent", "latent-int8"] | None = None
     scheduler: SchedulerSpec = SchedulerSpec()
     remote: RemoteSpec | None = None
-    policy: str | None = None
-    """Selector policy YAML (API keys, budgets, model choice); None = open access."""
+    policy: str | None = "default"
+    """Selector policy YAML (API keys, budgets, model choice), reloaded when the file changes
+    (a bad version is rejected, the old one stays). "default": the bundled policy
+    (`policies/default.yaml`: the demo model, anonymous local access, the dev key
+    `sk-expertmesh-dev`); None: no selector (open access, the model named is served)."""
+    budget_ledger: str | None = None
+    """SQLite budget ledger; default next to the policy (`<policy>.budget.sqlite`)."""
+    decision_log: str | None = None
+    """JSONL file every selector decision is appended to (for `expertmesh policy replay`)."""
     default_max_tokens: Annotated[int, Field(ge=1)] = 256
     request_timeout_s: Annotated[float, Field(gt=0)] | None = 120.0
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 256

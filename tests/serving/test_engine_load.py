@@ -40,7 +40,7 @@ def test_full_queue_answers_429_with_retry_after_and_serves_the_rest(engine):
 
     responses = asyncio.run(run())
     codes = sorted(r.status_code for r in responses)
-    assert codes.count(200) >= 3  # one running + two queued at the moment of the burst
+    assert codes.count(200) >= 2  # at least the two the queue holds (one may already run)
     refused = [r for r in responses if r.status_code == 429]
     assert refused and all(int(r.headers["retry-after"]) >= 1 for r in refused)
     assert set(codes) <= {200, 429}

@@ -22,6 +22,7 @@ from expertmesh.serving.remote_engine import RemoteOpenAIEngine
 
 pytestmark = pytest.mark.e2e
 MODEL = "expertmesh-demo"
+DEV_KEY = "sk-expertmesh-dev"  # the bundled default policy's documented dev key
 
 
 def free_port() -> int:
@@ -59,7 +60,7 @@ def platform(tmp_path_factory):
 
 @pytest.fixture
 def client(platform) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{platform[0]}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{platform[0]}/v1", api_key=DEV_KEY, max_retries=0)
 
 
 def test_status_reports_the_running_platform(platform):
@@ -67,6 +68,21 @@ def test_status_reports_the_running_platform(platform):
     st = cli("status", env=env, timeout=60)
     assert st.returncode == 0, st.stdout + st.stderr
     assert url in st.stdout and MODEL in st.stdout
+
+
+def test_selector_explains_the_choice_and_refuses_a_wrong_key(platform, client):
+    url, _ = platform
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": MODEL, "prompt": "ROMEO:", "max_tokens": 2},
+        headers={"Authorization": f"Bearer {DEV_KEY}"},
+    )
+    assert r.status_code == 200
+    assert r.headers["x-expertmesh-model"] == MODEL
+    assert r.headers["x-expertmesh-policy"].startswith("default@")
+    wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model=MODEL, prompt="A", max_tokens=2)
 
 
 def test_models_list(client):
@@ -96,7 +112,9 @@ def test_streaming_text_equals_non_streaming_text(client):
 
 
 def test_request_larger_than_context_is_400_naming_the_limit(client):
-    with pytest.raises(openai.BadRequestError, match="maximum context length is 2048 tokens"):
+    with pytest.raises(
+        openai.BadRequestError, match="context window 2048|maximum context length is 2048"
+    ):
         client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=4000)
 
 
@@ -125,7 +143,7 @@ def test_200_concurrent_streams_finish_with_correct_usage(platform):
     async def run() -> list:
         client = openai.AsyncOpenAI(
             base_url=f"{url}/v1",
-            api_key="unused",
+            api_key=DEV_KEY,
             max_retries=0,
             http_client=openai.DefaultAsyncHttpxClient(
                 limits=httpx.Limits(max_connections=256), timeout=300
@@ -168,7 +186,7 @@ def test_metrics_endpoint_exposes_ttft(platform, client):
 
 def test_remote_engine_streams_from_our_own_server(platform, client):
     url, _ = platform
-    engine = RemoteOpenAIEngine("upstream-demo", f"{url}/v1", MODEL)
+    engine = RemoteOpenAIEngine("upstream-demo", f"{url}/v1", MODEL, api_key=DEV_KEY)
     request = EngineRequest(
         "remote-1",
         "upstream-demo",
