@@ -288,7 +288,10 @@ class Generator:
         per_row: list[SamplingParams],
         on_token: TokenCallback | None,
     ) -> list[Completion]:
-        rows = [RequestState(i, ids, p, self.tokenizer) for i, (ids, p) in enumerate(zip(encoded, per_row))]
+        rows = [
+            RequestState(i, ids, p, self.tokenizer)
+            for i, (ids, p) in enumerate(zip(encoded, per_row))
+        ]
         max_len = max(len(ids) + p.max_tokens for ids, p in zip(encoded, per_row))
         cache = KVCache(self.model.config, self.kv_mode, len(rows), max_len, self.model.dtype)
         stats = self.stats = GenerationStats(prompt_tokens=sum(map(len, encoded)))

@@ -113,7 +113,7 @@ def test_streaming_text_equals_non_streaming_text(client):
 
 def test_request_larger_than_context_is_400_naming_the_limit(client):
     with pytest.raises(
-        openai.BadRequestError, match="context window 2048|maximum context length is 2048"
+        openai.BadRequestError, match=r"context window 2048|maximum context length is 2048"
     ):
         client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=4000)
 
