@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/expertmesh generate --model demo --max-tokens 48 --temperature 0.8 --top-p 0.95 --seed 0 "ROMEO:"
+	$(BIN)/expertmesh up --topology examples/topologies/mixed.yaml --request "ROMEO:" --exit-after-request
 
 test: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)

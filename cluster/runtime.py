@@ -111,10 +111,14 @@ class ExpertParallelModel:
         trace: np.ndarray | None = None,
         dtype: str = "float32",
         local: bool = True,
-        emulate: bool = True,
+        emulate: bool | None = None,
         min_replicas: int = 1,
     ) -> ExpertParallelModel:
-        """Start (or join) the cluster, plan, start shards, and return the model."""
+        """Start (`local`) or join the cluster, plan, start shards, and return the model.
+
+        emulate: emulate node speeds and links (None: when `local`; pass True when joining
+        the embedded cluster that `expertmesh up` started)."""
+        emulate = local if emulate is None else emulate
         from .local import LocalCluster, emulation_for
         from .planning import embedded_reference_tflops, plan_for_topology
         from .pool import RayShardPool
@@ -127,7 +131,7 @@ class ExpertParallelModel:
         elif topology.nodes_to_measure:
             topology = topology.with_speeds(measure_node_speeds(topology.nodes_to_measure))
         tflops = None
-        if local and emulate and topology.reference_tflops is None:
+        if emulate and topology.reference_tflops is None:
             tflops = embedded_reference_tflops(topology)  # what the emulated nodes really do
         placement = plan_for_topology(
             topology, config, trace, min_replicas=min_replicas, reference_tflops=tflops

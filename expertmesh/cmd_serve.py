@@ -69,6 +69,8 @@ def serving_config(args: argparse.Namespace) -> Any:
         updates["topology"] = str(args.topology.resolve())
     if args.policy is not None:
         updates["policy"] = str(args.policy.resolve())
+    if updates.get("topology") or config.topology:
+        updates["embedded"] = True  # `up` runs the embedded cluster: emulate speeds and links
     if updates:
         config = parse_serving_config({**config.model_dump(), **updates}, "command line")
     return config
@@ -150,6 +152,7 @@ def _serve_foreground(args: argparse.Namespace, config: Any, console: Console) -
         serve.run(build_app(config), name="expertmesh", route_prefix=config.route_prefix)
         _write_state({"pid": os.getpid(), "url": url, "ready": True, "model": config.model_name})
         console.print(f"[bold]expertmesh is up[/bold]: {url}/v1  (model {config.model_name!r})")
+        _print_placement(url, console)
         console.print(
             f"try:  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
             f"""-d '{{"model": "{config.model_name}", "messages": [{{"role": "user", "content": "ROMEO:"}}], "max_tokens": 32}}'""",
@@ -177,6 +180,16 @@ def _serve_foreground(args: argparse.Namespace, config: Any, console: Console) -
             cluster.stop()
         else:
             ray.shutdown()
+
+
+def _print_placement(url: str, console: Console) -> None:
+    import httpx
+
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        experts = httpx.get(f"{url}/health", timeout=10).json().get("experts_per_node")
+        if experts:
+            held = ", ".join(f"{node}: {n}" for node, n in experts.items())
+            console.print(f"expert shards (experts held per node): {held}")
 
 
 def _dev_key(config: Any) -> str:

@@ -37,6 +37,7 @@ def build_engine(config: ServingConfig) -> Engine:
             config.scheduler.build(),
             config.kv_cache,
             config.topology,
+            embedded=config.embedded,
         )
     if config.engine == "remote":
         from .remote_engine import RemoteOpenAIEngine

@@ -74,6 +74,9 @@ class ServingConfig(_Spec):
     """The name clients put in `model`."""
     topology: str | None = None
     """Topology YAML: run the experts on the expert-parallel cluster (engine expertmesh)."""
+    embedded: bool = False
+    """The Ray cluster is the embedded one `expertmesh up` started: emulate the topology's node
+    speeds and links (set by `expertmesh up`; leave False on a real cluster)."""
     kv_cache: Literal["full", "int8", "latent", "latent-int8"] | None = None
     scheduler: SchedulerSpec = SchedulerSpec()
     remote: RemoteSpec | None = None

@@ -57,6 +57,7 @@ class ExpertMeshEngine:
         kv_mode: str | None = None,
         topology: str | Path | None = None,
         dtype: str = "float32",
+        embedded: bool = False,
     ) -> ExpertMeshEngine:
         """Load a checkpoint in this process, or (with `topology`) place its experts on an
         expert-parallel cluster: a running Ray cluster with the topology's node resources, or
@@ -69,8 +70,9 @@ class ExpertMeshEngine:
         from expertmesh.cluster.runtime import ExpertParallelModel
         from expertmesh.cluster.topology import load_topology
 
+        local = not ray.is_initialized()
         ep = ExpertParallelModel.launch(
-            checkpoint, load_topology(topology), dtype=dtype, local=not ray.is_initialized()
+            checkpoint, load_topology(topology), dtype=dtype, local=local, emulate=local or embedded
         )
         return cls(name, ep.model, tokenizer, scheduler, kv_mode, owner=ep)
 
@@ -147,7 +149,11 @@ class ExpertMeshEngine:
                 waiting,
                 age,
             )
-        return EngineHealth(True, "ok", running, waiting, age, self.batcher.describe())
+        extra = self.batcher.describe()
+        placement = getattr(self.owner, "placement", None)
+        if placement is not None:
+            extra["experts_per_node"] = {n: len(placement.experts_on(n)) for n in placement.nodes}
+        return EngineHealth(True, "ok", running, waiting, age, extra)
 
     async def shutdown(self) -> None:
         self.batcher.stop()

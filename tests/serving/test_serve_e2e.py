@@ -215,3 +215,27 @@ def test_up_refuses_a_bad_config_naming_the_field(tmp_path):
     assert r.returncode == 2
     assert "scheduler.num_slots" in r.stderr
     assert not (Path(tmp_path) / "up.json").exists()
+
+
+def test_up_on_the_mixed_topology_serves_one_request_and_exits(tmp_path):
+    """The README's main job: experts on a 3-node embedded cluster, one request, then down."""
+    env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
+    topology = Path(__file__).resolve().parents[2] / "examples" / "topologies" / "mixed.yaml"
+    r = cli(
+        "up",
+        "--port",
+        str(free_port()),
+        "--topology",
+        str(topology),
+        "--request",
+        "ROMEO:",
+        "--max-tokens",
+        "8",
+        "--exit-after-request",
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.startswith("ROMEO:")
+    assert "8 completion tokens" in r.stdout
+    assert "gpu-0" in r.stderr and "cpu-slow" in r.stderr  # experts held per node
+    assert not (tmp_path / "up.json").exists()
