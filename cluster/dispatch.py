@@ -71,7 +71,16 @@ class RoutingTable:
 class ShardPool(Protocol):
     """The shards a dispatcher talks to (Ray actors, or in-process objects in tests)."""
 
-    def submit(self, node: str, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> Any: ...
+    def submit(
+        self,
+        node: str,
+        layer: int,
+        x: np.ndarray,
+        expert_ids: np.ndarray,
+        trace: dict[str, str] | None = None,
+    ) -> Any:
+        """Start the call; `trace` is the W3C trace context the shard's span continues."""
+        ...
 
     def result(self, handle: Any) -> ShardReply:
         """The reply, or ShardLost(node) when the shard died."""
@@ -89,14 +98,21 @@ class InProcessShardPool:
         self.shards = dict(shards)
         self.dead: set[str] = set()
 
-    def submit(self, node: str, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> Any:
-        return (node, layer, x, expert_ids)
+    def submit(
+        self,
+        node: str,
+        layer: int,
+        x: np.ndarray,
+        expert_ids: np.ndarray,
+        trace: dict[str, str] | None = None,
+    ) -> Any:
+        return (node, layer, x, expert_ids, trace)
 
     def result(self, handle: Any) -> ShardReply:
-        node, layer, x, ids = handle
+        node, layer, x, ids, trace = handle
         if node in self.dead:
             raise ShardLost(node, "marked dead")
-        return self.shards[node].compute(layer, x, ids)
+        return self.shards[node].compute(layer, x, ids, trace)
 
     def recover(self, node: str, experts: dict[int, list[int]], timeout_s: float) -> None:
         self.dead.discard(node)
@@ -134,6 +150,8 @@ class DispatchStats:
     failovers: int = 0
     recoveries: int = 0
     bytes_sent: int = 0
+    bytes_by_node: dict[str, int] = field(default_factory=dict)
+    """Bytes sent to and received from each node (rows out and back)."""
 
     def record_tokens(self, layer: int, counts: np.ndarray) -> None:
         if layer in self.tokens:
@@ -151,7 +169,9 @@ class Dispatcher:
         pool: ShardPool,
         num_experts: int,
         recovery_timeout_s: float = 30.0,
+        tracer: Any = None,
     ) -> None:
+        self.tracer = tracer
         self.table = table
         self.pool = pool
         self.num_experts = num_experts
@@ -169,6 +189,26 @@ class Dispatcher:
         self, layer: int, xs: np.ndarray, experts: np.ndarray, counts: Sequence[int]
     ) -> np.ndarray:
         """Rows `xs` sorted by expert (`experts[i]` is row i's expert) -> unweighted outputs."""
+        if self.tracer is None:
+            return self._run(layer, xs, experts, counts, None)
+        from opentelemetry import propagate
+
+        with self.tracer.start_as_current_span(
+            "expertmesh.dispatch",
+            attributes={"expertmesh.layer": layer, "expertmesh.rows": len(xs)},
+        ):
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)  # each shard's span continues this trace
+            return self._run(layer, xs, experts, counts, carrier)
+
+    def _run(
+        self,
+        layer: int,
+        xs: np.ndarray,
+        experts: np.ndarray,
+        counts: Sequence[int],
+        trace: dict[str, str] | None,
+    ) -> np.ndarray:
         with self._lock:
             t0 = time.perf_counter()
             out = np.empty((xs.shape[0], xs.shape[1]), dtype=np.float32)
@@ -177,7 +217,7 @@ class Dispatcher:
             while pending:
                 attempts += 1
                 handles = {
-                    node: self.pool.submit(node, layer, xs[rows], experts[rows])
+                    node: self.pool.submit(node, layer, xs[rows], experts[rows], trace)
                     for node, rows in pending.items()
                 }
                 failed: dict[str, np.ndarray] = {}
@@ -196,7 +236,9 @@ class Dispatcher:
                     st.compute_s += reply.compute_s
                     st.emulated_compute_s += reply.emulated_compute_s
                     st.emulated_link_s += reply.emulated_link_s
-                    st.bytes_sent += 2 * len(rows) * xs.shape[1] * xs.itemsize  # rows out and back
+                    nbytes = 2 * len(rows) * xs.shape[1] * xs.itemsize  # rows out and back
+                    st.bytes_sent += nbytes
+                    st.bytes_by_node[node] = st.bytes_by_node.get(node, 0) + nbytes
                     work = reply.compute_s + reply.emulated_compute_s
                     if work + reply.emulated_link_s > slowest[0]:
                         slowest = (work + reply.emulated_link_s, work, reply.emulated_link_s)

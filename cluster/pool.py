@@ -27,6 +27,7 @@ class RayShardPool:
         dtype: str = "float32",
         emulation: Mapping[str, NodeEmulation] | None = None,
         namespace_prefix: str = "expertmesh-shard",
+        telemetry: Mapping[str, Any] | None = None,
     ) -> None:
         import ray
 
@@ -45,12 +46,15 @@ class RayShardPool:
                 {int(k): list(v) for k, v in experts.items()},
                 dtype,
                 emulation.get(node),
+                telemetry=dict(telemetry) if telemetry else None,
             )
         # Fail fast: every shard must have loaded its experts before serving starts.
         ray.get([h.ping.remote() for h in self.handles.values()])
 
-    def submit(self, node: str, layer: int, x: Any, expert_ids: Any) -> Any:
-        return (node, self.handles[node].compute.remote(layer, x, expert_ids))
+    def submit(
+        self, node: str, layer: int, x: Any, expert_ids: Any, trace: dict[str, str] | None = None
+    ) -> Any:
+        return (node, self.handles[node].compute.remote(layer, x, expert_ids, trace))
 
     def result(self, handle: Any) -> ShardReply:
         node, ref = handle

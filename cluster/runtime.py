@@ -97,9 +97,12 @@ class ExpertParallelModel:
         dtype: str = "float32",
         placement: Any = None,
         cluster: Any = None,
+        tracer: Any = None,
     ) -> ExpertParallelModel:
         model = attention_model(checkpoint, dtype)
-        dispatcher = Dispatcher(RoutingTable(routes), pool, model.config.moe.num_experts)
+        dispatcher = Dispatcher(
+            RoutingTable(routes), pool, model.config.moe.num_experts, tracer=tracer
+        )
         attach_dispatcher(model, dispatcher)
         return cls(model, dispatcher, pool, placement, cluster)
 
@@ -113,6 +116,8 @@ class ExpertParallelModel:
         local: bool = True,
         emulate: bool | None = None,
         min_replicas: int = 1,
+        tracer: Any = None,
+        telemetry_config: Mapping[str, Any] | None = None,
     ) -> ExpertParallelModel:
         """Start (`local`) or join the cluster, plan, start shards, and return the model.
 
@@ -144,13 +149,17 @@ class ExpertParallelModel:
         assignment = RoutingTable(routes).node_experts()
         try:
             pool = RayShardPool(
-                str(checkpoint), assignment, dtype, emulation_for(topology) if emulate else None
+                str(checkpoint),
+                assignment,
+                dtype,
+                emulation_for(topology) if emulate else None,
+                telemetry=telemetry_config,
             )
         except Exception:
             if cluster is not None:
                 cluster.stop()
             raise
-        ep = cls.from_routes(checkpoint, routes, pool, dtype, placement, cluster)
+        ep = cls.from_routes(checkpoint, routes, pool, dtype, placement, cluster, tracer)
         ep.plan_options = options
         return ep
 

@@ -81,8 +81,18 @@ class ExpertShard:
         dtype: str = "float32",
         emulation: NodeEmulation | None = None,
         torch_threads: int = SHARD_THREADS,
+        telemetry: Mapping[str, Any] | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
+        self.tracer: Any = None
+        self._telemetry: Any = None
+        if telemetry and telemetry.get("exporter", "none") != "none":
+            # Spans only: metrics are the attention worker's (it sees every dispatch).
+            from expertmesh.observability import TelemetryConfig, configure_telemetry
+
+            spans_only = {k: v for k, v in telemetry.items() if not k.startswith("metrics")}
+            self._telemetry = configure_telemetry(TelemetryConfig(**spans_only))
+            self.tracer = self._telemetry.tracer
         self.node = node
         self.checkpoint = checkpoint
         self.dtype = resolve_dtype(dtype)
@@ -154,8 +164,31 @@ class ExpertShard:
 
     # --------------------------------------------------------------- work
 
-    def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> ShardReply:
-        """Rows `x` (n, hidden) through experts `expert_ids` (n,), outputs in the same order."""
+    def compute(
+        self,
+        layer: int,
+        x: np.ndarray,
+        expert_ids: np.ndarray,
+        trace: Mapping[str, str] | None = None,
+    ) -> ShardReply:
+        """Rows `x` (n, hidden) through experts `expert_ids` (n,), outputs in the same order.
+        `trace`: the dispatcher's W3C trace context; the shard's span continues that trace."""
+        if self.tracer is None or not trace:
+            return self._compute(layer, x, expert_ids)
+        from opentelemetry import propagate
+
+        with self.tracer.start_as_current_span(
+            "expertmesh.shard.compute",
+            context=propagate.extract(dict(trace)),
+            attributes={
+                "expertmesh.node": self.node,
+                "expertmesh.layer": layer,
+                "expertmesh.rows": len(expert_ids),
+            },
+        ):
+            return self._compute(layer, x, expert_ids)
+
+    def _compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> ShardReply:
         t0 = time.perf_counter()
         ids = torch.from_numpy(np.ascontiguousarray(expert_ids, dtype=np.int64))
         xs = torch.from_numpy(np.array(x, copy=True)).to(self.dtype)
@@ -192,6 +225,11 @@ class ExpertShard:
             started_at=self.started_at,
             last_call_at=self.last_call_at,
         )
+
+    def flush_telemetry(self) -> None:
+        """Export the spans this shard still buffers (before a planned stop, and in tests)."""
+        if self._telemetry is not None:
+            self._telemetry.force_flush()
 
     def ping(self) -> str:
         return self.node

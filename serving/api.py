@@ -183,6 +183,51 @@ def make_api(
         body: ChatCompletionRequest | CompletionRequest,
         rid: str,
     ) -> Response:
+        """`_run` inside the request's root span (one trace per request, continuing the
+        caller's `traceparent` if it sent one)."""
+        if tracer is None:
+            return await _run(request, kind, body, rid, None)
+        from opentelemetry import context as otel_context
+        from opentelemetry import propagate, trace
+
+        operation = "chat" if kind == "chat" else "text_completion"
+        span = tracer.start_span(
+            f"{operation} {body.model}",
+            context=propagate.extract(dict(request.headers)),
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "gen_ai.operation.name": operation,
+                "gen_ai.request.model": body.model,
+                "gen_ai.request.temperature": body.temperature,
+                "gen_ai.request.top_p": body.top_p,
+                "gen_ai.request.max_tokens": body.output_limit() or settings.default_max_tokens,
+                "gen_ai.response.id": rid,
+                "expertmesh.request_id": rid,
+                "expertmesh.stream": body.stream,
+            },
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            response = await _run(request, kind, body, rid, span)
+        except BaseException as e:
+            span.record_exception(e)
+            span.end()
+            raise
+        finally:
+            otel_context.detach(token)
+        if span.is_recording():
+            response.headers["x-trace-id"] = format(span.get_span_context().trace_id, "032x")
+        if not isinstance(response, StreamingResponse):
+            span.end()  # a stream ends its span when it closes
+        return response
+
+    async def _run(
+        request: Request,
+        kind: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        rid: str,
+        span: Any,
+    ) -> Response:
         arrived = time.monotonic()
         headers = {"x-request-id": rid}
         decision: GateDecision | None = None
@@ -217,6 +262,7 @@ def make_api(
             metrics.requests.add(1, {"route": kind, "status": e.status})
             if decision is not None and decision.release is not None:
                 decision.release()
+            _span_error(span, e)
             return _with(_error(e, rid), headers)
         except StopAsyncIteration:
             first = EngineOutput("", "stop", 0, 0)
@@ -227,7 +273,17 @@ def make_api(
         assert decision is not None
         settle, release = decision.settle, decision.release
 
+        if span is not None and span.is_recording():
+            span.set_attribute("gen_ai.response.model", model)
+            for k, v in decision.headers.items():
+                if k.startswith("x-expertmesh-"):
+                    span.set_attribute("expertmesh.selector." + k[len("x-expertmesh-") :], v)
+
         async def finish(out: EngineOutput, started: float) -> None:
+            if span is not None and span.is_recording():
+                span.set_attribute("gen_ai.usage.input_tokens", out.prompt_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", out.completion_tokens)
+                span.set_attribute("gen_ai.response.finish_reasons", [_reason(out)])
             metrics.requests.add(1, {"route": kind, "status": 200})
             metrics.tokens.add(out.prompt_tokens, {"gen_ai.token.type": "input"})
             metrics.tokens.add(out.completion_tokens, {"gen_ai.token.type": "output"})
@@ -249,6 +305,7 @@ def make_api(
             except EngineError as e:
                 if release is not None:
                     release()
+                _span_error(span, e)
                 return _with(_error(e, rid), headers)
             await finish(last, arrived)
             usage = _usage(last)
@@ -282,21 +339,25 @@ def make_api(
                     if out.finish_reason is not None:
                         break
                     out = await anext(stream)
+                await finish(out, started)
+                if include_usage:
+                    chunk = chat_chunk if kind == "chat" else completion_chunk
+                    yield _sse(chunk(rid, model, created, None, None, _usage(out)))
+                yield b"data: [DONE]\n\n"
             except EngineError as e:
                 if release is not None:
                     release()
+                _span_error(span, e)
                 yield _sse(error_body(str(e), e.type, e.param))
                 yield b"data: [DONE]\n\n"
-                return
-            finally:
-                close = getattr(stream, "aclose", None)  # client gone or done: frees the slot
+            finally:  # done, failed, or the client went away (GeneratorExit at a yield)
+                close = getattr(stream, "aclose", None)  # frees the batch slot
                 if close is not None:
                     await close()
-            await finish(out, started)
-            if include_usage:
-                chunk = chat_chunk if kind == "chat" else completion_chunk
-                yield _sse(chunk(rid, model, created, None, None, _usage(out)))
-            yield b"data: [DONE]\n\n"
+                if span is not None:
+                    if out.finish_reason is None:
+                        span.set_attribute("expertmesh.ended_by", "client_disconnected")
+                    span.end()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
@@ -356,6 +417,16 @@ def make_api(
         return Response(generate_latest(prometheus_registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _span_error(span: Any, error: EngineError) -> None:
+    if span is None or not span.is_recording():
+        return
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute("error.type", type(error).__name__)
+    span.set_attribute("http.response.status_code", error.status)
+    span.set_status(Status(StatusCode.ERROR, str(error)))
 
 
 async def _empty() -> AsyncIterator[EngineOutput]:

@@ -24,7 +24,7 @@ from .config import ServingConfig, parse_serving_config
 from .engine import Engine, EngineDead
 
 
-def build_engine(config: ServingConfig) -> Engine:
+def build_engine(config: ServingConfig, telemetry: Any = None) -> Engine:
     """The engine a config names (imports only that engine's dependencies)."""
     from expertmesh.paths import resolve_model
 
@@ -38,6 +38,8 @@ def build_engine(config: ServingConfig) -> Engine:
             config.kv_cache,
             config.topology,
             embedded=config.embedded,
+            telemetry=telemetry,
+            telemetry_config=config.telemetry,
         )
     if config.engine == "remote":
         from .remote_engine import RemoteOpenAIEngine
@@ -69,7 +71,7 @@ class ApiServer:
 
         self.config = parse_serving_config(config)
         self.telemetry = configure_telemetry(TelemetryConfig(**self.config.telemetry))
-        self.engine = build_engine(self.config)
+        self.engine = build_engine(self.config, self.telemetry)
         self.gate = build_gate(self.config, self.engine)
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -40,11 +40,18 @@ class ExpertMeshEngine:
         scheduler: SchedulerConfig | None = None,
         kv_mode: str | None = None,
         owner: Any = None,
+        tracer: Any = None,
+        meter: Any = None,
     ) -> None:
         self.name = name
         self.tokenizer = tokenizer
-        self.batcher = ContinuousBatcher(model, tokenizer, scheduler, kv_mode)  # type: ignore[arg-type]
+        self.batcher = ContinuousBatcher(model, tokenizer, scheduler, kv_mode, tracer)  # type: ignore[arg-type]
         self.owner = owner
+        if meter is not None:
+            from .engine_metrics import EngineMetrics
+
+            dispatcher = getattr(owner, "dispatcher", None)
+            self.batcher.observer = EngineMetrics(meter, self.batcher, dispatcher)
         self._counter = 0
         self.batcher.start()
 
@@ -58,13 +65,18 @@ class ExpertMeshEngine:
         topology: str | Path | None = None,
         dtype: str = "float32",
         embedded: bool = False,
+        telemetry: Any = None,
+        telemetry_config: dict[str, Any] | None = None,
     ) -> ExpertMeshEngine:
         """Load a checkpoint in this process, or (with `topology`) place its experts on an
         expert-parallel cluster: a running Ray cluster with the topology's node resources, or
         the embedded one when this process is not connected to Ray."""
         tokenizer = Tokenizer.from_dir(checkpoint)
+        tracer = telemetry.tracer if telemetry is not None else None
+        meter = telemetry.meter if telemetry is not None else None
         if topology is None:
-            return cls(name, load_model(checkpoint, dtype), tokenizer, scheduler, kv_mode)
+            model = load_model(checkpoint, dtype)
+            return cls(name, model, tokenizer, scheduler, kv_mode, None, tracer, meter)
         import ray
 
         from expertmesh.cluster.runtime import ExpertParallelModel
@@ -72,9 +84,15 @@ class ExpertMeshEngine:
 
         local = not ray.is_initialized()
         ep = ExpertParallelModel.launch(
-            checkpoint, load_topology(topology), dtype=dtype, local=local, emulate=local or embedded
+            checkpoint,
+            load_topology(topology),
+            dtype=dtype,
+            local=local,
+            emulate=local or embedded,
+            tracer=tracer,
+            telemetry_config=telemetry_config,
         )
-        return cls(name, ep.model, tokenizer, scheduler, kv_mode, owner=ep)
+        return cls(name, ep.model, tokenizer, scheduler, kv_mode, ep, tracer, meter)
 
     def models(self) -> Sequence[ModelCard]:
         return [ModelCard(self.name, self.batcher.context_window)]
@@ -107,7 +125,16 @@ class ExpertMeshEngine:
         def sink(event: SchedulerEvent) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        self.batcher.submit(request.request_id, ids, request.params, sink, request.deadline_s)
+        from opentelemetry import context as otel_context
+
+        self.batcher.submit(
+            request.request_id,
+            ids,
+            request.params,
+            sink,
+            request.deadline_s,
+            parent=otel_context.get_current(),
+        )
         finished = False
         try:
             while True:

@@ -89,6 +89,8 @@ class _Request:
     slot: int = -1
     prefilled: int = 0
     cancelled: bool = False
+    span: Any = None
+    """The request's `expertmesh.engine.request` span (None when tracing is off)."""
 
     @property
     def reserve(self) -> int:
@@ -120,8 +122,12 @@ class ContinuousBatcher:
         tokenizer: Tokenizer | None,
         config: SchedulerConfig | None = None,
         kv_mode: KVMode | None = None,
+        tracer: Any = None,
     ) -> None:
         self.model = model
+        self.tracer = tracer
+        self.observer: Any = None
+        """EngineMetrics (or anything with `stats`, `after_step`, `forget`), set by the owner."""
         self.tokenizer = tokenizer
         self.config = config or SchedulerConfig()
         self.max_len = min(
@@ -165,12 +171,24 @@ class ContinuousBatcher:
         params: SamplingParams,
         sink: Sink,
         deadline: float | None = None,
+        parent: Any = None,
     ) -> None:
-        """Queue a request; raises ContextTooLong or Overloaded (nothing is queued then)."""
+        """Queue a request; raises ContextTooLong or Overloaded (nothing is queued then).
+        `parent`: the OpenTelemetry context the request's span is a child of."""
         ids = list(prompt_ids)
         self.check_fits(len(ids), params.max_tokens)
         state = RequestState(0, ids, params, self.tokenizer)
         req = _Request(request_id, ids, params, sink, deadline, state)
+        if self.tracer is not None:
+            req.span = self.tracer.start_span(
+                "expertmesh.engine.request",
+                context=parent,
+                attributes={
+                    "expertmesh.request_id": request_id,
+                    "gen_ai.usage.input_tokens": len(ids),
+                    "gen_ai.request.max_tokens": params.max_tokens,
+                },
+            )
         with self._lock:
             if len(self._waiting) >= self.config.max_waiting:
                 self.stats.rejected += 1
@@ -252,10 +270,35 @@ class ContinuousBatcher:
             self.step_hook()
         self._retire()
         self._admit()
-        did = self._prefill() | self._decode()
+        if self.tracer is None or not self._running:
+            self._work()
+            return
+        from opentelemetry.trace import Link, set_span_in_context
+
+        # A step serves many requests: it belongs to the oldest one's trace (so a request's
+        # trace reads end to end when it runs alone) and links every other one.
+        traced = [r for r in self._running if r.span is not None]
+        parent = set_span_in_context(traced[0].span) if traced else None
+        links = [Link(r.span.get_span_context()) for r in traced[1:]]
+        with self.tracer.start_as_current_span(
+            "expertmesh.engine.step", context=parent, links=links
+        ) as span:
+            prefill, decode = self._work()
+            if span.is_recording():
+                span.set_attribute("expertmesh.batch_size", len(self._running))
+                span.set_attribute("expertmesh.prefill", prefill)
+                span.set_attribute("expertmesh.decode", decode)
+
+    def _work(self) -> tuple[bool, bool]:
+        stats = self.observer.stats if self.observer is not None else None
+        prefill = self._prefill(stats)
+        decoded = self._decode(stats)
         self.stats.steps += 1
-        if did:
+        if prefill or decoded:
             self.last_progress = time.monotonic()
+        if self.observer is not None:
+            self.observer.after_step(decoded, prefill, bool(decoded))
+        return prefill, bool(decoded)
 
     def _retire(self) -> None:
         now = time.monotonic()
@@ -286,7 +329,7 @@ class ContinuousBatcher:
                 self._running.append(req)
                 self.stats.admitted += 1
 
-    def _prefill(self) -> bool:
+    def _prefill(self, stats: Any) -> bool:
         todo = [r for r in self._running if not r.decoding]
         if not todo:
             return False
@@ -296,7 +339,7 @@ class ContinuousBatcher:
         group = [r for r in todo if min(chunk, len(r.prompt_ids) - r.prefilled) == n]
         ids = torch.tensor([r.prompt_ids[r.prefilled : r.prefilled + n] for r in group])
         rows = torch.tensor([r.slot for r in group])
-        logits = self.model(ids, self.cache, rows, "last")[:, -1]
+        logits = self.model(ids, self.cache, rows, "last", stats)[:, -1]
         self.stats.prefill_tokens += n * len(group)
         done = []
         for i, r in enumerate(group):
@@ -307,18 +350,19 @@ class ContinuousBatcher:
             self._emit([r for r, _ in done], torch.stack([lg for _, lg in done]))
         return True
 
-    def _decode(self) -> bool:
+    def _decode(self, stats: Any) -> list[str]:
+        """One decode step; the request ids of the batch in row order (empty: nothing ran)."""
         # Requests whose prefill finished this step sampled their first token already.
         active = [r for r in self._running if r.decoding and r.state.completion.token_ids]
         active = [r for r in active if not r.state.done]
         if not active:
-            return False
+            return []
         ids = torch.tensor([[r.state.completion.token_ids[-1]] for r in active])
         rows = torch.tensor([r.slot for r in active])
-        logits = self.model(ids, self.cache, rows, "last")[:, -1]
+        logits = self.model(ids, self.cache, rows, "last", stats)[:, -1]
         self.stats.decode_tokens += len(active)
         self._emit(active, logits)
-        return True
+        return [r.request_id for r in active]
 
     def _emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         tokens = sample(logits, [r.state for r in reqs])
@@ -332,12 +376,16 @@ class ContinuousBatcher:
 
     def _send(self, r: _Request, event: StreamEvent) -> None:
         c = r.state.completion
+        if r.span is not None and len(c.token_ids) == 1 and event.finish_reason is None:
+            r.span.add_event("first_token")
         try:
             r.sink(SchedulerEvent(event, len(r.prompt_ids), len(c.token_ids), event.finish_reason))
         except Exception:  # a broken sink (client gone) must not kill the engine
             r.cancelled = True
 
     def _end(self, r: _Request, reason: str) -> None:
+        if r.span is not None:
+            r.span.set_attribute("expertmesh.ended_by", reason)
         self._release(r)
         if reason == "cancelled":
             self.stats.cancelled += 1
@@ -348,6 +396,14 @@ class ContinuousBatcher:
             r.sink(SchedulerEvent(None, len(r.prompt_ids), len(c.token_ids), reason))
 
     def _release(self, r: _Request) -> None:
+        if r.span is not None:
+            c = r.state.completion
+            r.span.set_attribute("gen_ai.usage.output_tokens", len(c.token_ids))
+            r.span.set_attribute("expertmesh.finish_reason", str(c.finish_reason))
+            r.span.end()
+            r.span = None
+        if self.observer is not None:
+            self.observer.forget(r.request_id)
         with self._lock:
             if r in self._running:
                 self._running.remove(r)
@@ -363,6 +419,9 @@ class ContinuousBatcher:
             self._waiting.clear()
             self._by_id.clear()
         for r in reqs:
+            if r.span is not None:
+                r.span.record_exception(error)
+                r.span.end()
             with contextlib.suppress(Exception):
                 r.sink(SchedulerEvent(None, len(r.prompt_ids), 0, None, error))
 

@@ -1,0 +1,162 @@
+"""What tokens-per-second hides, as OpenTelemetry metrics of one engine (exported for
+Prometheus on /metrics when telemetry.metrics_exporter is "prometheus"):
+
+| metric | kind | attributes | meaning |
+|---|---|---|---|
+| `expertmesh.expert.tokens` | counter | layer, expert | token-to-expert assignments |
+| `expertmesh.router.imbalance` | gauge | layer | max / mean tokens per expert since the last collection |
+| `expertmesh.router.entropy` | gauge | layer | entropy of the expert load, normalised to [0, 1] (1 = uniform) |
+| `expertmesh.router.flip_rate` | gauge | layer | share of decode tokens whose top-1 expert differs from the same request's previous step |
+| `expertmesh.kv_cache.bytes_in_use` | gauge | | KV bytes holding live tokens |
+| `expertmesh.kv_cache.compression_ratio` | gauge | mode | bytes per token of a full-precision cache / of the mode in use |
+| `expertmesh.engine.steps` | counter | kind | scheduler steps that ran prefill or decode |
+| `expertmesh.link.bytes` | counter | node | bytes sent to and from each expert node (expert-parallel) |
+| `expertmesh.actor.restarts` | counter | node | expert shards restarted and reloaded |
+
+Gauges are computed when the reader collects (a Prometheus scrape), over the window since
+the previous collection.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import torch
+
+from expertmesh.models.kv_cache import kv_bytes_per_token
+from expertmesh.models.router_stats import RouterStats
+
+
+class EngineMetrics:
+    """Observes each scheduler step (router choices, KV use) and exposes the metrics above."""
+
+    def __init__(self, meter: Any, batcher: Any, dispatcher: Any = None) -> None:
+        from opentelemetry.metrics import CallbackOptions, Observation
+
+        self.batcher = batcher
+        self.dispatcher = dispatcher
+        config = batcher.model.config
+        self.stats = RouterStats(config, keep_last=True)
+        self._lock = threading.Lock()
+        self._window = torch.zeros_like(self.stats.tokens)
+        self._flips = dict.fromkeys(config.moe_layer_ids, 0)
+        self._flip_total = dict.fromkeys(config.moe_layer_ids, 0)
+        self._prev_top1: dict[str, dict[int, int]] = {}
+        self._link_seen: dict[str, int] = {}
+        self._restarts_seen = 0
+        self.expert_tokens = meter.create_counter(
+            "expertmesh.expert.tokens", unit="{token}", description="Token-to-expert assignments"
+        )
+        self.steps = meter.create_counter("expertmesh.engine.steps", unit="{step}")
+        self.link_bytes = meter.create_counter("expertmesh.link.bytes", unit="By")
+        self.restarts = meter.create_counter("expertmesh.actor.restarts", unit="{restart}")
+        full = kv_bytes_per_token(config, "full", 4)
+        used = kv_bytes_per_token(config, batcher.cache.mode, 4)
+        self.compression = full / max(used, 1)
+
+        def router(_: CallbackOptions) -> Any:
+            imbalance, entropy, flips = self._collect()
+            out = []
+            for layer in config.moe_layer_ids:
+                out.append(("imbalance", Observation(imbalance[layer], {"layer": layer})))
+                out.append(("entropy", Observation(entropy[layer], {"layer": layer})))
+                out.append(("flip", Observation(flips[layer], {"layer": layer})))
+            return out
+
+        cache: dict[str, Any] = {}
+
+        def pick(kind: str) -> Any:
+            def callback(options: CallbackOptions) -> Any:
+                if kind == "imbalance" or "rows" not in cache:
+                    cache["rows"] = router(options)
+                return [obs for k, obs in cache["rows"] if k == kind]
+
+            return callback
+
+        meter.create_observable_gauge("expertmesh.router.imbalance", callbacks=[pick("imbalance")])
+        meter.create_observable_gauge("expertmesh.router.entropy", callbacks=[pick("entropy")])
+        meter.create_observable_gauge("expertmesh.router.flip_rate", callbacks=[pick("flip")])
+        meter.create_observable_gauge(
+            "expertmesh.kv_cache.bytes_in_use",
+            unit="By",
+            callbacks=[lambda _: [Observation(batcher.kv_bytes_in_use())]],
+        )
+        meter.create_observable_gauge(
+            "expertmesh.kv_cache.compression_ratio",
+            callbacks=[lambda _: [Observation(self.compression, {"mode": batcher.cache.mode})]],
+        )
+
+    # ----------------------------------------------------------------- engine thread
+
+    def after_step(self, decode_request_ids: list[str], prefill: bool, decode: bool) -> None:
+        """Called by the scheduler after each step with the ids of the decode batch, in row
+        order (router_stats.last holds that batch's choices)."""
+        if prefill:
+            self.steps.add(1, {"kind": "prefill"})
+        if decode:
+            self.steps.add(1, {"kind": "decode"})
+        tokens = self.stats.tokens
+        with self._lock:
+            nonzero = torch.nonzero(tokens)
+            for layer, expert in nonzero.tolist():
+                self.expert_tokens.add(
+                    int(tokens[layer, expert]), {"layer": layer, "expert": expert}
+                )
+            self._window += tokens
+            if decode:
+                for layer, (ids, _) in self.stats.last.items():
+                    if ids.shape[0] != len(decode_request_ids):
+                        continue
+                    top1 = ids[:, 0].tolist()
+                    for rid, e in zip(decode_request_ids, top1):
+                        prev = self._prev_top1.setdefault(rid, {})
+                        if layer in prev:
+                            self._flip_total[layer] += 1
+                            self._flips[layer] += int(prev[layer] != e)
+                        prev[layer] = e
+        self.stats.reset()
+        self._link_and_restarts()
+
+    def forget(self, request_id: str) -> None:
+        self._prev_top1.pop(request_id, None)
+
+    def _link_and_restarts(self) -> None:
+        d = self.dispatcher
+        if d is None:
+            return
+        for node, sent in d.stats.bytes_by_node.items():
+            delta = sent - self._link_seen.get(node, 0)
+            if delta:
+                self.link_bytes.add(delta, {"node": node})
+                self._link_seen[node] = sent
+        if d.stats.recoveries > self._restarts_seen:
+            self.restarts.add(d.stats.recoveries - self._restarts_seen)
+            self._restarts_seen = d.stats.recoveries
+
+    # ----------------------------------------------------------------- collection
+
+    def _collect(self) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
+        with self._lock:
+            window = self._window.clone()
+            self._window.zero_()
+            flips = {
+                k: (self._flips[k] / self._flip_total[k]) if self._flip_total[k] else 0.0
+                for k in self._flips
+            }
+            self._flips = dict.fromkeys(self._flips, 0)
+            self._flip_total = dict.fromkeys(self._flip_total, 0)
+        imbalance, entropy = {}, {}
+        E = window.shape[1]
+        for layer in flips:
+            t = window[layer].double()
+            total = float(t.sum())
+            if total <= 0:
+                imbalance[layer], entropy[layer] = 1.0, 1.0
+                continue
+            imbalance[layer] = float(t.max() / t.mean())
+            p = t / total
+            h = -float((p[p > 0] * p[p > 0].log()).sum())
+            entropy[layer] = h / math.log(E) if E > 1 else 1.0
+        return imbalance, entropy, flips
