@@ -178,12 +178,26 @@ class Dispatcher:
         self.recovery_timeout_s = recovery_timeout_s
         self.stats = DispatchStats()
         self.dead: set[str] = set()
-        self._lock = threading.Lock()  # guards table swaps against an in-flight step
+        self._lock = threading.Lock()  # one layer call at a time; tables swap between calls
+        self._pending: RoutingTable | None = None
+        self.on_failure: Any = None
+        """Called as on_failure(node, reason) when a shard call fails (the supervisor listens)."""
 
     def swap_table(self, table: RoutingTable) -> None:
+        """Make `table` current between two layer calls. A call that is waiting for a lost
+        shard adopts it at once (the supervisor re-placed that shard's experts), so this
+        returns when the new table is in use."""
+        self._pending = table
         with self._lock:
-            self.table = table
-            self.dead &= set(table.nodes)
+            self._adopt()
+
+    def _adopt(self) -> bool:
+        table, self._pending = self._pending, None
+        if table is None:
+            return False
+        self.table = table
+        self.dead &= set(table.nodes)
+        return True
 
     def run(
         self, layer: int, xs: np.ndarray, experts: np.ndarray, counts: Sequence[int]
@@ -210,6 +224,7 @@ class Dispatcher:
         trace: dict[str, str] | None,
     ) -> np.ndarray:
         with self._lock:
+            self._adopt()
             t0 = time.perf_counter()
             out = np.empty((xs.shape[0], xs.shape[1]), dtype=np.float32)
             pending = self._split(layer, counts)  # node -> row indices
@@ -226,9 +241,11 @@ class Dispatcher:
                     rows = pending[node]
                     try:
                         reply = self.pool.result(handle)
-                    except ShardLost:
+                    except ShardLost as e:
                         self.dead.add(node)
                         failed[node] = rows
+                        if self.on_failure is not None:
+                            self.on_failure(node, str(e))
                         continue
                     out[rows] = reply.outputs
                     st = self.stats
@@ -244,6 +261,8 @@ class Dispatcher:
                         slowest = (work + reply.emulated_link_s, work, reply.emulated_link_s)
                 self.stats.slowest_compute_s += slowest[1]
                 self.stats.slowest_link_s += slowest[2]
+                if failed and attempts > 8:
+                    raise ShardLost(next(iter(failed)), "shards keep failing on retry")
                 pending = self._reassign(layer, failed, experts, attempts)
             self.stats.wall_s += time.perf_counter() - t0
             self.stats.steps += 1
@@ -283,22 +302,41 @@ class Dispatcher:
             for row in rows:
                 e = int(experts[row])
                 live = [n for n, _ in self.table.replicas(layer, e) if n not in self.dead]
-                if live:
-                    self.stats.failovers += 1
-                    target = live[row % len(live)]
+                if not live:
+                    self._recover(node, layer, e)
+                    live = [n for n, _ in self.table.replicas(layer, e) if n not in self.dead]
                 else:
-                    target = self._recover(node, attempts)
-                out.setdefault(target, []).append(np.array([row]))
+                    self.stats.failovers += 1
+                out.setdefault(live[row % len(live)], []).append(np.array([row]))
         return {node: np.concatenate(parts) for node, parts in out.items()}
 
-    def _recover(self, node: str, attempts: int) -> str:
-        if attempts > 3:
-            raise ShardLost(node, "no live replica and recovery did not bring it back")
-        experts = self.table.node_experts().get(node, {})
-        self.pool.recover(node, experts, self.recovery_timeout_s)
-        self.dead.discard(node)
-        self.stats.recoveries += 1
-        return node
+    def _recover(self, node: str, layer: int, expert: int) -> None:
+        """Wait until (layer, expert) has a live replica: the shard on `node` restarted and
+        reloaded, or a new table (the supervisor re-placed the experts of a lost node) gives
+        it one. ShardLost after `recovery_timeout_s`: the step fails, nothing is skipped."""
+        deadline = time.monotonic() + self.recovery_timeout_s
+        while True:
+            if self._adopt() and any(
+                n not in self.dead for n, _ in self.table.replicas(layer, expert)
+            ):
+                return
+            if node in self.table.nodes:
+                experts = self.table.node_experts().get(node, {})
+                try:
+                    self.pool.recover(node, experts, min(0.5, self.recovery_timeout_s))
+                except ShardLost:
+                    if time.monotonic() >= deadline:
+                        raise ShardLost(
+                            node,
+                            f"no live replica and not back after {self.recovery_timeout_s:.0f} s",
+                        ) from None
+                    continue
+                self.dead.discard(node)
+                self.stats.recoveries += 1
+                return
+            if time.monotonic() >= deadline:
+                raise ShardLost(node, "its experts were not re-placed in time")
+            time.sleep(0.02)
 
 
 class RemoteExpertBank(nn.Module):

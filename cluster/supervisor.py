@@ -1,0 +1,308 @@
+"""The supervisor: keeps the expert-parallel model serving through failures, without losing a
+request and without changing an output.
+
+A thread checks every `check_interval_s` (and at once when the dispatcher reports a failed
+call):
+
+- **shard heartbeats**: each shard answers a ping within `ping_timeout_s`. A shard that does
+  not is *lost*: the supervisor asks Ray's restarted actor to reload its experts (`recover`:
+  restart and reload). The dispatcher meanwhile sends the shard's tokens to other replicas,
+  or holds the step until the shard is back; it never skips an expert.
+- **node loss**: a shard that is not back `node_lost_after_s` after it died, or whose Ray node
+  is reported dead, had its node taken away. Its experts are re-placed on the surviving nodes
+  (`placement.plan_increment` without that node: the fewest bytes move), loaded there, and the
+  routing table swapped; a step waiting on the lost shard adopts the new table at once.
+- **drain** (`drain(node)`, planned): the same re-placement before the node goes, then the
+  shard is stopped; no request ever waits.
+- **load drift**: every `rebalance_every_s` the rebalancer checks the observed expert load
+  and moves experts when the predicted imbalance passes its threshold.
+- **engine stall**: an optional `engine_health()` callback (the serving scheduler's progress
+  heartbeat); a stall is reported (Ray Serve's health check replaces the replica).
+
+Every detection and action is a `FaultEvent` (for `expertmesh fmea`) and a span.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from expertmesh.observability.events import (
+    ENGINE_STALLED,
+    EXPERT_SHARD_LOST,
+    NODE_DRAINED,
+    NODE_LOST,
+    ROUTER_IMBALANCE,
+    FaultEvent,
+)
+
+from .dispatch import RoutingTable, ShardLost
+from .placement import PlacementOptions, plan_increment
+from .planning import expert_shape, node_capacities
+from .runtime import ExpertParallelModel, routes_from_placement
+from .topology import Topology
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    check_interval_s: float = 0.2
+    ping_timeout_s: float = 0.5
+    node_lost_after_s: float = 2.0
+    """A shard not back this long after it died: treat its node as lost and re-place."""
+    rebalance_every_s: float = 0.0
+    """0 disables periodic rebalancing."""
+
+
+@dataclass
+class _Shard:
+    failing_since: float | None = None
+    incident: int = 0
+
+
+@dataclass
+class SupervisorStats:
+    restarts: int = 0
+    nodes_replaced: int = 0
+    drains: int = 0
+    rebalances: int = 0
+    recovery_s: list[float] = field(default_factory=list)
+    """Seconds from detection to serving again, per recovered shard or node."""
+
+
+class Supervisor:
+    def __init__(
+        self,
+        ep: ExpertParallelModel,
+        topology: Topology,
+        config: SupervisorConfig | None = None,
+        events: Any = None,
+        tracer: Any = None,
+        rebalancer: Any = None,
+        engine_health: Callable[[], bool] | None = None,
+    ) -> None:
+        self.ep = ep
+        self.topology = topology
+        self.config = config or SupervisorConfig()
+        self.events = events
+        """Anything with `emit(FaultEvent)` (observability.events.EventLog), or None."""
+        self.tracer = tracer
+        self.rebalancer = rebalancer
+        self.engine_health = engine_health
+        self.stats = SupervisorStats()
+        self.shape = expert_shape(ep.config)
+        self.removed: set[str] = set()
+        self._shards: dict[str, _Shard] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one repair at a time
+        self._last_rebalance = time.monotonic()
+        self._stalled = False
+        ep.dispatcher.on_failure = self._on_dispatch_failure
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> Supervisor:
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._loop, name="expertmesh-supervisor", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def _on_dispatch_failure(self, node: str, reason: str) -> None:
+        self._wake.set()  # check now, not at the next tick
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.config.check_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.check()
+            except Exception as e:  # the supervisor must outlive what it supervises
+                self._emit("detected", EXPERT_SHARD_LOST, "supervisor", f"check failed: {e!r}")
+
+    # ----------------------------------------------------------------- checks
+
+    def check(self) -> None:
+        """One round of every check (public: tests and the chaos runner call it directly)."""
+        with self._lock:
+            for node in list(self.ep.dispatcher.table.nodes):
+                if node not in self.removed:
+                    self._check_shard(node)
+            self._check_engine()
+            self._maybe_rebalance()
+
+    def _check_shard(self, node: str) -> None:
+        state = self._shards.setdefault(node, _Shard())
+        now = time.monotonic()
+        if self._alive(node):
+            if state.failing_since is not None:  # came back by itself (a Ray restart)
+                self._recovered(node, state, EXPERT_SHARD_LOST, "serving again")
+            return
+        if state.failing_since is None:
+            state.failing_since = now
+            state.incident += 1
+            self._emit("detected", EXPERT_SHARD_LOST, node, "shard does not answer", state)
+        if self._node_dead(node) or now - state.failing_since > self.config.node_lost_after_s:
+            self._emit("detected", NODE_LOST, node, "shard not back; node presumed lost", state)
+            self.replace_node(node, NODE_LOST)
+            self._recovered(node, state, NODE_LOST, "experts re-placed on surviving nodes")
+            return
+        experts = self.ep.dispatcher.table.node_experts().get(node, {})
+        with self._span("expertmesh.supervisor.restart_shard", node):
+            try:
+                self.ep.pool.recover(node, experts, self.config.ping_timeout_s)
+            except ShardLost:
+                return  # not back yet; next round
+        self.ep.dispatcher.dead.discard(node)
+        self.stats.restarts += 1
+        self._emit("action", EXPERT_SHARD_LOST, node, "restart and reload", state)
+        self._recovered(node, state, EXPERT_SHARD_LOST, "serving again")
+
+    def _alive(self, node: str) -> bool:
+        handle = getattr(self.ep.pool, "handles", {}).get(node)
+        if handle is None:  # an in-process pool: ask it
+            return node not in getattr(self.ep.pool, "dead", set())
+        import ray
+
+        try:
+            return ray.get(handle.ping.remote(), timeout=self.config.ping_timeout_s) == node
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+        except ray.exceptions.ActorUnavailableError:
+            return False
+
+    def _node_dead(self, node: str) -> bool:
+        cluster = self.ep.cluster
+        ray_node = getattr(cluster, "ray_nodes", {}).get(node) if cluster is not None else None
+        if ray_node is None:
+            return False
+        import ray
+
+        for info in ray.nodes():
+            if info.get("NodeID") == getattr(ray_node, "node_id", None):
+                return not info.get("Alive", True)
+        return True
+
+    def _recovered(self, node: str, state: _Shard, mode: str, detail: str) -> None:
+        if state.failing_since is not None:
+            self.stats.recovery_s.append(time.monotonic() - state.failing_since)
+        state.failing_since = None
+        self._emit("recovered", mode, node, detail, state)
+
+    def _check_engine(self) -> None:
+        if self.engine_health is None:
+            return
+        healthy = self.engine_health()
+        if not healthy and not self._stalled:
+            self._emit("detected", ENGINE_STALLED, "engine", "no progress with work held")
+        elif healthy and self._stalled:
+            self._emit("recovered", ENGINE_STALLED, "engine", "progress again")
+        self._stalled = not healthy
+
+    def _maybe_rebalance(self) -> None:
+        every = self.config.rebalance_every_s
+        if self.rebalancer is None or every <= 0 or time.monotonic() - self._last_rebalance < every:
+            return
+        self._last_rebalance = time.monotonic()
+        report = self.rebalancer.check()
+        if report.triggered:
+            self._emit(
+                "detected",
+                ROUTER_IMBALANCE,
+                "placement",
+                f"predicted imbalance {report.balancedness_before:.2f}",
+            )
+        if report.applied:
+            self.stats.rebalances += 1
+            self._emit("action", ROUTER_IMBALANCE, "placement", f"moved {report.moves} replicas")
+            self._emit("recovered", ROUTER_IMBALANCE, "placement", "rebalanced")
+
+    # ----------------------------------------------------------------- actions
+
+    def replace_node(self, node: str, mode: str = NODE_LOST) -> None:
+        """Re-place `node`'s experts on the other nodes (fewest bytes), then swap the table."""
+        with self._span("expertmesh.supervisor.replace_node", node):
+            survivors = [
+                n for n in self.topology.nodes if n.name != node and n.name not in self.removed
+            ]
+            keep = {n.name for n in survivors}
+            layer_ids = self.ep.config.moe_layer_ids
+            nodes = [c for c in node_capacities(self.topology, self.shape) if c.name in keep]
+            options = getattr(self.ep, "plan_options", None) or PlacementOptions()
+            current = self.ep.placement.by_index(layer_ids)
+            load = self._load()
+            new, moves = plan_increment(current, nodes, self.shape, load, options)
+            new = new.with_layer_ids(layer_ids)
+            adds: dict[str, dict[int, list[int]]] = {}
+            for m in moves:
+                if m.dst is not None:
+                    adds.setdefault(m.dst, {}).setdefault(layer_ids[m.layer], []).append(m.expert)
+            self.ep.pool.load_many(adds)  # type: ignore[attr-defined]
+            self.ep.dispatcher.swap_table(RoutingTable(routes_from_placement(new)))
+            self.ep.placement = new
+            self.removed.add(node)
+            self.stats.nodes_replaced += 1
+            self._emit("action", mode, node, f"re-placed {len(moves)} replicas on {sorted(adds)}")
+
+    def drain(self, node: str) -> float:
+        """Planned removal of a node: move its experts, then stop its shard. Seconds taken."""
+        t0 = time.monotonic()
+        with self._lock:
+            self._emit("detected", NODE_DRAINED, node, "drain requested")
+            self.replace_node(node, NODE_DRAINED)
+            handle = getattr(self.ep.pool, "handles", {}).get(node)
+            if handle is not None:
+                import ray
+
+                ray.kill(handle, no_restart=True)
+            self.stats.drains += 1
+            self._emit("recovered", NODE_DRAINED, node, "drained")
+        return time.monotonic() - t0
+
+    def _load(self) -> Any:
+        import numpy as np
+
+        tokens = self.ep.dispatcher.stats.tokens
+        layers = self.ep.config.moe_layer_ids
+        if any(layer not in tokens for layer in layers):
+            return None
+        return np.stack([tokens[layer] for layer in layers]).astype(float) + 1.0
+
+    # ----------------------------------------------------------------- events
+
+    def _emit(
+        self, kind: str, mode: str, target: str, detail: str, state: _Shard | None = None
+    ) -> None:
+        if self.events is not None:
+            self.events.emit(FaultEvent(kind, mode, target=target, detail=detail))  # type: ignore[arg-type]
+        if self.tracer is not None:
+            with self.tracer.start_as_current_span(
+                f"expertmesh.supervisor.{kind}",
+                attributes={
+                    "expertmesh.failure_mode": mode,
+                    "expertmesh.target": target,
+                    "expertmesh.detail": detail,
+                },
+            ):
+                pass
+
+    def _span(self, name: str, node: str) -> Any:
+        import contextlib
+
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        return self.tracer.start_as_current_span(name, attributes={"expertmesh.node": node})
