@@ -13,6 +13,7 @@ from . import __version__
 def build_parser() -> argparse.ArgumentParser:
     from .cmd_cluster import add_cluster
     from .cmd_models import add_generate, add_inspect
+    from .cmd_observe import add_fmea, add_logs
     from .cmd_policy import add_policy
     from .cmd_serve import add_serve
 
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster(sub)
     add_policy(sub)
     add_serve(sub)
+    add_fmea(sub)
+    add_logs(sub)
     return parser
 
 
@@ -48,9 +51,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
     errors.append(ServingConfigError)
     try:
-        from expertmesh.observability import TelemetryConfigError
+        from expertmesh.observability import TelemetryError
 
-        errors.append(TelemetryConfigError)
+        errors.append(TelemetryError)
     except ImportError:  # pragma: no cover - observability is part of the package
         pass
     return tuple(errors)
