@@ -226,6 +226,10 @@ class ExpertShard:
             last_call_at=self.last_call_at,
         )
 
+    def set_emulation(self, emulation: NodeEmulation) -> None:
+        """Change the emulated speed and link (fault injection: a slow node, a slow link)."""
+        self.emulation = emulation
+
     def flush_telemetry(self) -> None:
         """Export the spans this shard still buffers (before a planned stop, and in tests)."""
         if self._telemetry is not None:

@@ -11,6 +11,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cmd_chaos import add_chaos
     from .cmd_cluster import add_cluster
     from .cmd_models import add_generate, add_inspect
     from .cmd_observe import add_fmea, add_logs
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_inspect(sub)
     add_cluster(sub)
+    add_chaos(sub)
     add_policy(sub)
     add_serve(sub)
     add_fmea(sub)
@@ -50,6 +52,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from expertmesh.serving.config import ServingConfigError
 
     errors.append(ServingConfigError)
+    from expertmesh.serving.chaos import ChaosError
+
+    errors.append(ChaosError)
     try:
         from expertmesh.observability import TelemetryError
 

@@ -87,14 +87,14 @@ MODE_PROFILES: Mapping[str, ModeProfile] = {
     ROUTER_IMBALANCE: ModeProfile(
         effect="hot experts queue tokens; latency tail grows",
         cause="input distribution drift, router collapse",
-        detection_signal="`expertmesh.expert.imbalance` (max/mean tokens per layer)",
+        detection_signal="`expertmesh.router.imbalance` (max/mean tokens per layer)",
         severity=4,
         design_detection=5,
     ),
     KV_CACHE_EXHAUSTED: ModeProfile(
         effect="new requests queue, running ones are preempted",
         cause="long contexts, too many concurrent requests, leak",
-        detection_signal="`expertmesh.kv.bytes_in_use` at capacity; queue depth",
+        detection_signal="`expertmesh.kv_cache.bytes_in_use` at capacity; `expertmesh.engine.requests` (waiting)",
         severity=6,
         design_detection=3,
     ),
@@ -108,7 +108,7 @@ MODE_PROFILES: Mapping[str, ModeProfile] = {
     BUDGET_EXHAUSTED: ModeProfile(
         effect="the tenant's requests are refused (HTTP 429)",
         cause="spend reached the tenant's budget",
-        detection_signal="selector refusal; `expertmesh.budget.spend`",
+        detection_signal="selector refusal (429 insufficient_quota); `gen_ai.client.token.usage`",
         severity=5,
         design_detection=2,
     ),

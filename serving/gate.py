@@ -30,7 +30,7 @@ from expertmesh.routing import (
 )
 
 from .api import GateDecision
-from .engine import Engine, EngineError
+from .engine import Engine, EngineError, Message
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class SelectorGate:
     def __init__(self, selector: Selector, engine: Engine) -> None:
         self.selector = selector
         self.served = {card.id for card in engine.models()}
+        self._count = getattr(engine, "count_prompt_tokens", None)
+        """Exact prompt tokens from the engine's tokenizer, where it offers them."""
 
     @classmethod
     def from_policy_file(
@@ -96,16 +98,23 @@ class SelectorGate:
         assert isinstance(body, ChatCompletionRequest | CompletionRequest)
         try:
             tenant = self.selector.authenticate(_bearer(headers))
+            exact = None
             if isinstance(body, ChatCompletionRequest):
                 text = "\n".join(m.text() for m in body.messages)
+                if self._count is not None:
+                    messages = tuple(Message(m.role, m.text()) for m in body.messages)
+                    exact = self._count(None, messages)
             else:
                 text = body.prompt_text()
+                if self._count is not None:
+                    exact = self._count(text)
             decision = self.selector.decide(
                 SelectionRequest(
                     tenant=tenant.name,
                     prompt=text,
                     max_tokens=body.output_limit(),
                     requested_model=None if body.model == "auto" else body.model,
+                    prompt_tokens=exact,
                 )
             )
         except RoutingError as e:

@@ -12,6 +12,7 @@ from typing import Any
 
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.errors import ModelError
+from expertmesh.models.generate import SamplingParams
 from expertmesh.models.model import MoEModel
 from expertmesh.models.tokenizer import Tokenizer
 
@@ -96,6 +97,18 @@ class ExpertMeshEngine:
 
     def models(self) -> Sequence[ModelCard]:
         return [ModelCard(self.name, self.batcher.context_window)]
+
+    def count_prompt_tokens(self, prompt: str | None, messages: Any = None) -> int:
+        """Exact prompt tokens as the engine will see them (the selector reserves budgets on
+        this, so a reservation is a true upper bound)."""
+        probe = EngineRequest(
+            "count",
+            self.name,
+            SamplingParams(max_tokens=1),
+            prompt=prompt if messages is None else None,
+            messages=messages,
+        )
+        return len(self.prompt_ids(probe))
 
     def prompt_ids(self, request: EngineRequest) -> list[int]:
         if request.messages is not None:

@@ -1,0 +1,517 @@
+"""Fault injection: YAML scenarios run against the embedded platform under load.
+
+    expertmesh chaos run examples/chaos/kill-shard.yaml [--short] [--out DIR]
+
+The runner starts the platform the way `expertmesh up --topology T` does (embedded Ray cluster,
+expert shards, the serving engine with its scheduler, the selector with a policy, the
+supervisor), drives it with concurrent greedy requests through the HTTP API (in-process ASGI
+transport), injects the scenario's faults on schedule, and checks its expectations: requests
+lost (accepted but not answered correctly), outputs equal to a fault-free run, time from each
+fault to recovery (from the supervisor's events), which failure modes were detected. Spans,
+metrics and fault events land in `--out` for `expertmesh fmea`.
+
+Fault kinds: kill_actor, kill_node, drain_node, slow_node, link_latency, skew_router,
+corrupt_weights, fill_kv_cache, break_policy, lock_budget_db.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from expertmesh.observability.events import (
+    BAD_POLICY,
+    BUDGET_DB_LOCKED,
+    EXPERT_SHARD_LOST,
+    KV_CACHE_EXHAUSTED,
+    LINK_DEGRADED,
+    NODE_DRAINED,
+    NODE_LOST,
+    ROUTER_IMBALANCE,
+    WEIGHTS_CORRUPT,
+    EventLog,
+    FaultEvent,
+    read_events,
+)
+
+FaultKind = Literal[
+    "kill_actor",
+    "kill_node",
+    "drain_node",
+    "slow_node",
+    "link_latency",
+    "skew_router",
+    "corrupt_weights",
+    "fill_kv_cache",
+    "break_policy",
+    "lock_budget_db",
+]
+MODE_OF: dict[str, str] = {
+    "kill_actor": EXPERT_SHARD_LOST,
+    "kill_node": NODE_LOST,
+    "drain_node": NODE_DRAINED,
+    "slow_node": LINK_DEGRADED,
+    "link_latency": LINK_DEGRADED,
+    "skew_router": ROUTER_IMBALANCE,
+    "corrupt_weights": WEIGHTS_CORRUPT,
+    "fill_kv_cache": KV_CACHE_EXHAUSTED,
+    "break_policy": BAD_POLICY,
+    "lock_budget_db": BUDGET_DB_LOCKED,
+}
+PROMPT = "ROMEO:"
+MAX_TOKENS = 8
+
+
+class ChaosError(ValueError):
+    """A scenario file is invalid (the message names the field)."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FaultSpec(_Spec):
+    kind: FaultKind
+    at_s: Annotated[float, Field(ge=0)] = 1.0
+    target: str | None = None
+    """Node name for node and actor faults."""
+    repeat: Annotated[int, Field(ge=1)] = 1
+    every_s: Annotated[float, Field(gt=0)] = 2.0
+    duration_s: Annotated[float, Field(gt=0)] = 2.0
+    """How long a transient fault lasts (slow node, link latency, lock, skew)."""
+    factor: Annotated[float, Field(gt=0)] = 4.0
+    """slow_node: compute slowdown factor; link_latency: added latency in ms."""
+
+
+class LoadSpec(_Spec):
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    duration_s: Annotated[float, Field(gt=0)] = 8.0
+
+
+class ExpectSpec(_Spec):
+    lost_requests: Annotated[int, Field(ge=0)] = 0
+    outputs_equal: bool = True
+    recovery_s: Annotated[float, Field(gt=0)] | None = None
+    """Every fault's failure mode recovered within this many seconds (from events)."""
+    detected: list[str] = []
+    """Failure modes that must appear as `detected` events."""
+    rejected_ok: bool = False
+    """429 answers (bounded queue, budgets) are expected and are not lost requests."""
+
+
+class Scenario(_Spec):
+    name: str
+    description: str = ""
+    topology: str = "examples/topologies/mixed.yaml"
+    load: LoadSpec = LoadSpec()
+    faults: list[FaultSpec] = Field(min_length=1)
+    expect: ExpectSpec = ExpectSpec()
+
+    def shortened(self) -> Scenario:
+        """The test-suite version: shorter load, faults sooner, fewer repeats."""
+        load = self.load.model_copy(update={"duration_s": min(self.load.duration_s, 5.0)})
+        faults = [
+            f.model_copy(update={"at_s": min(f.at_s, 1.0), "repeat": min(f.repeat, 2)})
+            for f in self.faults
+        ]
+        return self.model_copy(update={"load": load, "faults": faults})
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ChaosError(f"cannot read scenario {path}: {e}") from e
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise ChaosError(f"scenario {path} is invalid:\n" + "\n".join(lines)) from None
+
+
+@dataclass
+class RequestResult:
+    started: float
+    latency_s: float
+    status: int
+    text: str | None
+
+
+@dataclass
+class ChaosReport:
+    scenario: str
+    requests: int
+    ok: int
+    rejected: int
+    lost: int
+    wrong_outputs: int
+    recovery_s: dict[str, list[float]]
+    detected: list[str]
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "passed": self.passed}
+
+
+class Platform:
+    """The embedded platform in this process: cluster, engine, selector, API, supervisor."""
+
+    def __init__(self, scenario: Scenario, out: Path, root: Path) -> None:
+        from expertmesh.cluster.rebalance import Rebalancer
+        from expertmesh.cluster.runtime import ExpertParallelModel
+        from expertmesh.cluster.supervisor import Supervisor, SupervisorConfig
+        from expertmesh.cluster.topology import load_topology
+        from expertmesh.models.tokenizer import Tokenizer
+        from expertmesh.observability import TelemetryConfig, configure_telemetry
+        from expertmesh.paths import DEMO_MODEL_DIR
+        from expertmesh.policies import PolicyFile
+        from expertmesh.routing import BudgetLedger, Selector
+
+        from .api import make_api
+        from .gate import SelectorGate
+        from .local_engine import ExpertMeshEngine
+        from .scheduler import SchedulerConfig
+
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("spans.jsonl", "metrics.jsonl", "events.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        self.checkpoint = out / "checkpoint"  # a private copy: faults may corrupt it
+        if self.checkpoint.exists():
+            shutil.rmtree(self.checkpoint)
+        shutil.copytree(DEMO_MODEL_DIR, self.checkpoint)
+        self.policy = out / "policy.yaml"
+        shutil.copy(root / "examples" / "policies" / "chaos.yaml", self.policy)
+        self.ledger = out / "budget.sqlite"
+        self.ledger.unlink(missing_ok=True)
+        self.telemetry = configure_telemetry(
+            TelemetryConfig(
+                exporter="jsonl",
+                jsonl_path=out / "spans.jsonl",
+                metrics_exporter="jsonl",
+                metrics_jsonl_path=out / "metrics.jsonl",
+                metrics_export_interval_s=1.0,
+            )
+        )
+        self.events = EventLog(out / "events.jsonl", scenario=scenario.name)
+        self.topology = load_topology(root / scenario.topology)
+        tracer = self.telemetry.tracer
+        self.ep = ExpertParallelModel.launch(self.checkpoint, self.topology, tracer=tracer)
+        self.engine = ExpertMeshEngine(
+            "expertmesh-demo",
+            self.ep.model,
+            Tokenizer.from_dir(self.checkpoint),
+            SchedulerConfig(num_slots=8, max_waiting=16),
+            owner=self.ep,
+            tracer=tracer,
+            meter=self.telemetry.meter,
+        )
+
+        def rejected(error: Exception) -> None:
+            self.events.emit(
+                FaultEvent("detected", BAD_POLICY, target=str(self.policy), detail=str(error)[:200])
+            )
+
+        selector = Selector(
+            PolicyFile(self.policy, check_interval_s=0.2, on_error=rejected),
+            ledger=BudgetLedger(self.ledger),
+            tracer=tracer,
+        )
+        self.gate = SelectorGate(selector, self.engine)
+        self.app = make_api(self.engine, gate=self.gate, meter=self.telemetry.meter, tracer=tracer)
+        self.rebalancer = Rebalancer(self.ep, self.topology, threshold=1.1, min_tokens=64)
+        self.supervisor = Supervisor(
+            self.ep,
+            self.topology,
+            SupervisorConfig(rebalance_every_s=1.0),
+            events=self.events,
+            tracer=tracer,
+            rebalancer=self.rebalancer,
+            engine_health=lambda: self.engine.health().healthy,
+        ).start()
+
+    def close(self) -> None:
+        self.supervisor.stop()
+        asyncio.run(self.engine.shutdown())
+        self.events.close()
+        self.telemetry.shutdown()
+
+
+class Runner:
+    def __init__(self, scenario: Scenario, out: Path, root: Path | None = None) -> None:
+        self.scenario = scenario
+        self.out = out
+        self.root = root or Path(__file__).resolve().parents[1]
+        self.results: list[RequestResult] = []
+        self.expected: str | None = None
+
+    def run(self) -> ChaosReport:
+        from expertmesh.models.checkpoint import load_model
+        from expertmesh.models.generate import Generator, SamplingParams
+        from expertmesh.models.tokenizer import Tokenizer
+        from expertmesh.paths import DEMO_MODEL_DIR
+
+        gen = Generator(load_model(DEMO_MODEL_DIR), Tokenizer.from_dir(DEMO_MODEL_DIR))
+        prompt = Tokenizer.from_dir(DEMO_MODEL_DIR).apply_chat_template(
+            [{"role": "user", "content": PROMPT}]
+        )
+        self.expected = gen.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS))[0].text
+        platform = Platform(self.scenario, self.out, self.root)
+        try:
+            injector = threading.Thread(target=self._inject, args=(platform,), daemon=True)
+            t0 = time.monotonic()
+            self._t0 = t0
+            injector.start()
+            asyncio.run(self._load(platform))
+            injector.join(60)
+            time.sleep(0.5)  # let the supervisor report the last recovery
+        finally:
+            platform.close()
+        return self._report()
+
+    # ----------------------------------------------------------------- load
+
+    async def _load(self, platform: Platform) -> None:
+        import httpx
+
+        spec = self.scenario.load
+        transport = httpx.ASGITransport(app=platform.app)
+        deadline = time.monotonic() + spec.duration_s
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://chaos", timeout=120
+        ) as c:
+
+            async def worker() -> None:
+                while time.monotonic() < deadline:
+                    await self._one(c)
+
+            await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
+
+    async def _one(self, client: Any) -> None:
+        body = {
+            "model": "expertmesh-demo",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+        }
+        t0 = time.monotonic()
+        try:
+            r = await client.post(
+                "/v1/chat/completions",
+                json=body,
+                headers={"Authorization": "Bearer sk-expertmesh-dev"},
+            )
+            text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else None
+            status = r.status_code
+        except Exception:
+            status, text = 599, None
+        self.results.append(RequestResult(t0, time.monotonic() - t0, status, text))
+        if status == 429:
+            await asyncio.sleep(0.2)
+
+    # ----------------------------------------------------------------- faults
+
+    def _inject(self, platform: Platform) -> None:
+        plan = sorted(
+            ((f.at_s + i * f.every_s, f) for f in self.scenario.faults for i in range(f.repeat)),
+            key=lambda x: x[0],
+        )
+        for at, fault in plan:
+            delay = self._t0 + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            platform.events.emit(
+                FaultEvent(
+                    "fault",
+                    MODE_OF[fault.kind],
+                    target=fault.target or fault.kind,
+                    scenario=self.scenario.name,
+                    detail=fault.kind,
+                )
+            )
+            getattr(self, f"_fault_{fault.kind}")(platform, fault)
+
+    def _fault_kill_actor(self, p: Platform, f: FaultSpec) -> None:
+        p.ep.pool.kill(f.target or "gpu-0")  # type: ignore[attr-defined]
+
+    def _fault_kill_node(self, p: Platform, f: FaultSpec) -> None:
+        p.ep.cluster.remove_node(f.target or "cpu-slow")
+
+    def _fault_drain_node(self, p: Platform, f: FaultSpec) -> None:
+        p.supervisor.drain(f.target or "cpu-fast")
+
+    def _emulate(self, p: Platform, node: str, slowdown: float, extra_latency_us: float) -> None:
+        import ray
+
+        from expertmesh.cluster.local import emulation_for
+
+        base = emulation_for(p.topology)[node]
+        changed = type(base)(
+            slowdown=base.slowdown * slowdown,
+            link_gbps=base.link_gbps,
+            link_latency_us=base.link_latency_us + extra_latency_us,
+        )
+        ray.get(p.ep.pool.handles[node].set_emulation.remote(changed))  # type: ignore[attr-defined]
+
+    def _transient(self, p: Platform, f: FaultSpec, slowdown: float, latency_us: float) -> None:
+        node = f.target or "cpu-fast"
+        self._emulate(p, node, slowdown, latency_us)
+        p.events.emit(FaultEvent("detected", LINK_DEGRADED, target=node, detail="dispatch slower"))
+        time.sleep(f.duration_s)
+        self._emulate(p, node, 1.0, 0.0)
+        p.events.emit(FaultEvent("recovered", LINK_DEGRADED, target=node, detail="restored"))
+
+    def _fault_slow_node(self, p: Platform, f: FaultSpec) -> None:
+        self._transient(p, f, f.factor, 0.0)
+
+    def _fault_link_latency(self, p: Platform, f: FaultSpec) -> None:
+        self._transient(p, f, 1.0, f.factor * 1000.0)
+
+    def _fault_skew_router(self, p: Platform, f: FaultSpec) -> None:
+        from expertmesh.models.generate import Generator, SamplingParams
+
+        gen = Generator(p.ep.model)  # skewed traffic straight into the experts
+        end = time.monotonic() + f.duration_s
+        while time.monotonic() < end:
+            gen.generate([[7] * 32, [7, 8] * 16], SamplingParams(max_tokens=4, ignore_eos=True))
+        p.supervisor.check()
+
+    def _fault_corrupt_weights(self, p: Platform, f: FaultSpec) -> None:
+        """Corrupt the checkpoint's header, then load a new replica from it (what a rebalance
+        or a restart does): the load fails loudly, nothing is swapped, serving continues
+        from the weights already in memory."""
+        weights = next(p.checkpoint.glob("*.safetensors"))
+        data = bytearray(weights.read_bytes())
+        data[8:64] = b"\xff" * 56  # inside the JSON header
+        weights.write_bytes(bytes(data))
+        node = f.target or "cpu-fast"
+        layer = p.ep.config.moe_layer_ids[0]
+        held = set(p.ep.dispatcher.table.node_experts().get(node, {}).get(layer, []))
+        missing = [e for e in range(p.ep.config.moe.num_experts) if e not in held][:1] or [0]
+        try:
+            p.ep.pool.load_many({node: {layer: missing}})  # type: ignore[attr-defined]
+        except Exception as e:
+            p.events.emit(
+                FaultEvent("detected", WEIGHTS_CORRUPT, target=weights.name, detail=repr(e)[:200])
+            )
+            p.events.emit(
+                FaultEvent("recovered", WEIGHTS_CORRUPT, target=weights.name, detail="kept serving")
+            )
+
+    def _fault_fill_kv_cache(self, p: Platform, f: FaultSpec) -> None:
+        p.events.emit(FaultEvent("detected", KV_CACHE_EXHAUSTED, target="engine", detail="burst"))
+
+        async def burst() -> list[int]:
+            import httpx
+
+            transport = httpx.ASGITransport(app=p.app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://c", timeout=120
+            ) as c:
+                body = {"model": "expertmesh-demo", "prompt": "ROMEO: " * 200, "max_tokens": 64}
+                rs = await asyncio.gather(
+                    *(
+                        c.post(
+                            "/v1/completions",
+                            json=body,
+                            headers={"Authorization": "Bearer sk-expertmesh-dev"},
+                        )
+                        for _ in range(40)
+                    )
+                )
+                return [r.status_code for r in rs]
+
+        codes = asyncio.run(burst())
+        p.events.emit(
+            FaultEvent(
+                "recovered",
+                KV_CACHE_EXHAUSTED,
+                target="engine",
+                detail=f"{codes.count(429)} of {len(codes)} refused with 429",
+            )
+        )
+
+    def _fault_break_policy(self, p: Platform, f: FaultSpec) -> None:
+        good = p.policy.read_text()
+        p.policy.write_text("version: 1\nname: broken\nmodels: [oops\n")
+        time.sleep(f.duration_s)
+        p.policy.write_text(good)
+        p.events.emit(FaultEvent("recovered", BAD_POLICY, target=str(p.policy), detail="restored"))
+
+    def _fault_lock_budget_db(self, p: Platform, f: FaultSpec) -> None:
+        conn = sqlite3.connect(p.ledger, timeout=5)
+        conn.execute("BEGIN EXCLUSIVE")
+        p.events.emit(
+            FaultEvent("detected", BUDGET_DB_LOCKED, target=p.ledger.name, detail="locked")
+        )
+        time.sleep(f.duration_s)
+        conn.rollback()
+        conn.close()
+        p.events.emit(
+            FaultEvent("recovered", BUDGET_DB_LOCKED, target=p.ledger.name, detail="unlocked")
+        )
+
+    # ----------------------------------------------------------------- verdict
+
+    def _report(self) -> ChaosReport:
+        expect = self.scenario.expect
+        rejected = sum(1 for r in self.results if r.status == 429)
+        ok = [r for r in self.results if r.status == 200]
+        lost = sum(1 for r in self.results if r.status not in (200, 429))
+        if not expect.rejected_ok:
+            lost += rejected
+        wrong = sum(1 for r in ok if r.text != self.expected)
+        events = read_events(self.out / "events.jsonl")
+        faults: dict[str, list[int]] = {}
+        recovery: dict[str, list[float]] = {}
+        for e in events:
+            if e.kind == "fault":
+                faults.setdefault(e.failure_mode, []).append(e.time_unix_nano)
+            elif e.kind == "recovered" and faults.get(e.failure_mode):
+                start = faults[e.failure_mode].pop(0)
+                recovery.setdefault(e.failure_mode, []).append((e.time_unix_nano - start) / 1e9)
+        detected = sorted({e.failure_mode for e in events if e.kind == "detected"})
+        report = ChaosReport(
+            self.scenario.name,
+            len(self.results),
+            len(ok),
+            rejected,
+            lost,
+            wrong,
+            recovery,
+            detected,
+        )
+        if lost > expect.lost_requests:
+            report.failures.append(f"{lost} requests lost (allowed {expect.lost_requests})")
+        if expect.outputs_equal and wrong:
+            report.failures.append(f"{wrong} outputs differ from the fault-free run")
+        if not ok:
+            report.failures.append("no request succeeded")
+        for mode in expect.detected:
+            if mode not in detected:
+                report.failures.append(f"failure mode {mode} was never detected")
+        if expect.recovery_s is not None:
+            for mode, times in recovery.items():
+                if max(times) > expect.recovery_s:
+                    report.failures.append(
+                        f"{mode}: recovery took {max(times):.2f} s > {expect.recovery_s} s"
+                    )
+            unrecovered = {m for m, starts in faults.items() if starts}
+            if unrecovered:
+                report.failures.append(f"never recovered: {sorted(unrecovered)}")
+        (self.out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        return report
