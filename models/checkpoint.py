@@ -8,6 +8,7 @@ shard on a different node and every node reads only its own experts from disk.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +35,10 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INT8_EXPERTS = "expertmesh_int8_experts"
+"""`quantization_config.quant_method` of checkpoints whose routed experts are int8: each expert
+projection `...weight` is int8 (out, in) and `...weight_scale` its float per-output-channel
+scale (out,); every other tensor is float. Written by `expertmesh train quantize`."""
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -47,7 +52,22 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 def read_config(path: str | Path) -> ModelConfig:
     """Parse `<path>/config.json` into our ModelConfig via the family's adapter."""
     raw, adapter = _read_raw_and_adapter(Path(path))
-    return adapter.parse_config(raw)
+    return parse_config(raw, adapter)
+
+
+def parse_config(raw: Mapping[str, Any], adapter: Adapter) -> ModelConfig:
+    """The family's config plus the checkpoint's weight format (`quantization_config`)."""
+    cfg = adapter.parse_config(raw)
+    quant = raw.get("quantization_config")
+    if quant is None:
+        return cfg
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method != INT8_EXPERTS:
+        raise ConfigError(
+            f"config.json: quantization_config.quant_method {method!r} is not supported; "
+            f"expertmesh loads '{INT8_EXPERTS}' (int8 routed experts) or unquantised checkpoints"
+        )
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_weights="int8"))
 
 
 def _read_raw_and_adapter(path: Path) -> tuple[dict[str, Any], Adapter]:
@@ -71,7 +91,7 @@ class CheckpointReader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         raw, self.adapter = _read_raw_and_adapter(self.path)
-        self.config = self.adapter.parse_config(raw)
+        self.config = parse_config(raw, self.adapter)
         self.file_of = self._index()
         self._handles: dict[str, Any] = {}
         self._keys: dict[str, set[str]] = {}  # file -> tensor names it really holds
@@ -150,17 +170,43 @@ def _check_expert_selection(
         )
 
 
-def _fill_expert_bank(bank: ExpertBank, reader: CheckpointReader) -> None:
+PROJS: tuple[ExpertProj, ...] = ("gate_proj", "up_proj", "down_proj")
+
+
+def _expert_slices(
+    bank: ExpertBank, slot: int
+) -> list[tuple[ExpertProj, torch.Tensor, torch.Tensor | None]]:
+    """(projection, weight view, scale view or None) of one expert's three projections."""
     i = bank.intermediate
+    weights = (bank.gate_up[slot, :i], bank.gate_up[slot, i:], bank.down[slot])
+    if not bank.quantized:
+        return [(proj, w, None) for proj, w in zip(PROJS, weights)]
+    assert bank.gate_up_scale is not None and bank.down_scale is not None
+    scales = (bank.gate_up_scale[slot, :i], bank.gate_up_scale[slot, i:], bank.down_scale[slot])
+    return list(zip(PROJS, weights, scales))
+
+
+def _fill_expert_bank(bank: ExpertBank, reader: CheckpointReader) -> None:
     with torch.no_grad():
         for slot, e in enumerate(bank.expert_ids):
-            targets = (bank.gate_up[slot, :i], bank.gate_up[slot, i:], bank.down[slot])
-            projs: tuple[ExpertProj, ...] = ("gate_proj", "up_proj", "down_proj")
-            for proj, tensor, target in zip(projs, reader.expert(bank.layer, e), targets):
-                _check_shape(
-                    reader, reader.adapter.expert_name(bank.layer, e, proj), tensor, target.shape
-                )
+            for proj, target, scale in _expert_slices(bank, slot):
+                name = reader.adapter.expert_name(bank.layer, e, proj)
+                tensor = reader.get(name)
+                _check_shape(reader, name, tensor, target.shape)
+                if (tensor.dtype == torch.int8) != bank.quantized:
+                    expected = (
+                        "int8 (config.json declares int8 experts)"
+                        if bank.quantized
+                        else ("float (config.json has no quantization_config)")
+                    )
+                    raise CheckpointError(
+                        f"tensor '{name}' in {reader.path} is {tensor.dtype}, expected {expected}"
+                    )
                 target.copy_(tensor)
+                if scale is not None:
+                    scale_tensor = reader.get(name + "_scale")
+                    _check_shape(reader, name + "_scale", scale_tensor, scale.shape)
+                    scale.copy_(scale_tensor)
 
 
 def load_expert_bank(
@@ -238,17 +284,12 @@ def state_for_save(model: MoEModel, adapter: Adapter) -> dict[str, torch.Tensor]
             raise CheckpointError(
                 f"layer {bank.layer} holds only experts {bank.expert_ids}; cannot save a partial model"
             )
-        i = bank.intermediate
         for slot, e in enumerate(bank.expert_ids):
-            out[adapter.expert_name(bank.layer, e, "gate_proj")] = (
-                bank.gate_up[slot, :i].detach().contiguous()
-            )
-            out[adapter.expert_name(bank.layer, e, "up_proj")] = (
-                bank.gate_up[slot, i:].detach().contiguous()
-            )
-            out[adapter.expert_name(bank.layer, e, "down_proj")] = (
-                bank.down[slot].detach().contiguous()
-            )
+            for proj, weight, scale in _expert_slices(bank, slot):
+                name = adapter.expert_name(bank.layer, e, proj)
+                out[name] = weight.detach().contiguous()
+                if scale is not None:
+                    out[name + "_scale"] = scale.detach().contiguous()
     return out
 
 

@@ -14,6 +14,7 @@ QKNorm = Literal["none", "per_head", "full"]
 Scoring = Literal["softmax", "sigmoid"]
 TopkMethod = Literal["greedy", "group_max", "group_top2_sum"]
 KVMode = Literal["full", "int8", "latent", "latent-int8"]
+ExpertWeights = Literal["float", "int8"]
 KV_MODES: tuple[KVMode, ...] = ("full", "int8", "latent", "latent-int8")
 
 
@@ -83,6 +84,10 @@ class MoEConfig:
     """Intermediate size of the always-on shared expert(s); 0 means none."""
     shared_gate: bool = False
     """Qwen2-MoE scales the shared expert by sigmoid(Linear(hidden, 1))."""
+    expert_weights: ExpertWeights = "float"
+    """'int8': routed experts hold int8 weights with one scale per output channel (weight-only
+    quantisation; checkpoints say so in config.json's `quantization_config`, see
+    `models/checkpoint.py`)."""
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (n, in) @ (weight * scale[:, None])^T for an int8 weight (out, in), float scale (out,).
+
+    On CPU this is PyTorch's weight-only int8 kernel (`_weight_int8pack_mm`, the one gpt-fast
+    uses): the weight streams from memory as int8 and is scaled inside the GEMM. Elsewhere the
+    weight is dequantised first.
+    """
+    if x.device.type == "cpu" and x.dtype == scale.dtype:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scale)
+    return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None])
+
+
 class Linear(nn.Linear):
     """nn.Linear that uses `linear` (same parameters, same names)."""
 
@@ -379,6 +391,10 @@ class ExpertBank(nn.Module):
 
     gate_up (n_local, 2*I, hidden) fuses each expert's gate and up projections;
     down (n_local, hidden, I). `expert_ids[i]` is the global id of local slot i.
+
+    With `cfg.expert_weights == "int8"` both hold int8 weights (frozen) and
+    `gate_up_scale` (n_local, 2*I) / `down_scale` (n_local, hidden) the float scale of each
+    output channel: weight = int8 * scale (weight-only quantisation; activations stay float).
     """
 
     def __init__(
@@ -391,8 +407,21 @@ class ExpertBank(nn.Module):
         self.act = act
         self.expert_ids = tuple(sorted(set(expert_ids)))
         n = len(self.expert_ids)
-        self.gate_up = nn.Parameter(torch.empty(n, 2 * cfg.expert_intermediate, hidden))
-        self.down = nn.Parameter(torch.empty(n, hidden, cfg.expert_intermediate))
+        self.quantized = cfg.expert_weights == "int8"
+        qdtype = torch.int8 if self.quantized else None
+        self.gate_up = nn.Parameter(
+            torch.empty(n, 2 * cfg.expert_intermediate, hidden, dtype=qdtype),
+            requires_grad=not self.quantized,
+        )
+        self.down = nn.Parameter(
+            torch.empty(n, hidden, cfg.expert_intermediate, dtype=qdtype),
+            requires_grad=not self.quantized,
+        )
+        self.gate_up_scale: nn.Parameter | None = None
+        self.down_scale: nn.Parameter | None = None
+        if self.quantized:
+            self.gate_up_scale = nn.Parameter(torch.empty(n, 2 * cfg.expert_intermediate))
+            self.down_scale = nn.Parameter(torch.empty(n, hidden))
         self.slot_of = [-1] * cfg.num_experts
         for slot, e in enumerate(self.expert_ids):
             self.slot_of[e] = slot
@@ -426,6 +455,8 @@ class ExpertBank(nn.Module):
             raise ExpertNotLoaded(self.layer, missing)
         if not xs.shape[0]:
             return xs.clone()
+        if self.quantized:
+            return self._int8_expert_outputs(xs, counts)
         gate_up, down = self._expert_views()
         xt = xs.t()  # (hidden, N*k), a view
         i = self.intermediate
@@ -442,8 +473,29 @@ class ExpertBank(nn.Module):
             start += n
         return torch.cat(outs, dim=1).t()
 
+    def _int8_expert_outputs(self, xs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """`expert_outputs` for int8 weights, in the (tokens x features) layout int8_linear takes."""
+        assert self.gate_up_scale is not None and self.down_scale is not None
+        i = self.intermediate
+        outs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            slot = self.slot_of[e]
+            x = xs[start : start + n]
+            h = int8_linear(x, self.gate_up[slot], self.gate_up_scale[slot])  # (n, 2I)
+            act = activation(self.act, h[:, :i]) * h[:, i:]  # (n, I)
+            outs.append(int8_linear(act, self.down[slot], self.down_scale[slot]))  # (n, hidden)
+            start += n
+        return torch.cat(outs, dim=0)
+
     def _expert_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-expert weight views, rebuilt only when the parameters are replaced."""
+        if torch.is_grad_enabled() and self.gate_up.requires_grad:
+            # Training: cached views belong to an earlier pass's autograd graph, and the
+            # optimizer's in-place update invalidates them; take fresh ones (cheap).
+            return list(self.gate_up.unbind(0)), list(self.down.unbind(0))
         key = (self.gate_up.data_ptr(), self.down.data_ptr(), self.gate_up.dtype)
         if getattr(self, "_views_key", None) != key:
             self._views = (list(self.gate_up.unbind(0)), list(self.down.unbind(0)))
