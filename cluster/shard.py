@@ -13,6 +13,7 @@ cluster emulation is off and nothing sleeps.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -65,6 +66,8 @@ class ShardStatus:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+log = logging.getLogger("expertmesh.shard")
+
 SHARD_THREADS = 1
 """Torch threads per shard actor (one Ray CPU each on the embedded cluster)."""
 
@@ -93,6 +96,10 @@ class ExpertShard:
             spans_only = {k: v for k, v in telemetry.items() if not k.startswith("metrics")}
             self._telemetry = configure_telemetry(TelemetryConfig(**spans_only))
             self.tracer = self._telemetry.tracer
+        if telemetry is not None:  # JSON logs beside the other processes' ($EXPERTMESH_HOME)
+            from expertmesh.observability.logs import configure_json_logging
+
+            configure_json_logging(None, f"shard-{node}")
         self.node = node
         self.checkpoint = checkpoint
         self.dtype = resolve_dtype(dtype)
@@ -102,6 +109,12 @@ class ExpertShard:
         for layer, ids in experts.items():
             if ids:
                 self.banks[layer] = load_expert_bank(checkpoint, layer, ids, self.dtype)
+        log.info(
+            "shard up on %s with %d experts",
+            node,
+            sum(len(ids) for ids in experts.values()),
+            extra={"node": node},
+        )
         self.calls = 0
         self.tokens = 0
         self.started_at = time.time()

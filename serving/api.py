@@ -15,6 +15,7 @@ to the engine's model it names.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from expertmesh.models.errors import GenerationError
 from expertmesh.models.generate import SamplingParams
+from expertmesh.observability.logs import bind_request_id
 
 from .engine import (
     Engine,
@@ -47,6 +49,8 @@ from .protocol import (
     new_id,
     now,
 )
+
+log = logging.getLogger("expertmesh.serving")
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,16 @@ def make_api(
         body: ChatCompletionRequest | CompletionRequest,
         rid: str,
     ) -> Response:
+        with bind_request_id(rid):
+            log.info("request received", extra={"route": kind, "model": body.model})
+            return await _traced(request, kind, body, rid)
+
+    async def _traced(
+        request: Request,
+        kind: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        rid: str,
+    ) -> Response:
         """`_run` inside the request's root span (one trace per request, continuing the
         caller's `traceparent` if it sent one)."""
         if tracer is None:
@@ -263,6 +277,7 @@ def make_api(
             if decision is not None and decision.release is not None:
                 decision.release()
             _span_error(span, e)
+            log.warning("request refused: %s", e, extra={"status": e.status})
             return _with(_error(e, rid), headers)
         except StopAsyncIteration:
             first = EngineOutput("", "stop", 0, 0)
@@ -280,6 +295,16 @@ def make_api(
                     span.set_attribute("expertmesh.selector." + k[len("x-expertmesh-") :], v)
 
         async def finish(out: EngineOutput, started: float) -> None:
+            with bind_request_id(rid):
+                log.info(
+                    "request finished",
+                    extra={
+                        "model": model,
+                        "prompt_tokens": out.prompt_tokens,
+                        "completion_tokens": out.completion_tokens,
+                        "finish_reason": _reason(out),
+                    },
+                )
             if span is not None and span.is_recording():
                 span.set_attribute("gen_ai.usage.input_tokens", out.prompt_tokens)
                 span.set_attribute("gen_ai.usage.output_tokens", out.completion_tokens)

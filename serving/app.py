@@ -68,8 +68,10 @@ class ApiServer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         from expertmesh.observability import TelemetryConfig, configure_telemetry
+        from expertmesh.observability.logs import configure_json_logging
 
         self.config = parse_serving_config(config)
+        configure_json_logging(self.config.log_dir, "api")
         self.telemetry = configure_telemetry(TelemetryConfig(**self.config.telemetry))
         self.engine = build_engine(self.config, self.telemetry)
         self.gate = build_gate(self.config, self.engine)

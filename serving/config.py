@@ -101,6 +101,9 @@ class ServingConfig(_Spec):
     telemetry: dict[str, Any] = {"metrics_exporter": "prometheus"}
     """observability.TelemetryConfig fields."""
     route_prefix: str = "/"
+    log_dir: str | None = None
+    """Directory of the JSON log files every process writes (`expertmesh logs --request ID`
+    reads them); default `$EXPERTMESH_HOME/logs`, else `~/.expertmesh/logs`."""
 
     @model_validator(mode="after")
     def _engine_fields(self) -> ServingConfig:

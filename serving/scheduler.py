@@ -25,6 +25,7 @@ engine wrapper hands them to the request's asyncio queue.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -43,6 +44,7 @@ from expertmesh.models.tokenizer import Tokenizer
 from .engine import ContextTooLong, Overloaded
 
 Sink = Callable[["SchedulerEvent"], None]
+log = logging.getLogger("expertmesh.engine")
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,11 @@ class ContinuousBatcher:
                 self._reserved += req.reserve
                 self._running.append(req)
                 self.stats.admitted += 1
+                log.info(
+                    "admitted to slot %d",
+                    req.slot,
+                    extra={"request_id": req.request_id, "prompt_tokens": len(req.prompt_ids)},
+                )
 
     def _prefill(self, stats: Any) -> bool:
         todo = [r for r in self._running if not r.decoding]
@@ -384,6 +391,7 @@ class ContinuousBatcher:
             r.cancelled = True
 
     def _end(self, r: _Request, reason: str) -> None:
+        log.info("ended by %s", reason, extra={"request_id": r.request_id})
         if r.span is not None:
             r.span.set_attribute("expertmesh.ended_by", reason)
         self._release(r)

@@ -239,3 +239,18 @@ def test_up_on_the_mixed_topology_serves_one_request_and_exits(tmp_path):
     assert "8 completion tokens" in r.stdout
     assert "gpu-0" in r.stderr and "cpu-slow" in r.stderr  # experts held per node
     assert not (tmp_path / "up.json").exists()
+
+
+def test_logs_show_one_requests_path_across_processes(platform):
+    url, env = platform
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": MODEL, "prompt": "ROMEO:", "max_tokens": 3},
+        headers={"Authorization": f"Bearer {DEV_KEY}", "x-request-id": "logs-e2e-1"},
+    )
+    assert r.status_code == 200
+    time.sleep(0.5)
+    out = cli("logs", "--request", "logs-e2e-1", env=env, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for step in ("request received", "admitted to slot", "request finished"):
+        assert step in out.stdout
