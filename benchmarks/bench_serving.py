@@ -250,13 +250,30 @@ def main() -> None:
 
     from expertmesh.serving.app import build_app
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ours_port, base_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": ours_port})
     serve.run(
         build_app({"scheduler": {"num_slots": 16, "max_waiting": 512}, "request_timeout_s": 600}),
         name="expertmesh",
         route_prefix="/",
+    )
+    spans = args.out.with_name("bench_serving_spans.jsonl")
+    spans.unlink(missing_ok=True)
+    serve.run(
+        build_app(
+            {
+                "scheduler": {"num_slots": 16, "max_waiting": 512},
+                "request_timeout_s": 600,
+                "telemetry": {
+                    "exporter": "jsonl",
+                    "jsonl_path": str(spans.resolve()),
+                    "metrics_exporter": "prometheus",
+                },
+            }
+        ),
+        name="expertmesh-traced",
+        route_prefix="/traced",
     )
     ours_url, base_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{base_port}"
     transformers_server(base_port)
@@ -311,6 +328,7 @@ def main() -> None:
         ],
         console,
     )
+    overhead = tracing_overhead(ours_url, args, console)
     at32 = [r for r in rows if r["server"] == "expertmesh" and r["clients"] == 32]
     goal = bool(at32) and at32[0]["throughput_ratio_vs_baseline"] >= 3.0
     console.print(f"vLLM: {vllm_note}", markup=False)
@@ -323,11 +341,40 @@ def main() -> None:
             "max_tokens": args.max_tokens,
             "vllm": vllm_note,
             "goal_3x_at_32": goal,
+            "tracing_overhead": overhead,
         },
     )
     console.print(f"wrote {path}")
     serve.shutdown()
     ray.shutdown()
+
+
+def tracing_overhead(url: str, args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
+    """Throughput with every request traced (JSONL spans: HTTP, selector, engine request and
+    steps) vs tracing off, same engine settings, runs interleaved off/on/off/on."""
+    rows = []
+    for n in [c for c in args.clients if c > 1]:
+        runs: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(2):
+            for label, base in (("off", url), ("on", f"{url}/traced")):
+                r = asyncio.run(
+                    load(base, "expertmesh-demo", n, args.requests_per_client, args.max_tokens)
+                )
+                runs[label].append(r["tokens_per_s"])
+        off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+        rows.append(
+            {"clients": n, "off_tokens_per_s": off, "on_tokens_per_s": on, "cost": 1 - on / off}
+        )
+    print_table(
+        "Tracing every request: throughput on vs off (goal: cost <= 5%)",
+        ["N", "tracing off tok/s", "tracing on tok/s", "cost"],
+        [
+            [r["clients"], r["off_tokens_per_s"], r["on_tokens_per_s"], f"{r['cost']:.1%}"]
+            for r in rows
+        ],
+        console,
+    )
+    return rows
 
 
 def vllm_status() -> str:

@@ -142,7 +142,7 @@ def _serve_foreground(args: argparse.Namespace, config: Any, console: Console) -
         console.print(f"starting the embedded cluster ({len(cluster.topology.nodes)} Ray nodes)...")
         cluster.start()
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     url = f"http://{args.host}:{args.port}"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
