@@ -26,30 +26,41 @@ experts in proportion to `load`):
 A node whose `link_gbps` is `math.inf` shares the attention node's process: its tokens cross
 no link (they count for no `cross_node_bytes_per_token`).
 
-Algorithm (per layer, vectorised over layers with numpy):
+Algorithm (per layer, vectorised over layers with numpy; like EPLB it costs a few dozen numpy
+operations per slot of a node, with no Python loop over experts outside the rare fix-ups in 3):
 
 1. Slots per layer: each node's `expert_slots` are spread evenly over the layers.
 2. Replica counts: every expert starts at `min_replicas`. A layer cannot finish before
    `tau = (tokens + sum_n latency_n * v_n) / sum_n v_n` (all nodes busy, v_n = 1 / c_n), nor
-   before its hottest expert's piece `load / (sum of the r fastest v)`. Extra replicas go, one
-   at a time, to the expert with the largest piece (across all layers, within the slot
-   budget), and stop once no piece exceeds tau: past that point another replica no longer
-   lowers the predicted max.
-3. Assignment, longest processing time first (LPT for uniform machines): replicated experts,
-   hottest first, each take the r nodes where they would finish soonest, and their tokens are
-   split by water-filling: in proportion to node speed on equally loaded nodes (faster nodes
-   take more), less to nodes that already carry more. Then single-replica experts, heaviest
-   first, each go to the node that minimises its finish time (current time + work / speed +
-   link cost). Node slots are never exceeded; replicas of one expert are on distinct nodes.
-   With `rack_local`, nodes whose link is more than 4x slower than the best link get a replica
-   only when no faster node has a slot left for it.
-4. Local improvement: while it lowers the layer's max, move work off the most loaded node:
-   shift tokens of a replicated expert to its replica on the least loaded node, move a
-   replica there (if it has a free slot), or split one there with a spare slot of the budget.
+   before its hottest expert's piece `load / (sum of the r fastest v)` plus a node's message
+   latency. Extra replicas go, one at a time, to the expert with the largest piece (across all
+   layers, within the slot budget), and stop once no piece exceeds tau: past that point another
+   replica no longer lowers the predicted max. An expert's replicas ("pieces") start equal, each
+   with 1 / count of its tokens.
+3. Packing, longest processing time first in rounds (`cluster/placement_ops.py`): each layer's
+   pieces are sorted heaviest first, and in every round each live node takes one, the heaviest
+   going to the nodes where they would finish soonest (current time + piece * c_n). A node is
+   live while it has a free slot and room below tau for the round's lightest piece times
+   max(1, PACE x the pieces it can still expect), which paces slots against time: a slow node,
+   or one holding a hot piece, waits for the lighter pieces that come later instead of using
+   slots a fast node needs. A layer where no node is live, or whose remaining pieces fit in one
+   round, gives the round to every node with a free slot. Node slots are never exceeded;
+   replicas of one expert are on distinct nodes: a piece that lands on a node holding its
+   expert already is swapped within its round or moved to a free slot, or else merged into
+   that replica if the expert can spare one; a layer where even that fails is re-planned with
+   min_replicas replicas of each expert on the nodes with the most free slots. With
+   `rack_local`, nodes whose link is more than 4x slower than the best link get a replica only
+   when no faster node has a slot left for it.
+4. Surplus splitting (one pass; four in `plan_increment`): nodes more than SPLIT_MIN above tau
+   give tokens of their largest replica to nodes below it, lined up by cumulative amounts
+   (north-west corner rule, largest surplus and deficit first). A taker takes them into its
+   replica of that expert or, for at least SPLIT_MIN of a node's load, a new replica in a free
+   slot; a replica left without tokens is dropped unless min_replicas needs it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -58,6 +69,16 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+
+from .placement_ops import (
+    SPLIT_MIN,
+    Packing,
+    add_replicas,
+    find_replicas,
+    pack,
+    piece_offsets,
+    split_surplus,
+)
 
 __all__ = [
     "ExpertShape",
@@ -404,21 +425,27 @@ def _token_load(
             raise PlacementError(f"load has shape {w.shape}; the model has ({L}, {E}) experts")
         if not np.all(np.isfinite(w)) or (w < 0).any():
             raise PlacementError("load must be finite and >= 0 (token counts or shares)")
-    total = w.sum(axis=1, keepdims=True)
-    w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 1.0 / E)
-    return w * (options.tokens_per_step * shape.top_k)
+    tokens = options.tokens_per_step * shape.top_k
+    total = w.sum(axis=1)
+    out = w * (tokens / np.where(total > 0, total, 1.0))[:, None]
+    out[total <= 0] = tokens / E
+    return out
 
 
-def _layer_times(
-    tokens: np.ndarray, layer: np.ndarray, node: np.ndarray, num_layers: int, cost: _Cost
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-replica tokens -> (L, N) node times and (L, N) node tokens."""
-    N = len(cost.token_s)
-    key = layer * N + node
-    node_tokens = np.bincount(key, weights=tokens, minlength=num_layers * N).reshape(-1, N)
-    busy = np.bincount(key, weights=(tokens > 0), minlength=num_layers * N).reshape(-1, N) > 0
-    times = node_tokens * cost.token_s + busy * cost.latency_s
-    return times, node_tokens
+def _node_tokens(
+    a: np.ndarray,
+    layer: np.ndarray,
+    expert: np.ndarray,
+    node: np.ndarray,
+    share: np.ndarray,
+    num_nodes: int,
+) -> np.ndarray:
+    """(L, N) token-assignments per step each node serves in each layer."""
+    L = a.shape[0]
+    tokens = a[layer, expert] * share
+    return np.bincount(layer * num_nodes + node, weights=tokens, minlength=L * num_nodes).reshape(
+        L, num_nodes
+    )
 
 
 def _max_over_mean(x: np.ndarray) -> float:
@@ -426,30 +453,21 @@ def _max_over_mean(x: np.ndarray) -> float:
     return float(x.max()) / mean if mean > 0 else 1.0
 
 
-def _metrics(
-    a: np.ndarray,
-    layer: np.ndarray,
-    expert: np.ndarray,
-    node: np.ndarray,
-    share: np.ndarray,
-    cost: _Cost,
-    shape: ExpertShape,
-    options: PlacementOptions,
-) -> dict[str, Any]:
-    L = a.shape[0]
-    tokens = a[layer, expert] * share
-    times, node_tokens = _layer_times(tokens, layer, node, L, cost)
+def _metrics(node_tokens: np.ndarray, cost: _Cost, options: PlacementOptions) -> dict[str, Any]:
+    """The cost model's numbers for (L, N) node tokens (a node is busy in a layer where it
+    serves tokens)."""
+    times = node_tokens * cost.token_s + (node_tokens > 0) * cost.latency_s
     node_time, node_total = times.sum(axis=0), node_tokens.sum(axis=0)
-    layer_mean = times.mean(axis=1)
-    remote = float(tokens[~cost.colocated[node]].sum())
+    layer_max = times.max(axis=1)
+    remote = float(node_tokens[:, ~cost.colocated].sum())
     return {
         "node_time_s": node_time,
         "node_tokens": node_total,
         "layer_node_time_s": times,
         "balancedness": _max_over_mean(node_time),
         "balancedness_equal_speed": _max_over_mean(node_total),
-        "step_balancedness": float(times.max(axis=1).sum() / max(layer_mean.sum(), 1e-300)),
-        "step_time_s": float(times.max(axis=1).sum()),
+        "step_balancedness": float(layer_max.sum() / max(times.mean(axis=1).sum(), 1e-300)),
+        "step_time_s": float(layer_max.sum()),
         "cross_node_bytes_per_token": remote * cost.token_link_bytes / options.tokens_per_step,
     }
 
@@ -500,15 +518,13 @@ def _check_feasible(
     return budget
 
 
-def _spread_over_layers(slots: np.ndarray, num_layers: int, offset: int = 0) -> np.ndarray:
+def _spread_over_layers(slots: np.ndarray, num_layers: int) -> np.ndarray:
     """(L, N) caps: each node's slots spread evenly over layers, remainders staggered so layer
-    totals differ by at most one."""
-    caps = np.repeat((slots // num_layers)[None, :], num_layers, axis=0)
-    for n, extra in enumerate((slots % num_layers).tolist()):
-        rows = (offset + np.arange(extra)) % num_layers
-        caps[rows, n] += 1
-        offset = (offset + extra) % num_layers
-    return caps
+    totals differ by at most one (node n's extra slots go to the layers after node n-1's)."""
+    extra = slots % num_layers
+    offset = (np.cumsum(extra) - extra) % num_layers
+    rows = (np.arange(num_layers)[:, None] - offset) % num_layers
+    return (slots // num_layers)[None, :] + (rows < extra).astype(np.int64)
 
 
 def _layer_caps(
@@ -540,24 +556,30 @@ def _layer_bounds(a: np.ndarray, caps: np.ndarray, cost: _Cost) -> tuple[np.ndar
 
 
 def _replica_counts(
-    a: np.ndarray, caps: np.ndarray, cost: _Cost, budget: int, min_replicas: int
+    a: np.ndarray,
+    caps: np.ndarray,
+    cost: _Cost,
+    budget: int,
+    min_replicas: int,
+    bounds: tuple[np.ndarray, np.ndarray],
 ) -> np.ndarray:
     """(L, E) replicas per expert: min_replicas, plus extras to the largest pieces while a piece
-    exceeds the layer's tau (see the module docstring), within the budget."""
+    (and its node's message latency) exceeds the layer's tau (see the module docstring), within
+    the budget. bounds: `_layer_bounds`."""
     L, E = a.shape
     counts = np.full((L, E), min_replicas, dtype=np.int64)
     spare = budget - L * E * min_replicas
     if spare <= 0:
         return counts
-    tau, vtop = _layer_bounds(a, caps, cost)
+    tau, vtop = bounds
     usable = (vtop > 0).sum(axis=1) - 1  # (L,) nodes an expert may spread over
-    # Expert e needs the least r with a / vtop[r] <= tau; only experts above vtop[m] need more.
-    x = a / tau[:, None] * (1 - 1e-9)
-    hot = x > vtop[np.arange(L), np.minimum(min_replicas, usable)][:, None]
-    hl, he = np.nonzero(hot)
+    # Expert e needs the least r with a / vtop[r] + latency <= tau; only experts above vtop[m]
+    # need more.
+    room = (tau - cost.latency_s.min()) / (1 - 1e-9)
+    hl, he = np.nonzero(a > (vtop[np.arange(L), np.minimum(min_replicas, usable)] * room)[:, None])
     if not len(hl):
         return counts
-    need = (vtop[hl, 1:] < x[hl, he][:, None]).sum(axis=1) + 1
+    need = (vtop[hl, 1:] < (a[hl, he] / room[hl])[:, None]).sum(axis=1) + 1
     need = np.minimum(need, np.maximum(usable[hl], min_replicas))
     reps = need - min_replicas
     keep = reps > 0
@@ -578,490 +600,33 @@ def _replica_counts(
     return counts
 
 
-def _waterfill(
-    amount: np.ndarray, base: np.ndarray, token_s: np.ndarray, chosen: np.ndarray
-) -> np.ndarray:
-    """Split `amount` (R,) tokens over the chosen (R, N) nodes so they finish together; nodes
-    already past that level get none. base: (R, N) current times. Returns (R, N) tokens."""
-    big = np.where(chosen, base, np.inf)
-    order = np.argsort(big, axis=1)
-    b = np.take_along_axis(big, order, axis=1)
-    ok = np.isfinite(b)
-    b0 = np.where(ok, b, 0.0)
-    inv = np.where(ok, 1.0 / token_s[order], 0.0)
-    level = (amount[:, None] + np.cumsum(b0 * inv, axis=1)) / np.maximum(
-        np.cumsum(inv, axis=1), 1e-300
-    )
-    filled = (ok & (level >= b)).sum(axis=1)  # a prefix of the sorted nodes
-    tau = level[np.arange(len(b)), np.maximum(filled - 1, 0)]
-    x = np.where(np.arange(b.shape[1]) < filled[:, None], (tau[:, None] - b0) * inv, 0.0)
-    out = np.empty_like(x)
-    np.put_along_axis(out, order, np.maximum(x, 0.0), axis=1)
-    return out
-
-
-@dataclass
-class _State:
-    """Planning state of all layers at once. Most experts have one replica: `single` holds
-    their node; replicated experts have a row each in the (L, K, N) `multi_*` tables."""
-
-    single: np.ndarray
-    """(L, E) node of a single-replica expert; -1 for a replicated one."""
-    multi_expert: np.ndarray
-    """(L, K) expert of each replicated row; -1 for an unused row."""
-    multi_tokens: np.ndarray
-    """(L, K, N) token-assignments per step of each replica (0 where none)."""
-    multi_held: np.ndarray
-    """(L, K, N) bool: the replica exists (it may take 0 tokens: a failover copy)."""
-    times: np.ndarray
-    """(L, N) node times."""
-    cap_left: np.ndarray
-    """(L, N) free slots."""
-
-    @property
-    def rows_used(self) -> np.ndarray:
-        return (self.multi_expert >= 0).sum(axis=1)
-
-    def grow_rows(self, extra: int) -> None:
-        """Add `extra` unused rows to the multi tables."""
-        self.multi_expert = np.pad(self.multi_expert, ((0, 0), (0, extra)), constant_values=-1)
-        self.multi_tokens = np.pad(self.multi_tokens, ((0, 0), (0, extra), (0, 0)))
-        self.multi_held = np.pad(self.multi_held, ((0, 0), (0, extra), (0, 0)))
-
-
-def _assign(
-    a: np.ndarray,
-    counts: np.ndarray,
-    caps: np.ndarray,
-    cost: _Cost,
-    min_replicas: int,
-    preset: np.ndarray | None = None,
-    spare_rows: int = 0,
-) -> _State:
-    """Place counts[l, e] replicas of every expert (keeping the `preset` (L, E, N) ones) by LPT:
-    replicated experts first, hottest first, water-filled over the nodes where they finish
-    soonest; then single-replica experts one by one (`_lpt_singles`)."""
-    L, E = a.shape
-    N = len(cost.token_s)
-    r = np.arange(L)
-    penalty = np.where(cost.preferred, 0.0, 1e6)  # rack_local: slow links last
-    n_held = np.zeros((L, E), dtype=np.int64) if preset is None else preset.sum(axis=2)
-    cap_left = caps - (0 if preset is None else preset.sum(axis=1))
-    single = np.full((L, E), -1, dtype=np.int64)
-    times = np.zeros((L, N))
-    busy = np.zeros((L, N), dtype=bool)
-    if preset is not None:  # kept single replicas keep their node and all their tokens
-        fl, fe = np.nonzero((counts == 1) & (n_held == 1))
-        fn = preset[fl, fe].argmax(axis=1)
-        single[fl, fe] = fn
-        np.add.at(times, (fl, fn), a[fl, fe] * cost.token_s[fn])
-        busy[fl, fn] = a[fl, fe] > 0
-        times += busy * cost.latency_s
-    multi = (counts >= 2) | ((n_held >= 1) & (single < 0))
-    n_multi = multi.sum(axis=1)
-    K = int(n_multi.max(initial=0)) + spare_rows
-    order = np.argsort(-np.where(multi, a, -1.0), axis=1, kind="stable")[:, :K]
-    if order.shape[1] < K:  # fewer experts than rows: pad (those rows stay unused)
-        order = np.pad(order, ((0, 0), (0, K - order.shape[1])), constant_values=-1)
-    multi_expert = np.where(np.arange(K) < n_multi[:, None], order, -1)
-    multi_tokens = np.zeros((L, K, N))
-    multi_held = np.zeros((L, K, N), dtype=bool)
-    for j in range(int(n_multi.max(initial=0))):
-        live = multi_expert[:, j] >= 0
-        e = np.maximum(multi_expert[:, j], 0)
-        want = np.where(live, counts[r, e], 0)
-        have = preset[r, e] if preset is not None else np.zeros((L, N), dtype=bool)
-        base = times + ~busy * cost.latency_s
-        amount = np.where(live, a[r, e], 0.0)
-        finish = base + (amount / np.maximum(want, 1))[:, None] * cost.token_s + penalty
-        finish = np.where(have, -np.inf, np.where(cap_left > 0, finish, np.inf))
-        rank = np.argsort(np.argsort(finish, axis=1, kind="stable"), axis=1)
-        chosen = ((rank < want[:, None]) & np.isfinite(finish)) | (have & live[:, None])
-        x = _waterfill(amount, base, cost.token_s, chosen)
-        # A chosen node that gets no tokens is dropped unless needed for min_replicas.
-        keep = chosen & ((x > 0) | have)
-        idle = chosen & ~keep
-        short = np.maximum(min_replicas - keep.sum(axis=1), 0)
-        keep |= idle & (np.cumsum(idle, axis=1) <= short[:, None])
-        multi_held[:, j] = keep
-        multi_tokens[:, j] = x
-        cap_left -= keep & ~have
-        times += x * cost.token_s + ((x > 0) & ~busy) * cost.latency_s
-        busy |= x > 0
-
-    todo = (counts == 1) & (n_held == 0)
-    base = times + ~busy * cost.latency_s + penalty
-    sl, se, sn = _lpt_singles(a, todo, base, cap_left, cost.token_s)
-    single[sl, se] = sn
-    flat = sl * N + sn
-    times += np.bincount(flat, weights=a[sl, se] * cost.token_s[sn], minlength=L * N).reshape(L, N)
-    cap_left -= np.bincount(flat, minlength=L * N).reshape(L, N)
-    newly = np.zeros((L, N), dtype=bool)
-    newly[sl[a[sl, se] > 0], sn[a[sl, se] > 0]] = True
-    times += (newly & ~busy) * cost.latency_s
-    return _State(single, multi_expert, multi_tokens, multi_held, times, cap_left)
-
-
-def _lpt_singles(
-    a: np.ndarray, todo: np.ndarray, base: np.ndarray, cap_left: np.ndarray, token_s: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """LPT for the single-replica experts marked in `todo` (L, E): heaviest first, each to the
-    node where it finishes soonest. base: (L, N) finish times so far (plus the latency of a
-    first message and any rack_local penalty). Returns (layer, expert, node) arrays.
-
-    The loop runs once per expert rank, all layers at once; layers are sorted by how many
-    experts they place so the live ones are a prefix (slices, no masks).
-    """
-    L, N = base.shape
-    n_todo = todo.sum(axis=1)
-    by_count = np.argsort(-n_todo, kind="stable")
-    key = np.where(todo, a, -1.0)[by_count]
-    order = np.argsort(-key, axis=1, kind="stable")  # (L, E) experts, heaviest first
-    weight = np.take_along_axis(key, order, axis=1)
-    base = np.where(cap_left > 0, base, np.inf)[by_count]
-    cap = cap_left[by_count].reshape(-1).copy()
-    flat_base = base.reshape(-1)
-    counts = n_todo[by_count]
-    width = int(counts[0]) if L else 0
-    live = (counts[None, :] > np.arange(width)[:, None]).sum(axis=1)  # live layers per rank
-    row_start = np.arange(L) * N
-    node = np.zeros((L, width), dtype=np.int64)
-    buf = np.empty((L, N))
-    for j in range(width):
-        k = live[j]
-        out = buf[:k]
-        np.multiply.outer(weight[:k, j], token_s, out=out)
-        out += base[:k]
-        n = out.argmin(axis=1)
-        idx = row_start[:k] + n
-        cap[idx] -= 1
-        flat_base[idx] = np.where(cap[idx] > 0, out.reshape(-1)[idx], np.inf)
-        node[:k, j] = n
-    rows, cols = np.nonzero(np.arange(width)[None, :] < counts[:, None])
-    return by_count[rows], order[rows, cols], node[rows, cols]
-
-
-def _improve(
-    state: _State,
-    a: np.ndarray,
-    cost: _Cost,
-    rounds: int,
-    relocate: bool = True,
-    good_enough: float = 1e-3,
-) -> None:
-    """Local improvement, in place: per layer and round one action on the most loaded node's
-    work, while it lowers the layer's max and max/mean > 1 + good_enough:
-
-    0. shift tokens of a replicated expert to its least loaded other replica;
-    1. move a single replica to the least loaded node with a free slot;
-    2. move one replica of a replicated expert there;
-    3. swap a single replica with a lighter one on the least loaded node (when 0-2 cannot help).
-    relocate=False allows only the shifts (no weights move).
-    """
-    c, lat = cost.token_s, cost.latency_s
-    allowed = np.where(cost.preferred, 0.0, np.inf)
-    rows = np.arange(len(a))
-    for _ in range(rounds):
-        t_all = state.times[rows]
-        rows = rows[t_all.max(axis=1) > (1 + good_enough) * t_all.mean(axis=1)]
-        if not len(rows):
-            return
-        L = len(rows)
-        r = np.arange(L)
-        t, al, single = state.times[rows], a[rows], state.single[rows]
-        held = state.multi_held[rows]
-        src = t.argmax(axis=1)
-        ts, cs = t[r, src], c[src]
-        target_t = t + allowed
-        target_t[r, src] = np.inf
-        free_t = np.where(state.cap_left[rows] > 0, target_t, np.inf)
-        dst, low = free_t.argmin(axis=1), target_t.argmin(axis=1)
-        has_room = (np.isfinite(free_t[r, dst]) & relocate)[:, None]
-
-        def after(
-            x: np.ndarray,
-            node: np.ndarray,
-            ok: np.ndarray,
-            t: np.ndarray = t,
-            ts: np.ndarray = ts,
-            cs: np.ndarray = cs,
-        ) -> np.ndarray:
-            """New max of src and `node` (per layer or per candidate) if x tokens go there."""
-            node = np.broadcast_to(node[:, None] if node.ndim == 1 else node, x.shape)
-            tn = np.take_along_axis(t, node, axis=1)
-            first = np.where(tn > 0, 0.0, lat[node])  # its first message in this layer
-            val = np.maximum(ts[:, None] - x * cs[:, None], tn + x * c[node] + first)
-            return np.where(ok, val, np.inf)
-
-        ws = np.where(single == src[:, None], al, 0.0)  # (L, E) single replicas on src
-        wm = state.multi_tokens[rows, :, src]  # (L, K) replicated experts' tokens on src
-        others = np.where(held, target_t[:, None, :], np.inf)  # (L, K, N)
-        partner = others.argmin(axis=2)
-        tp = np.take_along_axis(others, partner[:, :, None], axis=2)[:, :, 0]
-        shift = np.clip((ts[:, None] - tp) / (cs[:, None] + c[partner]), 0.0, wm)
-        vals = [
-            after(shift, partner, (wm > 0) & np.isfinite(tp)),
-            after(ws, dst, (ws > 0) & has_room),
-            after(wm, dst, (wm > 0) & ~held[r, :, dst] & has_room),
-        ]
-        best = [v.argmin(axis=1) for v in vals] + [np.zeros(L, dtype=np.int64)]
-        value = np.stack([v[r, b] for v, b in zip(vals, best)] + [np.full(L, np.inf)])
-        swap_j = np.zeros(L, dtype=np.int64)
-        stuck = value.min(axis=0) >= ts * (1 - 1e-9)
-        if relocate and stuck.any():
-            value[3, stuck], best[3][stuck], swap_j[stuck] = _best_swap(
-                al[stuck], single[stuck], src[stuck], low[stuck], t[stuck], c
-            )
-        kind = value.argmin(axis=0)
-        act = value[kind, r] < ts * (1 - 1e-9)
-        rows, kind, sub = rows[act], kind[act], r[act]  # layers that cannot improve are done
-        if not len(rows):
-            return
-        idx = np.stack(best)[kind, sub]
-        for k in range(4):
-            sel = kind == k
-            if not sel.any():
-                continue
-            rl, i, s = rows[sel], idx[sel], sub[sel]
-            sn = src[s]
-            dn = (partner[s, i] if k == 0 else low[s] if k == 3 else dst[s]).copy()
-            if k == 0:
-                x = shift[s, i]
-                state.multi_tokens[rl, i, sn] -= x
-                state.multi_tokens[rl, i, dn] += x
-            elif k == 1:
-                state.single[rl, i] = dn
-            elif k == 2:
-                state.multi_tokens[rl, i, dn] = state.multi_tokens[rl, i, sn]
-                state.multi_tokens[rl, i, sn] = 0.0
-                state.multi_held[rl, i, sn] = False
-                state.multi_held[rl, i, dn] = True
-            else:
-                state.single[rl, i] = dn
-                state.single[rl, swap_j[s]] = sn
-            if k in (1, 2):
-                state.cap_left[rl, sn] += 1
-                state.cap_left[rl, dn] -= 1
-            for nodes in (sn, dn):  # the two nodes' times, recomputed exactly
-                tok = np.where(state.single[rl] == nodes[:, None], a[rl], 0.0).sum(axis=1)
-                tok += state.multi_tokens[rl, :, nodes].sum(axis=1)
-                state.times[rl, nodes] = tok * c[nodes] + (tok > 0) * lat[nodes]
-
-
-def _spread_surplus(state: _State, a: np.ndarray, cost: _Cost, spare: np.ndarray) -> None:
-    """Split the surplus of overloaded nodes onto underloaded ones, in place (McNaughton's
-    wrap-around rule, generalised to node speeds and slots).
-
-    Per layer: find the level tau where the tokens above it (all nodes) equal the room below
-    it (nodes with a free slot); every node above tau gives its surplus out of its largest
-    expert, matched in node order against the nodes below tau (north-west corner rule: at most
-    2N - 1 transfers a layer). A transfer to a node without a replica of that expert creates
-    one, taking a spare slot (spare: (L,) per layer, updated) and one of the node's free slots.
-    """
-    N = state.times.shape[1]
-    c = cost.token_s
-    t = state.times
-    room = (state.cap_left > 0) & cost.preferred & (t > 0)
-    lo, hi = t.min(axis=1), t.max(axis=1)
-    for _ in range(40):  # bisection: surplus above mid minus room below mid falls with mid
-        mid = (lo + hi)[:, None] / 2
-        over = (np.maximum(t - mid, 0) / c).sum(axis=1)
-        under = (np.where(room, np.maximum(mid - t, 0), 0) / c).sum(axis=1)
-        lo, hi = np.where(over > under, mid[:, 0], lo), np.where(over > under, hi, mid[:, 0])
-    surplus = np.maximum(t - hi[:, None], 0) / c  # (L, N) tokens each node should give
-    deficit = np.where(room, np.maximum(hi[:, None] - t, 0), 0) / c
-    ls, ns = np.nonzero(surplus > 1e-9 * a.sum(axis=1, keepdims=True))  # sorted by layer
-    if not len(ls):
-        return
-    # Each giving node's largest expert: a single replica, or a row of a replicated expert.
-    g = np.arange(len(ls))
-    w_single = np.where(state.single[ls] == ns[:, None], a[ls], 0.0)  # (G, E)
-    w_multi = state.multi_tokens[ls, :, ns]  # (G, K)
-    e_single, k_multi = w_single.argmax(axis=1), w_multi.argmax(axis=1)
-    from_single = w_single[g, e_single] >= w_multi[g, k_multi]
-    surplus[ls, ns] = np.minimum(
-        surplus[ls, ns], np.maximum(w_single[g, e_single], w_multi[g, k_multi])
-    )
-    # North-west corner: overlap of node i's surplus interval with node j's deficit interval.
-    s_hi, d_hi = np.cumsum(surplus, axis=1), np.cumsum(deficit, axis=1)
-    x = np.minimum(s_hi[:, :, None], d_hi[:, None, :]) - np.maximum(
-        (s_hi - surplus)[:, :, None], (d_hi - deficit)[:, None, :]
-    )  # (L, N giver, N taker)
-    tl, ts, td = np.nonzero(x > 1e-12)
-    if not len(tl):
-        return
-    giver = np.searchsorted(ls * N + ns, tl * N + ts)  # index into (ls, ns)
-    new_row = state.rows_used[ls] + _rank_within(ls, from_single)
-    row = np.where(from_single, new_row, k_multi)[giver]
-    held = (
-        ~from_single[giver]
-        & state.multi_held[tl, np.minimum(row, state.multi_expert.shape[1] - 1), td]
-    )
-    # A new replica needs a spare slot of the layer and a free slot on the taker.
-    ok = held | (_rank_within(tl, ~held) < spare[tl])
-    ok &= held | (_rank_within(tl * N + td, ~held & ok) < state.cap_left[tl, td])
-    tl, ts, td, giver, row, held = tl[ok], ts[ok], td[ok], giver[ok], row[ok], held[ok]
-    amount = x[tl, ts, td]
-    sent = np.bincount(giver, weights=amount, minlength=len(ls))
-    conv = from_single & (sent > 0)  # single replicas that now split become rows
-    extra = int(new_row[conv].max(initial=-1)) + 1 - state.multi_expert.shape[1]
-    if extra > 0:
-        state.grow_rows(extra)
-    cl, cn, ce, cr = ls[conv], ns[conv], e_single[conv], new_row[conv]
-    state.multi_expert[cl, cr] = ce
-    state.multi_tokens[cl, cr, cn] = a[cl, ce]
-    state.multi_held[cl, cr, cn] = True
-    state.single[cl, ce] = -1
-    gave = sent > 0
-    give_row = np.where(from_single, new_row, k_multi)[gave]
-    state.multi_tokens[ls[gave], give_row, ns[gave]] -= sent[gave]
-    state.multi_tokens[tl, row, td] += amount
-    state.multi_held[tl, row, td] = True
-    np.subtract.at(state.cap_left, (tl[~held], td[~held]), 1)
-    np.subtract.at(spare, tl[~held], 1)
-    state.times = _state_times(state, a, cost)
-
-
-def _rank_within(group: np.ndarray, flag: np.ndarray) -> np.ndarray:
-    """For each element, how many flagged elements of the same group come before it."""
-    order = np.argsort(group, kind="stable")
-    g, f = group[order], flag[order].astype(np.int64)
-    before = np.cumsum(f) - f
-    start = np.r_[True, g[1:] != g[:-1]]
-    first = np.maximum.accumulate(np.where(start, np.arange(len(g)), 0))
-    out = np.empty_like(before)
-    out[order] = before - before[first]
-    return out
-
-
-def _state_times(state: _State, a: np.ndarray, cost: _Cost) -> np.ndarray:
-    """(L, N) node times of the state, from scratch."""
-    L, N = state.times.shape
-    sl, se = np.nonzero(state.single >= 0)
-    tok = np.bincount(sl * N + state.single[sl, se], weights=a[sl, se], minlength=L * N)
-    tok = tok.reshape(L, N) + state.multi_tokens.sum(axis=1)
-    return tok * cost.token_s + (tok > 0) * cost.latency_s
-
-
-def _best_swap(
-    a: np.ndarray,
-    single: np.ndarray,
-    src: np.ndarray,
-    low: np.ndarray,
-    t: np.ndarray,
-    c: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per layer, the best swap of a single replica on src (i) with one on low (j, lighter):
-    (new max of the two nodes or inf, i, j). For each i the j whose weight is nearest to
-    w_i - ideal is found by one searchsorted over all layers (layer offsets keep them apart)."""
-    L = len(a)
-    r = np.arange(L)
-    ts, tl, cs, cl = t[r, src], t[r, low], c[src], c[low]
-    ideal = (ts - tl) / (cs + cl)
-    li, ei = np.nonzero(single == src[:, None])
-    lj, ej = np.nonzero(single == low[:, None])
-    value = np.full(L, np.inf)
-    best_i, best_j = np.zeros(L, dtype=np.int64), np.zeros(L, dtype=np.int64)
-    if not len(li) or not len(lj):
-        return value, best_i, best_j
-    span = 4.0 * float(a.sum(axis=1).max()) + 1.0
-    key_j = lj * span + a[lj, ej]
-    order = np.argsort(key_j)
-    key_j, lj, ej = key_j[order], lj[order], ej[order]
-    want = li * span + a[li, ei] - ideal[li]
-    pos = np.searchsorted(key_j, want)
-    for p in (np.clip(pos - 1, 0, len(key_j) - 1), np.clip(pos, 0, len(key_j) - 1)):
-        d = a[li, ei] - a[lj[p], ej[p]]
-        ok = (lj[p] == li) & (d > 0)
-        val = np.where(ok, np.maximum(ts[li] - d * cs[li], tl[li] + d * cl[li]), np.inf)
-        # Best per layer: sort by (layer, value) and take each layer's first.
-        o = np.lexsort((val, li))
-        first = o[np.r_[True, li[o][1:] != li[o][:-1]]]
-        layer = li[first]
-        better = val[first] < value[layer]
-        value[layer[better]] = val[first][better]
-        best_i[layer[better]] = ei[first][better]
-        best_j[layer[better]] = ej[p[first]][better]
-    return value, best_i, best_j
-
-
-def _replicas(
-    state: _State, a: np.ndarray, min_replicas: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Flat (layer, expert, node, share) of every replica, sorted by layer, expert, node.
-
-    A replica left with no tokens is dropped unless the expert needs it for min_replicas."""
-    L, E = a.shape
-    sl, se = np.nonzero(state.single >= 0)
-    sn = state.single[sl, se]
-    held, tok = state.multi_held, state.multi_tokens
-    idle = held & (tok <= 0)
-    short = np.maximum(min_replicas - (held & (tok > 0)).sum(axis=2), 0)
-    keep = (held & (tok > 0)) | (idle & (np.cumsum(idle, axis=2) <= short[:, :, None]))
-    ml, mk, mn = np.nonzero(keep)
-    me = state.multi_expert[ml, mk]
-    total = a[ml, me]
-    n_kept = keep.sum(axis=2)[ml, mk]
-    mshare = np.where(total > 0, tok[ml, mk, mn] / np.where(total > 0, total, 1.0), 1.0 / n_kept)
-    mshare /= np.bincount(ml * E + me, weights=mshare, minlength=L * E)[ml * E + me]
-    layer = np.concatenate([sl, ml])
-    expert = np.concatenate([se, me])
-    node = np.concatenate([sn, mn])
-    share = np.concatenate([np.ones(len(sl)), mshare])
-    order = np.argsort((layer * E + expert) * (node.max(initial=0) + 1) + node, kind="stable")
-    return layer[order], expert[order], node[order], share[order]
-
-
 def _repair(
-    state: _State,
-    a: np.ndarray,
-    counts: np.ndarray,
-    caps: np.ndarray,
-    cost: _Cost,
-    min_replicas: int,
-) -> None:
-    """Re-plan, in place, every layer where LPT left an expert short of min_replicas (tight
-    slots): min_replicas each, placed by demand on the nodes with the most room (which always
-    succeeds when the layer's slots allow it), tokens water-filled hottest first."""
-    L, E = a.shape
-    N = len(cost.token_s)
-    placed = (state.single >= 0).astype(np.int64)
-    placed[np.arange(L)[:, None], np.maximum(state.multi_expert, 0)] += np.where(
-        state.multi_expert >= 0, state.multi_held.sum(axis=2), 0
-    )
-    for layer in np.nonzero((placed < min_replicas).any(axis=1))[0].tolist():
+    layers: np.ndarray, a: np.ndarray, caps: np.ndarray, cost: _Cost, min_replicas: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Re-plan the layers the packing could not finish (tight slots): min_replicas replicas of
+    every expert, hottest first, on the nodes with the most free slots (which always succeeds
+    when the layer's slots allow it), tokens split in proportion to node speed. Returns flat
+    (layer, expert, node, share)."""
+    E, m = a.shape[1], min_replicas
+    out = []
+    for layer in layers.tolist():
         room = caps[layer].copy()
-        held = np.zeros((E, N), dtype=bool)
+        nodes = np.empty((E, m), dtype=np.int64)
         for e in np.argsort(-a[layer], kind="stable").tolist():
-            nodes = np.argsort(-room, kind="stable")[:min_replicas]
-            if (room[nodes] <= 0).any():
+            pick = np.argsort(-room, kind="stable")[:m]
+            if (room[pick] <= 0).any():
                 raise PlacementError(
                     f"layer {layer}: the slots given to this layer cannot hold "
-                    f"{min_replicas} replicas of each of {E} experts on distinct nodes"
+                    f"{m} replicas of each of {E} experts on distinct nodes"
                 )
-            held[e, nodes] = True
-            room[nodes] -= 1
-        counts[layer] = min_replicas
-        times, busy = np.zeros(N), np.zeros(N, dtype=bool)
-        tokens = np.zeros((E, N))
-        for e in np.argsort(-a[layer], kind="stable").tolist():
-            base = times + ~busy * cost.latency_s
-            x = _waterfill(a[layer, e : e + 1], base[None], cost.token_s, held[e][None])[0]
-            tokens[e] = x
-            times += x * cost.token_s + ((x > 0) & ~busy) * cost.latency_s
-            busy |= x > 0
-        if state.multi_expert.shape[1] < E:
-            state.grow_rows(E - state.multi_expert.shape[1])
-        state.single[layer] = -1
-        state.multi_expert[layer] = -1
-        state.multi_expert[layer, :E] = np.arange(E)
-        state.multi_tokens[layer] = 0.0
-        state.multi_held[layer] = False
-        state.multi_tokens[layer, :E] = tokens
-        state.multi_held[layer, :E] = held
-        tok = tokens.sum(axis=0)
-        state.times[layer] = tok * cost.token_s + (tok > 0) * cost.latency_s
-        state.cap_left[layer] = room
+            nodes[e] = pick
+            room[pick] -= 1
+        nodes.sort(axis=1)
+        share = cost.speed[nodes] / cost.speed[nodes].sum(axis=1, keepdims=True)
+        out.append(
+            (np.full(E * m, layer), np.repeat(np.arange(E), m), nodes.ravel(), share.ravel())
+        )
+    return tuple(np.concatenate(x) for x in zip(*out))  # type: ignore[return-value]
 
 
 def _placement(
@@ -1074,17 +639,21 @@ def _placement(
     expert: np.ndarray,
     node: np.ndarray,
     share: np.ndarray,
+    node_tokens: np.ndarray | None = None,
 ) -> Placement:
-    m = _metrics(a, layer, expert, node, share, cost, shape, options)
+    """The Placement of these replicas; node_tokens: their (L, N) tokens if known."""
+    if node_tokens is None:
+        node_tokens = _node_tokens(a, layer, expert, node, share, len(nodes))
+    m = _metrics(node_tokens, cost, options)
     names = tuple(n.name for n in nodes)
     return Placement(
         nodes=names,
         layer_ids=tuple(range(shape.num_layers)),
         num_experts=shape.num_experts,
-        replica_layer=layer.astype(np.int64),
-        replica_expert=expert.astype(np.int64),
-        replica_node=node.astype(np.int64),
-        replica_share=share.astype(np.float64),
+        replica_layer=np.asarray(layer, dtype=np.int64),
+        replica_expert=np.asarray(expert, dtype=np.int64),
+        replica_node=np.asarray(node, dtype=np.int64),
+        replica_share=np.asarray(share, dtype=np.float64),
         node_time=dict(zip(names, m["node_time_s"].tolist())),
         node_tokens=dict(zip(names, m["node_tokens"].tolist())),
         balancedness=m["balancedness"],
@@ -1095,8 +664,117 @@ def _placement(
     )
 
 
-IMPROVE_ROUNDS = 48
-"""At most this many improvement rounds (one action per layer each)."""
+def _with_kept(counts: np.ndarray, n_held: np.ndarray, caps: np.ndarray, m: int) -> np.ndarray:
+    """Replica counts when n_held replicas stay: at least n_held, and new replicas only within
+    the layer's slots (a layer short of them gets only those min_replicas needs)."""
+    out = np.maximum(counts, n_held)
+    over = out.sum(axis=1) > caps.sum(axis=1)
+    out[over] = np.maximum(n_held[over], m)
+    return out
+
+
+SURPLUS_PASSES = 1
+"""Passes of surplus splitting after the packing (step 4 of the module docstring)."""
+
+INCREMENT_SURPLUS_PASSES = 4
+"""The same for plan_increment, where kept replicas leave the packing little to do."""
+
+
+@functools.lru_cache(maxsize=8)
+def _expert_ids(num_layers: int, num_experts: int) -> np.ndarray:
+    """0 .. E-1 repeated for every layer (read-only; cached: large fresh arrays are slow)."""
+    ids = np.tile(np.arange(num_experts), num_layers)
+    ids.flags.writeable = False
+    return ids
+
+
+def _runs(start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Indices start[i] .. start[i] + length[i] - 1 for every i, concatenated."""
+    return np.repeat(start - np.cumsum(length) + length, length) + np.arange(int(length.sum()))
+
+
+def _sort_runs(
+    experts: np.ndarray, offsets: np.ndarray, count: np.ndarray, node: np.ndarray, share: np.ndarray
+) -> None:
+    """Put these experts' replicas (runs of node / share) in node order, in place."""
+    idx = _runs(offsets[experts], count[experts])
+    perm = idx[np.lexsort((node[idx], np.repeat(experts, count[experts])))]
+    node[idx], share[idx] = node[perm], share[perm]
+
+
+def _merge_and_repair(
+    packed: Packing,
+    count: np.ndarray,
+    node: np.ndarray,
+    share: np.ndarray,
+    a: np.ndarray,
+    caps: np.ndarray,
+    cost: _Cost,
+    m: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rare ends of packing: pieces merged into a replica of their expert on the same node
+    become one replica; failed layers are re-planned by `_repair`. Returns (count, node,
+    share) by expert."""
+    L, E = a.shape
+    N = len(cost.token_s)
+    le = np.repeat(np.arange(L * E), count)
+    keep = ~packed.failed[le // E]
+    key, inverse = np.unique((le * N + node)[keep], return_inverse=True)
+    share = np.bincount(inverse, weights=share[keep])
+    if packed.failed.any():
+        rl, re, rn, rs = _repair(np.nonzero(packed.failed)[0], a, caps, cost, m)
+        key = np.concatenate([key, (rl * E + re) * N + rn])
+        order = np.argsort(key, kind="stable")
+        key, share = key[order], np.concatenate([share, rs])[order]
+    return np.bincount(key // N, minlength=L * E), key % N, share
+
+
+def _apply_transfers(
+    count: np.ndarray,
+    offsets: np.ndarray,
+    node: np.ndarray,
+    share: np.ndarray,
+    a: np.ndarray,
+    N: int,
+    src: np.ndarray,
+    dst: np.ndarray,
+    amount: np.ndarray,
+    new: np.ndarray,
+    m: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Apply split_surplus's transfers to the by-expert replicas (a: flat (L * E) loads):
+    givers lose shares, takers gain them in the replica they hold or a new one; a replica
+    left with nothing is dropped unless its expert needs it for min_replicas."""
+    total = a[src // N]
+    gone = find_replicas(count, offsets, node, src // N, src % N)
+    np.subtract.at(share, gone, amount / total)
+    added = np.sort(dst[new])  # distinct: a replica is new once
+    j = np.minimum(np.searchsorted(added, dst), max(len(added) - 1, 0))
+    into_new = added[j] == dst if len(added) else np.zeros(len(dst), dtype=bool)
+    old = ~into_new
+    np.add.at(
+        share,
+        find_replicas(count, offsets, node, dst[old] // N, dst[old] % N),
+        amount[old] / total[old],
+    )
+    gained = np.bincount(
+        j[into_new], weights=amount[into_new] / total[into_new], minlength=len(added)
+    )
+    idle = share[gone] <= 1e-12
+    share[gone] = np.maximum(share[gone], 0.0)
+    if len(added):
+        node, share = add_replicas(count, offsets, node, share, added // N, added % N, gained)
+    if idle.any():  # replicas that gave all their tokens away stay only for min_replicas
+        le = np.unique(src[idle] // N)
+        runs = _runs(piece_offsets(count)[le], count[le])
+        owner = np.repeat(np.arange(len(le)), count[le])
+        empty = share[runs] <= 1e-12
+        left = count[le] - np.bincount(owner[empty], minlength=len(le))
+        drop = empty & (left[owner] >= m)
+        if drop.any():
+            np.subtract.at(count, le[owner[drop]], 1)
+            node, share = np.delete(node, runs[drop]), np.delete(share, runs[drop])
+    return count, node, share
 
 
 def _plan(
@@ -1107,28 +785,92 @@ def _plan(
     cost: _Cost,
     budget: int,
     caps: np.ndarray,
-    keep_score: np.ndarray | None = None,
+    keep: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Placement:
-    """Replica counts, LPT assignment, repair, improvement, output (see the module doc).
+    """Replica counts, packing, repair, surplus splitting, output (see the module doc).
 
-    keep_score: (L, E, N), > 0 where a replica exists already (plan_increment): up to
-    counts[l, e] of them stay, the highest scores first, and no other replica moves.
+    keep: (held, share), both (L, E, N): replicas that exist already (plan_increment) and
+    their current shares. They all stay, taking their expert's tokens in proportion to their
+    shares (less what new replicas take), and no other replica moves.
     """
+    L, E = a.shape
+    N = len(nodes)
     m = options.min_replicas
-    counts = _replica_counts(a, caps, cost, budget, m)
+    tau, vtop = _layer_bounds(a, caps, cost)
+    counts = _replica_counts(a, caps, cost, budget, m, (tau, vtop))
+    room = (tau[:, None] - cost.latency_s) / cost.token_s  # tokens each node takes up to tau
     preset = None
-    if keep_score is not None:
-        rank = np.argsort(np.argsort(-keep_score, axis=2, kind="stable"), axis=2)
-        preset = (keep_score > 0) & (rank < counts[:, :, None])
-    relocate = preset is None
-    state = _assign(a, counts, caps, cost, m, preset, spare_rows=4)
-    _repair(state, a, counts, caps, cost, m)
-    used = counts.sum(axis=1)
-    spare = np.clip(caps.sum(axis=1) - used, 0, max(budget - int(used.sum()), 0) // len(used))
-    # Splitting surplus only adds replicas (nothing held moves), so increments use it too.
-    _spread_surplus(state, a, cost, spare)
-    _improve(state, a, cost, IMPROVE_ROUNDS, relocate=relocate)
-    return _placement(nodes, shape, options, cost, a, *_replicas(state, a, m))
+    if keep is not None:
+        held, held_share = keep
+        # A kept replica stays if the new counts want it (the ones taking the most tokens
+        # first) or it would still carry what surplus splitting makes a new replica for.
+        score = np.where(held, 1.0 + held_share * cost.speed, 0.0)
+        rank = np.argsort(np.argsort(-score, axis=2, kind="stable"), axis=2)
+        carries = held_share * a[:, :, None] >= SPLIT_MIN * room[:, None, :]
+        held = held & ((rank < counts[:, :, None]) | carries)
+        n_held = held.sum(axis=2)
+        counts = _with_kept(counts, n_held, caps, m)
+        pl, pe, pn = np.nonzero(held)
+        # They take what the new replicas leave, in proportion to their current shares.
+        w = held_share[pl, pe, pn] + 1e-12
+        w_sum = np.zeros((L, E))
+        np.add.at(w_sum, (pl, pe), w)
+        kept = a[pl, pe] * n_held[pl, pe] / counts[pl, pe]
+        preset = (pl, pe, pn, kept * w / w_sum[pl, pe])
+    preferred = None if cost.preferred.all() else cost.preferred
+    size = a / counts
+    packed = pack(size, counts, caps, cost.token_s, room, m, preferred, preset)
+    # Replicas by expert: expert le = layer * E + e owns node[offsets[le] : + count[le]], in
+    # node order; an expert's pieces are equal, so each takes 1 / count of its tokens.
+    count = counts.ravel()
+    node = packed.node
+    share = np.repeat(1.0 / count, count)
+    if preset is not None:
+        loaded = a[preset[0], preset[1]] > 0
+        share[packed.preset_piece[loaded]] = preset[3][loaded] / a[preset[0], preset[1]][loaded]
+    multi = np.flatnonzero(count > 1)
+    if len(multi):
+        _sort_runs(multi, piece_offsets(count), count, node, share)
+    node_tokens = room - packed.room
+    cap_left = packed.cap_left
+    largest, largest_tokens = packed.largest, packed.largest_tokens
+    if packed.merged.any() or packed.failed.any():
+        count, node, share = _merge_and_repair(packed, count, node, share, a, caps, cost, m)
+        node_tokens = _node_tokens(
+            a,
+            np.repeat(np.arange(L), count.reshape(L, E).sum(axis=1)),
+            np.repeat(_expert_ids(L, E), count),
+            node,
+            share,
+            N,
+        )
+        cap_left = caps - np.bincount(
+            np.repeat(np.arange(L), count.reshape(L, E).sum(axis=1)) * N + node, minlength=L * N
+        ).reshape(L, N)
+        multi = np.flatnonzero(count > 1)
+        largest_tokens[packed.failed] = 0.0  # re-planned layers give nothing away
+    offsets = piece_offsets(count)
+    held = np.repeat(multi, count[multi]) * N + node[_runs(offsets[multi], count[multi])]
+    src, dst, amount, new = split_surplus(
+        E,
+        node_tokens,
+        cap_left,
+        largest,
+        largest_tokens,
+        held,
+        tau,
+        cost.token_s,
+        cost.latency_s,
+        SURPLUS_PASSES if keep is None else INCREMENT_SURPLUS_PASSES,
+        preferred,
+    )
+    if len(src):
+        count, node, share = _apply_transfers(
+            count, offsets, node, share, a.ravel(), N, src, dst, amount, new, m
+        )
+    layer = np.repeat(np.arange(L), count.reshape(L, E).sum(axis=1))
+    expert = np.repeat(_expert_ids(L, E), count)
+    return _placement(nodes, shape, options, cost, a, layer, expert, node, share, node_tokens)
 
 
 def plan_placement(
@@ -1192,16 +934,15 @@ def evaluate(
     a = _token_load(load, shape, options)
     cost = _cost(nodes, shape, options)
     node = _node_index(placement, nodes)
-    m = _metrics(
+    tokens = _node_tokens(
         a,
         placement.replica_layer,
         placement.replica_expert,
         node,
         placement.replica_share,
-        cost,
-        shape,
-        options,
+        len(nodes),
     )
+    m = _metrics(tokens, cost, options)
     names = [n.name for n in nodes]
     used = np.bincount(node, minlength=len(nodes))
     return {
@@ -1267,11 +1008,13 @@ def plan_increment(
 ) -> tuple[Placement, list[Move]]:
     """A plan for drifted load that moves as few expert bytes as possible.
 
-    Replicas the new plan still wants stay where they are (the ones taking the most tokens);
-    newly hot experts get replicas on the nodes where they finish soonest; replicas no longer
-    needed are dropped; tokens are re-split among the replicas. Replicas on nodes no longer
-    given, or beyond a node's slots, are re-placed. Returns the plan and the moves (layers
-    keyed as in `current`); `bytes_moved(moves)` is what nodes must load.
+    Replicas stay where they are if the new replica counts want them (the ones taking the most
+    tokens first) or they still carry a worthwhile share (at least SPLIT_MIN of a node's load);
+    the others are dropped. Kept replicas start from their current shares; newly hot experts
+    get new replicas, packed onto the nodes with room; then surplus splitting re-splits tokens
+    among replicas (adding a replica only where a node has a free slot). Replicas on nodes no
+    longer given, or beyond a node's slots, are re-placed. Returns the plan and the moves
+    (layers keyed as in `current`); `bytes_moved(moves)` is what nodes must load.
     """
     options = options or PlacementOptions()
     _check_nodes(nodes)
@@ -1299,8 +1042,7 @@ def plan_increment(
         held_cur[dl, de, n] = False
         share_cur[dl, de, n] = 0.0
     caps = _layer_caps(nodes, shape, cost, used=held_cur.sum(axis=1))
-    score = np.where(held_cur, 1.0 + share_cur * cost.speed, 0.0)
-    new = _plan(a, nodes, shape, options, cost, budget, caps, keep_score=score)
+    new = _plan(a, nodes, shape, options, cost, budget, caps, keep=(held_cur, share_cur))
     new = replace(new, layer_ids=current.layer_ids)
     return new, _moves(current, new, nodes, shape)
 
