@@ -5,7 +5,7 @@
 
 Servers, all in this run, each on the bundled demo checkpoint, greedy:
 
-- **expertmesh**: `build_app` on Ray Serve (continuous batching, 16 slots);
+- **expertmesh**: `build_app` on Ray Serve (continuous batching, 32 slots);
 - **transformers one-at-a-time** (the baseline): `transformers`' model for the same checkpoint
   behind a minimal FastAPI/uvicorn server that streams `generate` output and serves one
   request at a time (what a naive deployment does);
@@ -254,7 +254,7 @@ def main() -> None:
     ours_port, base_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": ours_port})
     serve.run(
-        build_app({"scheduler": {"num_slots": 16, "max_waiting": 512}, "request_timeout_s": 600}),
+        build_app({"scheduler": {"num_slots": 32, "max_waiting": 512}, "request_timeout_s": 600}),
         name="expertmesh",
         route_prefix="/",
     )
@@ -263,7 +263,7 @@ def main() -> None:
     serve.run(
         build_app(
             {
-                "scheduler": {"num_slots": 16, "max_waiting": 512},
+                "scheduler": {"num_slots": 32, "max_waiting": 512},
                 "request_timeout_s": 600,
                 "telemetry": {
                     "exporter": "jsonl",

@@ -12,7 +12,7 @@ from typing import Any
 
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.errors import ModelError
-from expertmesh.models.generate import SamplingParams
+from expertmesh.models.generate import SamplingParams, StreamEvent
 from expertmesh.models.model import MoEModel
 from expertmesh.models.tokenizer import Tokenizer
 
@@ -27,6 +27,15 @@ from .engine import (
     UnknownModel,
 )
 from .scheduler import ContinuousBatcher, SchedulerConfig, SchedulerEvent
+
+
+def _merge(a: SchedulerEvent, b: SchedulerEvent) -> SchedulerEvent:
+    """Two consecutive stream events of one request as one (b's counts and finish reason)."""
+    assert a.event is not None and b.event is not None
+    event = StreamEvent(
+        b.event.index, b.event.token_id, a.event.text + b.event.text, b.event.finish_reason
+    )
+    return SchedulerEvent(event, b.prompt_tokens, b.completion_tokens, b.finish_reason)
 
 
 class ExpertMeshEngine:
@@ -152,6 +161,16 @@ class ExpertMeshEngine:
         try:
             while True:
                 item = await queue.get()
+                # A consumer that fell behind gets what piled up as one output (fewer SSE
+                # events through the proxy under load; the same text and counts).
+                while not queue.empty() and item.event is not None and item.error is None:
+                    if item.event.finish_reason is not None:
+                        break
+                    nxt = queue.get_nowait()
+                    if nxt.event is None or nxt.error is not None:
+                        queue.put_nowait(nxt)  # keep order: handled on the next turn
+                        break
+                    item = _merge(item, nxt)
                 if item.error is not None:
                     finished = True
                     raise EngineDead(f"the engine failed: {item.error!r}") from item.error
