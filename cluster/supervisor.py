@@ -50,7 +50,7 @@ from .topology import Topology
 class SupervisorConfig:
     check_interval_s: float = 0.2
     ping_timeout_s: float = 0.5
-    node_lost_after_s: float = 2.0
+    node_lost_after_s: float = 5.0
     """A shard not back this long after it died: treat its node as lost and re-place."""
     rebalance_every_s: float = 0.0
     """0 disables periodic rebalancing."""
