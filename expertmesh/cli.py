@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cmd_observe import add_fmea, add_logs
     from .cmd_policy import add_policy
     from .cmd_serve import add_serve
+    from .cmd_train import add_train
 
     parser = argparse.ArgumentParser(
         prog="expertmesh", description="Serve and train MoE models on Ray."
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chaos(sub)
     add_policy(sub)
     add_serve(sub)
+    add_train(sub)
     add_fmea(sub)
     add_logs(sub)
     return parser
