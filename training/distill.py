@@ -50,7 +50,7 @@ def distillation_loss(
     s = student_logits.float().flatten(0, 1)
     ce = F.cross_entropy(s, labels.flatten())
     if kl_weight == 0:
-        return ce, {"ce": float(ce)}
+        return ce, {"ce": ce.item()}
     t = teacher_logits.float().flatten(0, 1)
     kl = F.kl_div(
         F.log_softmax(s / temperature, dim=-1),
@@ -59,7 +59,7 @@ def distillation_loss(
         reduction="batchmean",
     )
     loss = kl_weight * temperature**2 * kl + (1 - kl_weight) * ce
-    return loss, {"ce": float(ce), "kl": float(kl)}
+    return loss, {"ce": ce.item(), "kl": kl.item()}
 
 
 @dataclass

@@ -35,13 +35,14 @@ from .tokenizer import default_cache_dir
 
 HEADING = re.compile(r"^([A-Z][A-Za-z' ]{1,30})\.$")
 WORD = re.compile(r"[A-Za-z]+")
-STOPWORDS = frozenset(
+_STOPWORDS = (
     "about above after again against before being below between could every first from have "
     "having here hither into itself more most never other ought shall should some such than "
     "that their them then there these they this those thou thee thine thy through until upon "
     "very what when where which while whilst whom whose will with would your yours hath doth "
-    "shalt wilt art unto within without therefore".split()
+    "shalt wilt art unto within without therefore"
 )
+STOPWORDS = frozenset(_STOPWORDS.split())
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,7 @@ def parse_speeches(text: str) -> list[Speech]:
 
 
 def topic_words(line: str) -> list[str]:
-    return [
-        w.lower() for w in WORD.findall(line) if len(w) >= 5 and w.lower() not in STOPWORDS
-    ]
+    return [w.lower() for w in WORD.findall(line) if len(w) >= 5 and w.lower() not in STOPWORDS]
 
 
 def _display(speaker: str) -> str:
@@ -103,7 +102,11 @@ def sft_examples(speeches: Sequence[Speech], n: int, rng: random.Random) -> Iter
         kind = ("name", "speak", "continue", "about")[i % 4]
         if kind == "name":
             s = rng.choice(named)
-            yield {"template": kind, "prompt": f"{s.speaker.upper()}:", "answer": "\n".join(s.lines[:4])}
+            yield {
+                "template": kind,
+                "prompt": f"{s.speaker.upper()}:",
+                "answer": "\n".join(s.lines[:4]),
+            }
         elif kind == "speak":
             s = rng.choice(named)
             prompt = f"Speak as {_display(s.speaker)} in {s.play}."
@@ -167,7 +170,10 @@ def write_jsonl(path: Path, records: Iterator[dict]) -> int:
 
 
 def build_datasets(
-    out: Path, cache_dir: Path, seed: int = 0, sizes: tuple[int, int, int, int] = (2000, 200, 1200, 200)
+    out: Path,
+    cache_dir: Path,
+    seed: int = 0,
+    sizes: tuple[int, int, int, int] = (2000, 200, 1200, 200),
 ) -> dict[str, int]:
     """Write sft_train/sft_val/dpo_train/dpo_val.jsonl; returns records per file."""
     train_files, val_files = train_val_split(fetch_shakespeare(cache_dir))
