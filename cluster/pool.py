@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,9 +17,17 @@ def node_resource(node: str) -> str:
 
 
 class RayShardPool:
-    """Creates and talks to the `ExpertShard` actors. Ray restarts a crashed actor (its
-    constructor reloads the experts from the checkpoint); `recover` waits for that and makes
-    the shard hold the current assignment."""
+    """Creates and talks to the `ExpertShard` actors, one per node.
+
+    Recovery of a dead shard (`recover`), two ways:
+    - `standby=True` (default): each node also runs an idle standby shard (a process with
+      torch and the model code loaded, no experts). A dead shard's standby is promoted: it
+      loads the dead shard's experts (from the checkpoint, on its node) and takes its place,
+      and a new standby starts in the background. Serving resumes in the time it takes to load
+      the experts, not to start a Python process and import torch (about 2 s here).
+    - `standby=False`: Ray restarts the crashed actor (its constructor reloads its experts);
+      `recover` waits for that. One process per node instead of two.
+    """
 
     def __init__(
         self,
@@ -28,28 +37,47 @@ class RayShardPool:
         emulation: Mapping[str, NodeEmulation] | None = None,
         namespace_prefix: str = "expertmesh-shard",
         telemetry: Mapping[str, Any] | None = None,
+        standby: bool = True,
     ) -> None:
         import ray
 
         self._ray = ray
-        cls = shard_actor_class()
-        emulation = emulation or {}
+        self._cls = shard_actor_class()
+        self._args = (checkpoint, dtype)
+        self._emulation = dict(emulation or {})
+        self._telemetry = dict(telemetry) if telemetry else None
+        self._prefix = namespace_prefix
+        self._standby = standby
+        self._lock = threading.Lock()
+        self._spawned = 0
         self.handles: dict[str, Any] = {}
+        self.standbys: dict[str, Any] = {}
+        self.promotions = 0
         for node, experts in assignment.items():
-            self.handles[node] = cls.options(
-                name=f"{namespace_prefix}-{node}",
-                num_cpus=0,
-                resources={node_resource(node): 0.001},
-            ).remote(
-                node,
-                checkpoint,
-                {int(k): list(v) for k, v in experts.items()},
-                dtype,
-                emulation.get(node),
-                telemetry=dict(telemetry) if telemetry else None,
-            )
+            self.handles[node] = self._spawn(node, {int(k): list(v) for k, v in experts.items()})
+            if standby:
+                self.standbys[node] = self._spawn(node, {})
         # Fail fast: every shard must have loaded its experts before serving starts.
-        ray.get([h.ping.remote() for h in self.handles.values()])
+        ray.get([h.ping.remote() for h in [*self.handles.values(), *self.standbys.values()]])
+
+    def _spawn(self, node: str, experts: Mapping[int, Sequence[int]]) -> Any:
+        self._spawned += 1
+        options: dict[str, Any] = {
+            "name": f"{self._prefix}-{node}-{self._spawned}",
+            "num_cpus": 0,
+            "resources": {node_resource(node): 0.001},
+        }
+        if self._standby:
+            options["max_restarts"] = 0  # the standby takes over instead
+        checkpoint, dtype = self._args
+        return self._cls.options(**options).remote(
+            node,
+            checkpoint,
+            {int(k): list(v) for k, v in experts.items()},
+            dtype,
+            self._emulation.get(node),
+            telemetry=self._telemetry,
+        )
 
     def submit(
         self, node: str, layer: int, x: Any, expert_ids: Any, trace: dict[str, str] | None = None
@@ -67,6 +95,11 @@ class RayShardPool:
             raise ShardLost(node, type(e).__name__) from e
 
     def recover(self, node: str, experts: dict[int, list[int]], timeout_s: float) -> None:
+        """Make `node`'s shard answer and hold `experts`: promote its standby if the shard is
+        dead, else wait for Ray's restart; ShardLost after `timeout_s`."""
+        with self._lock:
+            if self._standby:
+                return self._recover_with_standby(node, experts, timeout_s)
         deadline = time.monotonic() + timeout_s
         handle = self.handles[node]
         while True:
@@ -83,6 +116,32 @@ class RayShardPool:
                 if time.monotonic() >= deadline:
                     raise ShardLost(node, f"not back after {timeout_s:.0f} s") from e
                 time.sleep(0.05)
+
+    def _recover_with_standby(
+        self, node: str, experts: dict[int, list[int]], timeout_s: float
+    ) -> None:
+        ray = self._ray
+        dead = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        try:  # still alive (a slow call, or another thread already promoted)
+            ray.get(self.handles[node].ensure.remote(experts), timeout=min(timeout_s, 0.2))
+            return
+        except dead:
+            pass
+        except ray.exceptions.GetTimeoutError as e:
+            raise ShardLost(node, "did not answer") from e
+        standby = self.standbys.pop(node, None)
+        if standby is None:
+            raise ShardLost(node, "dead, and no standby is ready yet")
+        try:
+            ray.get(standby.ensure.remote(experts), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            self.standbys[node] = standby  # still starting: the next attempt waits on it
+            raise ShardLost(node, "its standby is still starting") from e
+        except dead as e:
+            raise ShardLost(node, "its standby is gone too (node lost?)") from e
+        self.handles[node] = standby
+        self.promotions += 1
+        self.standbys[node] = self._spawn(node, {})  # ready for the next failure
 
     def load_many(self, adds: Mapping[str, Mapping[int, Sequence[int]]]) -> None:
         """Load experts on several shards in parallel; returns when all are in memory."""
@@ -104,8 +163,9 @@ class RayShardPool:
         )
 
     def kill(self, node: str, no_restart: bool = False) -> None:
-        """Kill a shard actor (fault injection); Ray restarts it unless no_restart."""
-        self._ray.kill(self.handles[node], no_restart=no_restart)
+        """Kill a shard actor (fault injection). With standbys the next `recover` promotes
+        one; without, Ray restarts the actor unless no_restart."""
+        self._ray.kill(self.handles[node], no_restart=no_restart or self._standby)
 
     def statuses(self) -> dict[str, Any]:
         return dict(

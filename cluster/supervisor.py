@@ -121,6 +121,13 @@ class Supervisor:
             self._thread = None
 
     def _on_dispatch_failure(self, node: str, reason: str) -> None:
+        """A request's call to `node` failed: that is the detection (the dispatcher may
+        recover the shard itself before the next check)."""
+        state = self._shards.setdefault(node, _Shard())
+        if state.failing_since is None:
+            state.failing_since = time.monotonic()
+            state.incident += 1
+            self._emit("detected", EXPERT_SHARD_LOST, node, f"dispatch failed: {reason}", state)
         self._wake.set()  # check now, not at the next tick
 
     def _loop(self) -> None:
@@ -149,7 +156,9 @@ class Supervisor:
         state = self._shards.setdefault(node, _Shard())
         now = time.monotonic()
         if self._alive(node):
-            if state.failing_since is not None:  # came back by itself (a Ray restart)
+            if state.failing_since is not None:  # back: a standby promoted or a Ray restart
+                self.stats.restarts += 1
+                self._emit("action", EXPERT_SHARD_LOST, node, "replaced and reloaded", state)
                 self._recovered(node, state, EXPERT_SHARD_LOST, "serving again")
             return
         if state.failing_since is None:
@@ -264,11 +273,14 @@ class Supervisor:
         with self._lock:
             self._emit("detected", NODE_DRAINED, node, "drain requested")
             self.replace_node(node, NODE_DRAINED)
-            handle = getattr(self.ep.pool, "handles", {}).get(node)
-            if handle is not None:
-                import ray
+            pool: Any = self.ep.pool
+            handles = [getattr(pool, "handles", {}).get(node)]
+            handles.append(getattr(pool, "standbys", {}).pop(node, None))
+            for handle in handles:
+                if handle is not None:
+                    import ray
 
-                ray.kill(handle, no_restart=True)
+                    ray.kill(handle, no_restart=True)
             self.stats.drains += 1
             self._emit("recovered", NODE_DRAINED, node, "drained")
         return time.monotonic() - t0
