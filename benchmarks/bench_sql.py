@@ -1,0 +1,138 @@
+"""Text-to-SQL execution accuracy on the held-out questions of the bundled sample database.
+
+    .venv/bin/python benchmarks/bench_sql.py [--quick] [--out benchmarks/out/bench_sql.json]
+
+Every system goes through the same service (`serving/sql.py`: schema linking, prompt, SQL
+guard, read-only execution, one repair). A question counts as correct when the rows its SQL
+returns equal the gold SQL's rows (as a sorted multiset). Systems:
+
+- `template baseline` (rule-based, same run): the train question templates as regexes
+  (`sql_demo.TemplateEngine`); it cannot answer the held-out-only phrasing.
+- `expertmesh-demo`: the bundled demo model. Today it is a seeded random initialisation, so its
+  accuracy is expected to be ~0; the SFT fine-tune on the train pairs (`question_pairs()`) is
+  future work and this script is how its result will be measured.
+- a remote OpenAI-compatible model, when `EXPERTMESH_SQL_REMOTE_URL` and
+  `EXPERTMESH_SQL_REMOTE_MODEL` (and optionally `EXPERTMESH_SQL_REMOTE_KEY`) are set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import print_table, write_json
+
+from expertmesh.paths import DEMO_MODEL_DIR
+from expertmesh.serving.engine import Engine
+from expertmesh.serving.sql import FixedModel, SqlScope, TextToSql
+from expertmesh.serving.sql_demo import TemplateEngine, build_sample_db, question_pairs
+from expertmesh.serving.sql_guard import SqlError, SQLiteDatabase, check_sql
+
+
+def _key(rows: Any) -> list[str]:
+    return sorted(repr(tuple(r)) for r in rows)
+
+
+async def evaluate(
+    name: str, engine: Engine, model: str, db: SQLiteDatabase, pairs: list[Any]
+) -> dict[str, Any]:
+    service = TextToSql(engine, FixedModel(model), max_tokens=64)
+    scope = SqlScope("bench", row_limit=1000)
+    correct = valid = repaired = 0
+    started = time.perf_counter()
+    for pair in pairs:
+        gold = db.execute(check_sql(pair.sql, tuple(db.schema()), row_limit=1000), 5.0)
+        try:
+            answer = await service.answer(pair.question, db, scope)
+        except SqlError:
+            continue
+        valid += 1
+        repaired += len(answer.attempts) > 1
+        correct += _key(answer.rows) == _key(gold.rows)
+    elapsed = time.perf_counter() - started
+    return {
+        "system": name,
+        "questions": len(pairs),
+        "executed": valid,
+        "repaired": repaired,
+        "correct": correct,
+        "execution_accuracy": correct / len(pairs) if pairs else 0.0,
+        "seconds": round(elapsed, 2),
+    }
+
+
+async def run(quick: bool) -> list[dict[str, Any]]:
+    _, held = question_pairs()
+    if quick:
+        held = held[:6]
+    db = SQLiteDatabase(build_sample_db(Path(tempfile.mkdtemp()) / "shakespeare.sqlite"))
+    results = [await evaluate("template baseline", TemplateEngine(), "sql-templates", db, held)]
+
+    from expertmesh.serving.local_engine import ExpertMeshEngine
+
+    demo = ExpertMeshEngine.load("expertmesh-demo", DEMO_MODEL_DIR)
+    try:
+        results.append(
+            await evaluate("expertmesh-demo (random init)", demo, "expertmesh-demo", db, held)
+        )
+    finally:
+        await demo.shutdown()
+
+    url, remote = (
+        os.environ.get("EXPERTMESH_SQL_REMOTE_URL"),
+        os.environ.get("EXPERTMESH_SQL_REMOTE_MODEL"),
+    )
+    if url and remote:
+        from expertmesh.serving.remote_engine import RemoteOpenAIEngine
+
+        engine = RemoteOpenAIEngine(
+            "remote", url, remote, os.environ.get("EXPERTMESH_SQL_REMOTE_KEY")
+        )
+        try:
+            results.append(await evaluate(f"remote {remote}", engine, "remote", db, held))
+        finally:
+            await engine.shutdown()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="6 held-out questions")
+    parser.add_argument("--out", default="benchmarks/out/bench_sql.json")
+    args = parser.parse_args()
+    results = asyncio.run(run(args.quick))
+    print_table(
+        "text-to-SQL execution accuracy, held-out questions",
+        ["system", "questions", "executed", "repaired", "correct", "execution_accuracy", "seconds"],
+        [
+            [
+                r[k]
+                for k in (
+                    "system",
+                    "questions",
+                    "executed",
+                    "repaired",
+                    "correct",
+                    "execution_accuracy",
+                    "seconds",
+                )
+            ]
+            for r in results
+        ],
+    )
+    print(
+        f"wrote {write_json(args.out, {'benchmark': 'bench_sql', 'quick': args.quick, 'results': results})}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

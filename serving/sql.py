@@ -1,0 +1,335 @@
+"""Text-to-SQL: a question over a database, answered by a model the selector chooses, with the
+SQL checked before it runs.
+
+    service = TextToSql(engine, SelectorChooser(selector))
+    answer = await service.answer("How many characters are in Hamlet?",
+                                  SQLiteDatabase("examples/sql/shakespeare.sqlite"),
+                                  SqlScope(tenant="anonymous"))
+    answer.sql, answer.columns, answer.rows, answer.explanation
+
+Steps: link the question to the schema (tables whose table or column names share a word with
+the question, within the caller's scope; all scoped tables when none match), prompt the model
+with those tables' CREATE statements through the `Engine` protocol, extract the SQL from the
+reply, check it (`sql_guard.check_sql`: one read-only query, scoped tables, row limit) and run
+it read-only with a timeout. A refusal or execution error is fed back to the model once, with
+the error, for a repair; a second failure raises `SqlAnswerFailed` carrying both attempts.
+
+The model is chosen by a `ModelChooser`: `SelectorChooser` asks the selector with task type
+`sql` (so the tenant's budgets, residency and safety rules apply); `FixedModel` names one
+(benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import SqlglotError
+
+from expertmesh.models.generate import SamplingParams
+from expertmesh.routing import SelectionRequest, Selector, redact_pii
+
+from .engine import Engine, EngineRequest, Message
+from .sql_guard import (
+    GuardedQuery,
+    QueryResult,
+    SqlDatabase,
+    SqlError,
+    SqlExecutionError,
+    SqlRefused,
+    check_sql,
+)
+
+
+@dataclass(frozen=True)
+class SqlScope:
+    """Who asks, and what they may read."""
+
+    tenant: str
+    """Selector tenant the model call is charged to."""
+    allowed_tables: frozenset[str] | None = None
+    """Tables the caller may query; None: every table of the database."""
+    row_limit: int = 100
+    timeout_s: float = 2.0
+    agent: str | None = None
+    """The calling agent (MCP), for logs and spans."""
+
+
+@dataclass(frozen=True)
+class SqlAttempt:
+    sql: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class SqlAnswer:
+    question: str
+    sql: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[object, ...], ...]
+    truncated: bool
+    explanation: str
+    model: str
+    linked_tables: tuple[str, ...]
+    attempts: tuple[SqlAttempt, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "question": self.question,
+            "sql": self.sql,
+            "columns": list(self.columns),
+            "rows": [list(r) for r in self.rows],
+            "truncated": self.truncated,
+            "explanation": self.explanation,
+            "model": self.model,
+            "linked_tables": list(self.linked_tables),
+            "attempts": [dataclasses.asdict(a) for a in self.attempts],
+        }
+
+
+class SqlAnswerFailed(SqlError):
+    """Both the first query and the repair failed; `attempts` has each SQL and its error."""
+
+    def __init__(self, question: str, attempts: Sequence[SqlAttempt]) -> None:
+        last = attempts[-1].error if attempts else "no attempt"
+        super().__init__(f"could not answer {question!r} after {len(attempts)} attempts: {last}")
+        self.attempts = tuple(attempts)
+
+
+@dataclass
+class ModelChoice:
+    model: str
+    max_tokens: int
+    rewrite: Callable[[str], str] | None = None
+    settle: Callable[[int, int], None] | None = None
+    release: Callable[[], None] | None = None
+
+
+class ModelChooser(Protocol):
+    def choose(self, tenant: str, prompt: str, max_tokens: int) -> ModelChoice: ...
+
+
+class FixedModel:
+    """Always the named model (no selector: benchmarks and tests)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def choose(self, tenant: str, prompt: str, max_tokens: int) -> ModelChoice:
+        return ModelChoice(self.model, max_tokens)
+
+
+class SelectorChooser:
+    """The selector chooses, with the request classified as task type `sql`; raises the
+    selector's `RoutingError`s (Denied, BudgetExceeded, ...)."""
+
+    def __init__(self, selector: Selector) -> None:
+        self.selector = selector
+
+    def choose(self, tenant: str, prompt: str, max_tokens: int) -> ModelChoice:
+        c = dataclasses.replace(self.selector.classify(prompt), task="sql")
+        decision = self.selector.decide(
+            SelectionRequest(tenant=tenant, prompt=prompt, max_tokens=max_tokens, classification=c)
+        )
+        selector = self.selector
+        kinds = decision.redact_pii
+
+        def settle(prompt_tokens: int, completion_tokens: int) -> None:
+            selector.settle(decision, prompt_tokens, completion_tokens)
+
+        return ModelChoice(
+            decision.model.name,
+            decision.max_tokens,
+            rewrite=(lambda t: redact_pii(t, kinds)) if kinds else None,
+            settle=settle,
+            release=lambda: selector.release(decision),
+        )
+
+
+_WORDS = re.compile(r"[a-z0-9]+")
+
+
+def _stem(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") else word
+
+
+def _words(text: str) -> set[str]:
+    return {_stem(w) for w in _WORDS.findall(text.lower())}
+
+
+def link_schema(
+    question: str, schema: Mapping[str, Sequence[str]], allowed: frozenset[str] | None = None
+) -> tuple[str, ...]:
+    """Tables relevant to `question`: those whose name or a column name shares a word with it
+    (plural-insensitive), within `allowed`; every allowed table when none share one. Tables
+    reached from a linked table by an `<table>_id` column are added, so joins are possible."""
+    scoped = [t for t in schema if allowed is None or t.lower() in {a.lower() for a in allowed}]
+    q = _words(question)
+    linked = []
+    for table in scoped:
+        names = _words(table.replace("_", " "))
+        for column in schema[table]:
+            names |= _words(column.replace("_", " "))
+        if q & (names - {"id", "name"}) or q & _words(table):
+            linked.append(table)
+    if not linked:
+        return tuple(scoped)
+    for table in list(linked):
+        for column in schema[table]:
+            if column.endswith("_id"):
+                target = next(
+                    (t for t in scoped if _stem(t.lower()) == _stem(column[:-3].lower())), None
+                )
+                if target is not None and target not in linked:
+                    linked.append(target)
+    return tuple(t for t in scoped if t in linked)
+
+
+SYSTEM_PROMPT = (
+    "You translate a question into one {dialect} SELECT statement over the schema given. "
+    "Answer with the SQL only, no explanation. Never modify data."
+)
+
+
+def build_prompt(question: str, ddl: str, dialect: str) -> tuple[Message, ...]:
+    return (
+        Message("system", SYSTEM_PROMPT.format(dialect=dialect)),
+        Message("user", f"Schema:\n{ddl}\n\nQuestion: {question}\nSQL:"),
+    )
+
+
+def repair_prompt(messages: tuple[Message, ...], sql: str, error: str) -> tuple[Message, ...]:
+    return (
+        *messages,
+        Message("assistant", sql),
+        Message(
+            "user",
+            f"That SQL failed: {error}\nWrite a corrected single SELECT statement. SQL only.",
+        ),
+    )
+
+
+_FENCE = re.compile(r"```(?:sql)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_sql(reply: str) -> str:
+    """The SQL in a model reply: a fenced block's content if there is one, else the text from
+    the first SELECT/WITH on."""
+    m = _FENCE.search(reply)
+    text = m.group(1) if m else reply
+    start = re.search(r"\b(select|with)\b", text, re.IGNORECASE)
+    if start is not None and not m:
+        text = text[start.start() :]
+    return text.strip()
+
+
+def explain(query: GuardedQuery, result: QueryResult, dialect: str = "sqlite") -> str:
+    """A plain-language account of what the query did, read from its syntax tree."""
+    try:
+        tree = sqlglot.parse_one(query.sql, read=dialect)
+    except SqlglotError:
+        tree = None
+    parts = [f"Read {', '.join(sorted(query.tables)) or 'no table'}"]
+    if tree is not None:
+        if tree.find(exp.Join):
+            parts.append("joined them")
+        if tree.find(exp.Where):
+            parts.append("filtered rows")
+        if tree.find(exp.Group):
+            parts.append("grouped them")
+        if tree.find(exp.AggFunc):
+            parts.append("computed aggregates")
+        if tree.find(exp.Order):
+            parts.append("sorted the result")
+    text = ", ".join(parts) + f"; {len(result.rows)} row(s)"
+    if result.truncated:
+        text += f", cut at the row limit of {query.row_limit}"
+    return text + "."
+
+
+class TextToSql:
+    """The service. `engine` serves the models the chooser may pick."""
+
+    def __init__(
+        self, engine: Engine, chooser: ModelChooser, max_tokens: int = 128, repairs: int = 1
+    ) -> None:
+        self.engine = engine
+        self.chooser = chooser
+        self.max_tokens = max_tokens
+        self.repairs = repairs
+
+    async def answer(self, question: str, db: SqlDatabase, scope: SqlScope) -> SqlAnswer:
+        if not question.strip():
+            raise SqlRefused("the question is empty")
+        schema = db.schema()
+        if scope.allowed_tables is not None:
+            unknown = {t.lower() for t in scope.allowed_tables} - {t.lower() for t in schema}
+            if unknown:
+                raise SqlRefused(f"scope names tables the database lacks: {sorted(unknown)}")
+        tables = link_schema(question, schema, scope.allowed_tables)
+        if not tables:
+            raise SqlRefused("the caller's scope allows no table of this database")
+        messages = build_prompt(question, db.ddl(tables), db.dialect)
+        choice = self.chooser.choose(
+            scope.tenant, "\n".join(m.content for m in messages), self.max_tokens
+        )
+        attempts: list[SqlAttempt] = []
+        tokens = [0, 0]  # prompt, completion: summed over the attempts, settled once
+        try:
+            for attempt in range(1 + self.repairs):
+                sql = extract_sql(await self._generate(choice, messages, tokens))
+                try:
+                    query = check_sql(
+                        sql, tuple(schema), scope.allowed_tables, scope.row_limit, db.dialect
+                    )
+                    result = db.execute(query, scope.timeout_s)
+                except (SqlRefused, SqlExecutionError) as e:
+                    attempts.append(SqlAttempt(sql, str(e)))
+                    if attempt < self.repairs:
+                        messages = repair_prompt(messages, sql, str(e))
+                    continue
+                attempts.append(SqlAttempt(query.sql, None))
+                return SqlAnswer(
+                    question,
+                    query.sql,
+                    result.columns,
+                    result.rows,
+                    result.truncated,
+                    explain(query, result, db.dialect),
+                    choice.model,
+                    tables,
+                    tuple(attempts),
+                )
+            raise SqlAnswerFailed(question, attempts)
+        except BaseException:
+            if choice.release is not None and tokens == [0, 0]:
+                choice.release()
+                choice.settle = None
+            raise
+        finally:
+            if choice.settle is not None:
+                choice.settle(tokens[0], tokens[1])
+
+    async def _generate(
+        self, choice: ModelChoice, messages: tuple[Message, ...], tokens: list[int]
+    ) -> str:
+        rewrite = choice.rewrite or (lambda t: t)
+        request = EngineRequest(
+            request_id=f"sql-{uuid.uuid4().hex[:12]}",
+            model=choice.model,
+            params=SamplingParams(max_tokens=choice.max_tokens, temperature=0.0),
+            messages=tuple(Message(m.role, rewrite(m.content)) for m in messages),
+        )
+        parts = []
+        async for out in self.engine.generate(request):
+            parts.append(out.text)
+            if out.finish_reason is not None:
+                tokens[0] += out.prompt_tokens
+                tokens[1] += out.completion_tokens
+        return "".join(parts)

@@ -1,0 +1,97 @@
+"""The SQL guard refuses writes, stacked statements, out-of-scope tables and file access, and
+the runner enforces the row limit and the timeout."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from expertmesh.serving.sql_demo import build_sample_db
+from expertmesh.serving.sql_guard import (
+    DatabaseUnsupported,
+    SQLiteDatabase,
+    SqlRefused,
+    SqlTimeout,
+    check_sql,
+    open_database,
+)
+
+TABLES = ("plays", "characters", "scenes")
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> SQLiteDatabase:
+    return SQLiteDatabase(build_sample_db(tmp_path_factory.mktemp("sql") / "s.sqlite"))
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        ("DELETE FROM plays", "read-only"),
+        ("UPDATE plays SET year = 1", "read-only"),
+        ("INSERT INTO plays VALUES (11, 'x', 'y', 1)", "read-only"),
+        ("DROP TABLE plays", "read-only"),
+        ("CREATE TABLE t (x)", "read-only"),
+        ("PRAGMA writable_schema = 1", "read-only"),
+        ("ATTACH DATABASE '/tmp/x.db' AS x", "read-only"),
+        ("VACUUM INTO '/tmp/copy.db'", "read-only"),
+        ("BEGIN", "read-only"),
+        ("SELECT 1; DELETE FROM plays", "one statement"),
+        ("SELECT 1; SELECT 2", "one statement"),
+        ("SELECT load_extension('evil')", "load_extension"),
+        ("SELECT * FROM sqlite_master", "no such table"),
+        ("SELECT * FROM other.plays", "schema-qualified"),
+        ("SELEC title FROM plays", "parse"),
+        ("Fly, sir, I'll be not a word", "parse"),
+        ("", "no SQL"),
+    ],
+)
+def test_guard_refuses_dangerous_sql_with_a_reason(sql: str, reason: str) -> None:
+    with pytest.raises(SqlRefused, match=reason):
+        check_sql(sql, TABLES)
+
+
+def test_guard_refuses_tables_outside_the_scope() -> None:
+    with pytest.raises(SqlRefused, match="outside this caller's scope"):
+        check_sql(
+            "SELECT name FROM characters JOIN plays ON plays.id = play_id",
+            TABLES,
+            allowed_tables=frozenset({"characters"}),
+        )
+
+
+def test_guard_allows_a_select_with_cte_and_wraps_the_row_limit() -> None:
+    q = check_sql("WITH t AS (SELECT title FROM plays) SELECT * FROM t", TABLES, row_limit=5)
+    assert q.tables == {"plays"}
+    assert q.executed_sql.endswith("LIMIT 6")
+
+
+def test_runner_enforces_the_row_limit(db: SQLiteDatabase) -> None:
+    result = db.execute(check_sql("SELECT name FROM characters", TABLES, row_limit=3), 2.0)
+    assert len(result.rows) == 3
+    assert result.truncated
+
+
+def test_runner_stops_a_recursive_cte_that_never_ends(db: SQLiteDatabase) -> None:
+    sql = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT COUNT(*) FROM c"
+    started = time.monotonic()
+    with pytest.raises(SqlTimeout):
+        db.execute(check_sql(sql, TABLES), timeout_s=0.2)
+    assert time.monotonic() - started < 2.0
+
+
+def test_runner_opens_the_file_read_only(db: SQLiteDatabase) -> None:
+    conn = db._connect()
+    with pytest.raises(Exception, match=r"readonly|read-only|query_only"):
+        conn.execute("DELETE FROM plays")
+    conn.close()
+
+
+def test_postgres_urls_name_the_missing_driver(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseUnsupported, match="psycopg"):
+        open_database("postgresql://localhost/db")
+    assert isinstance(
+        open_database(f"sqlite:///{build_sample_db(tmp_path / 'x.sqlite')}"), SQLiteDatabase
+    )

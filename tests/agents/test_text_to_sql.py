@@ -1,0 +1,127 @@
+"""The text-to-SQL service: schema linking, the one repair attempt, scope, and the selector
+choosing the model with task type `sql`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from expertmesh.policies import load_policy
+from expertmesh.routing import Selector
+from expertmesh.serving.engine import (
+    EngineHealth,
+    EngineOutput,
+    EngineRequest,
+    ModelCard,
+)
+from expertmesh.serving.sql import (
+    FixedModel,
+    SelectorChooser,
+    SqlAnswerFailed,
+    SqlScope,
+    TextToSql,
+    extract_sql,
+    link_schema,
+)
+from expertmesh.serving.sql_demo import TemplateEngine, build_sample_db
+from expertmesh.serving.sql_guard import SQLiteDatabase, SqlRefused
+
+
+class ScriptedEngine:
+    """Answers each request with the next reply in its script; records the requests."""
+
+    def __init__(self, replies: Sequence[str], name: str = "expertmesh-demo") -> None:
+        self.replies = list(replies)
+        self.name = name
+        self.requests: list[EngineRequest] = []
+
+    def models(self) -> Sequence[ModelCard]:
+        return [ModelCard(self.name, 2048)]
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        self.requests.append(request)
+        yield EngineOutput(self.replies.pop(0), "stop", 10, 5)
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(True, "ok")
+
+    async def shutdown(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> SQLiteDatabase:
+    return SQLiteDatabase(build_sample_db(tmp_path_factory.mktemp("sql") / "s.sqlite"))
+
+
+def test_repair_feeds_the_error_back_and_the_second_sql_answers(db: SQLiteDatabase) -> None:
+    engine = ScriptedEngine(
+        ["SELECT titel FROM plays", "```sql\nSELECT title FROM plays WHERE year < 1596\n```"]
+    )
+    answer = asyncio.run(
+        TextToSql(engine, FixedModel("expertmesh-demo")).answer(
+            "Which plays were written before 1596?", db, SqlScope("t")
+        )
+    )
+    assert sorted(r[0] for r in answer.rows) == [
+        "A Midsummer Night's Dream",
+        "Richard III",
+        "Romeo and Juliet",
+    ]
+    assert len(answer.attempts) == 2 and "titel" in (answer.attempts[0].error or "")
+    repair = engine.requests[1].messages
+    assert repair is not None and "titel" in repair[-1].content
+
+
+def test_second_failure_raises_with_both_attempts(db: SQLiteDatabase) -> None:
+    engine = ScriptedEngine(["DELETE FROM plays", "DROP TABLE plays"])
+    with pytest.raises(SqlAnswerFailed) as e:
+        asyncio.run(
+            TextToSql(engine, FixedModel("expertmesh-demo")).answer("Drop it", db, SqlScope("t"))
+        )
+    assert [a.sql for a in e.value.attempts] == ["DELETE FROM plays", "DROP TABLE plays"]
+    assert len(engine.requests) == 2
+
+
+def test_scope_hides_tables_from_the_prompt_and_refuses_them(db: SQLiteDatabase) -> None:
+    engine = ScriptedEngine(["SELECT * FROM plays", "SELECT * FROM plays"])
+    scope = SqlScope("t", allowed_tables=frozenset({"characters"}))
+    with pytest.raises(SqlAnswerFailed, match="outside this caller's scope"):
+        asyncio.run(
+            TextToSql(engine, FixedModel("expertmesh-demo")).answer("List plays", db, scope)
+        )
+    prompt = engine.requests[0].messages
+    assert prompt is not None and "CREATE TABLE plays" not in prompt[-1].content
+
+
+def test_empty_question_is_refused(db: SQLiteDatabase) -> None:
+    with pytest.raises(SqlRefused, match="empty"):
+        asyncio.run(TextToSql(ScriptedEngine([]), FixedModel("m")).answer(" ", db, SqlScope("t")))
+
+
+def test_schema_linking_picks_tables_by_name_overlap(db: SQLiteDatabase) -> None:
+    schema = db.schema()
+    assert link_schema("Where is act 1 scene 3 set?", schema) == ("plays", "scenes")
+    assert link_schema("What genre is Hamlet?", schema) == ("plays",)
+    assert link_schema("Hello there", schema) == tuple(schema)
+
+
+def test_extract_sql_takes_the_fenced_block_or_the_select() -> None:
+    assert extract_sql("Sure:\n```sql\nSELECT 1\n```\nDone") == "SELECT 1"
+    assert extract_sql("Here it is: SELECT 2") == "SELECT 2"
+
+
+def test_selector_chooses_the_model_as_task_sql_and_settles(db: SQLiteDatabase) -> None:
+    from expertmesh.policies import DEFAULT_POLICY
+
+    selector = Selector(load_policy(DEFAULT_POLICY))
+    engine = TemplateEngine("expertmesh-demo")
+    answer = asyncio.run(
+        TextToSql(engine, SelectorChooser(selector)).answer(
+            "What genre is Hamlet?", db, SqlScope("anonymous")
+        )
+    )
+    assert answer.model == "expertmesh-demo" and answer.rows == (("tragedy",),)
+    assert "Read plays" in answer.explanation
