@@ -57,6 +57,8 @@ log = logging.getLogger("expertmesh.serving.mcp")
 
 PRM_PATH = "/.well-known/oauth-protected-resource"
 JWKS_PATH = "/.well-known/jwks.json"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest MCP request body the scope gate buffers (413 above it)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,10 @@ class ToolScopeGate:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
+            if len(body) > MAX_BODY_BYTES:
+                error = {"error": "request_too_large", "limit_bytes": MAX_BODY_BYTES}
+                await self._send(send, _json_response(413, error, {}))
+                return
         needed = _scopes_needed(body)
         if needed:
             token = await self.verifier.verify_token(_bearer(scope) or "")
