@@ -13,6 +13,7 @@ from . import __version__
 def build_parser() -> argparse.ArgumentParser:
     from .cmd_chaos import add_chaos
     from .cmd_cluster import add_cluster
+    from .cmd_manifests import add_manifests
     from .cmd_models import add_generate, add_inspect
     from .cmd_observe import add_fmea, add_logs
     from .cmd_policy import add_policy
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_inspect(sub)
     add_cluster(sub)
+    add_manifests(sub)
     add_chaos(sub)
     add_policy(sub)
     add_serve(sub)
