@@ -125,3 +125,27 @@ def test_selector_chooses_the_model_as_task_sql_and_settles(db: SQLiteDatabase) 
     )
     assert answer.model == "expertmesh-demo" and answer.rows == (("tragedy",),)
     assert "Read plays" in answer.explanation
+
+
+def test_selector_sees_the_request_as_task_sql(db: SQLiteDatabase) -> None:
+    import yaml
+
+    from expertmesh.policies import DEFAULT_POLICY, parse_policy
+    from expertmesh.routing import Classification, Denied
+
+    data = yaml.safe_load(DEFAULT_POLICY.read_text())
+    data["rules"].append(
+        {"name": "no-sql", "when": {"task": ["sql"]}, "then": {"deny": "no SQL here"}}
+    )
+
+    class ChatOnly:  # classifies everything as chat, so only SelectorChooser can make it sql
+        def classify(self, text: str) -> Classification:
+            return Classification(frozenset(), (), "chat", 10)
+
+    chooser = SelectorChooser(Selector(parse_policy(data), classifier=ChatOnly()))
+    with pytest.raises(Denied, match="no SQL here"):
+        asyncio.run(
+            TextToSql(TemplateEngine("expertmesh-demo"), chooser).answer(
+                "What genre is Hamlet?", db, SqlScope("anonymous")
+            )
+        )
