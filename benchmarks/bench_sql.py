@@ -8,7 +8,8 @@ returns equal the gold SQL's rows (as a sorted multiset). Systems:
 
 - `template baseline` (rule-based, same run): the train question templates as regexes
   (`sql_demo.TemplateEngine`); it cannot answer the held-out-only phrasing.
-- `expertmesh-demo`: the bundled demo model. Today it is a seeded random initialisation, so its
+- `expertmesh-demo`: the bundled demo model (the JSON records its weights' SHA-256 prefix). It
+  has seen no SQL (a random initialisation, or Shakespeare pre-training + chat SFT), so its
   accuracy is expected to be ~0; the SFT fine-tune on the train pairs (`question_pairs()`) is
   future work and this script is how its result will be measured.
 - a remote OpenAI-compatible model, when `EXPERTMESH_SQL_REMOTE_URL` and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import sys
 import tempfile
@@ -80,9 +82,10 @@ async def run(quick: bool) -> list[dict[str, Any]]:
 
     demo = ExpertMeshEngine.load("expertmesh-demo", DEMO_MODEL_DIR)
     try:
-        results.append(
-            await evaluate("expertmesh-demo (random init)", demo, "expertmesh-demo", db, held)
-        )
+        row = await evaluate("expertmesh-demo", demo, "expertmesh-demo", db, held)
+        weights = DEMO_MODEL_DIR / "model.safetensors"
+        row["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+        results.append(row)
     finally:
         await demo.shutdown()
 
