@@ -31,6 +31,7 @@ Everything is plain dicts dumped with PyYAML; nothing here talks to a cluster.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -64,6 +65,7 @@ IMAGE_NAME = "expertmesh"
 DEFAULT_IMAGE = "expertmesh:dev"
 """What `--image` defaults to: the image `docker build -f manifests/Dockerfile -t
 expertmesh:dev .` makes, loadable into kind/minikube without a registry."""
+TOPOLOGY_DIGEST_ANNOTATION = "expertmesh.io/topology-sha256"
 NAMESPACE = "expertmesh"
 """The namespace of the base; the overlay puts its own resources there too."""
 CONFIG_MOUNT = "/etc/expertmesh"
@@ -248,16 +250,20 @@ def _nest(path: Sequence[str], leaf: dict[str, Any]) -> dict[str, Any]:
     return leaf
 
 
-def worker_patches(topology: Topology) -> list[dict[str, Any]]:
+def worker_patches(topology: Topology, topology_text: str) -> list[dict[str, Any]]:
     """Strategic-merge patches replacing the worker groups of each object in `RAY_CLUSTERS`
-    (lists in custom resources are replaced whole by kustomize)."""
+    (lists in custom resources are replaced whole by kustomize). The head pod template gets
+    the topology's digest as an annotation: the replica reads the topology only at start, and
+    a changed template makes KubeRay roll the RayService to a new cluster (zero downtime) even
+    when only links changed."""
+    digest = hashlib.sha256(topology_text.encode()).hexdigest()
+    head = {"template": {"metadata": {"annotations": {TOPOLOGY_DIGEST_ANNOTATION: digest}}}}
     patches = []
     for (kind, name), path in RAY_CLUSTERS.items():
         cluster = "serve" if kind == "RayService" else "adhoc"
         api = {"apiVersion": "ray.io/v1", "kind": kind, "metadata": {"name": name}}
-        patches.append(
-            {**api, **_nest(path, {"workerGroupSpecs": worker_groups(topology, cluster)})}
-        )
+        spec = {"headGroupSpec": head, "workerGroupSpecs": worker_groups(topology, cluster)}
+        patches.append({**api, **_nest(path, spec)})
     return patches
 
 
@@ -320,7 +326,7 @@ def render_overlay(
     )
     files = {
         "kustomization.yaml": header + yaml.safe_dump(kustomization, sort_keys=False),
-        "workers.yaml": header + _dump_all(worker_patches(topology)),
+        "workers.yaml": header + _dump_all(worker_patches(topology, topology_text)),
         "topology.yaml": topology_text,
     }
     written = []

@@ -453,3 +453,24 @@ def test_cli_render_of_a_bad_topology_is_one_clear_error(tmp_path, capsys):
     assert rc == 2
     assert "invalid topology" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_topology_change_changes_the_serving_head_template(tmp_path, build):
+    """The replica reads the topology at start: a new topology (links only, here) must change
+    the RayService's cluster template so that KubeRay rolls a new cluster."""
+    topology = REPO / "examples" / "topologies" / "two-racks.yaml"
+    slower = topology.read_text().replace("bandwidth_gbps: 1,", "bandwidth_gbps: 0.5,")
+    assert slower != topology.read_text()
+    (tmp_path / "slower.yaml").write_text(slower)
+
+    def head_annotations(path: Path, out: Path) -> dict[str, str]:
+        render_overlay(load_topology(path), path.read_text(), out, base=BASE)
+        (service,) = find(build(out), "RayService")
+        head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+        assert head["spec"]["containers"][0]["name"] == "ray-head", "merge kept the base head"
+        return head["metadata"]["annotations"]
+
+    before = head_annotations(topology, tmp_path / "a")
+    after = head_annotations(tmp_path / "slower.yaml", tmp_path / "b")
+    assert before.keys() == after.keys() == {"expertmesh.io/topology-sha256"}
+    assert before != after
