@@ -7,9 +7,9 @@
 
 Each replica of the `ApiServer` deployment builds its engine from the config (our MoE engine,
 vLLM, or a remote API), the selector gate when a policy is configured, and telemetry, then
-serves `api.make_api(...)`. Ray Serve calls `check_health` every `health_check_period_s`: a
-dead engine or a stalled engine loop (work held, no progress) fails it and Serve replaces the
-replica.
+serves `api.make_api(...)` (plus text-to-SQL, `sql_api.py`, when a policy is set). Ray Serve
+calls `check_health` every `health_check_period_s`: a dead engine or a stalled engine loop
+(work held, no progress) fails it and Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class ApiServer:
         self.gate = build_gate(self.config, self.engine)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return make_api(
+        app = make_api(
             self.engine,
             ApiSettings(self.config.default_max_tokens, self.config.request_timeout_s),
             self.gate,
@@ -85,6 +85,17 @@ class ApiServer:
             prometheus_registry=self.telemetry.prometheus_registry,
             tracer=self.telemetry.tracer,
         )
+        from .gate import SelectorGate
+
+        if isinstance(self.gate, SelectorGate):  # text-to-SQL needs the selector (task sql)
+            from .sql import SelectorChooser, TextToSql
+            from .sql_api import sql_router
+            from .sql_demo import SAMPLE_DB
+
+            selector = self.gate.selector
+            service = TextToSql(self.engine, SelectorChooser(selector))
+            app.include_router(sql_router(service, selector, {"shakespeare": str(SAMPLE_DB)}))
+        return app
 
     def check_health(self) -> None:
         health = self.engine.health()

@@ -50,6 +50,10 @@ class SqlTimeout(SqlExecutionError):
     """The query ran past its deadline and was interrupted."""
 
 
+class DatabaseNotFound(SqlError):
+    """No database at the configured path."""
+
+
 class DatabaseUnsupported(SqlError):
     """The connection URL names a database this build cannot open."""
 
@@ -202,7 +206,10 @@ class SQLiteDatabase:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).resolve()
         if not self.path.is_file():
-            raise FileNotFoundError(f"no SQLite database at {self.path}")
+            raise DatabaseNotFound(
+                f"no SQLite database at {self.path} (the sample one: python -m "
+                "expertmesh.serving.sql_demo --build)"
+            )
         self._schema: dict[str, tuple[str, ...]] | None = None
 
     def _connect(self) -> sqlite3.Connection:
