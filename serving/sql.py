@@ -97,8 +97,8 @@ class SqlAnswerFailed(SqlError):
     """Both the first query and the repair failed; `attempts` has each SQL and its error."""
 
     def __init__(self, question: str, attempts: Sequence[SqlAttempt]) -> None:
-        last = attempts[-1].error if attempts else "no attempt"
-        super().__init__(f"could not answer {question!r} after {len(attempts)} attempts: {last}")
+        errors = "; ".join(f"attempt {i + 1}: {a.error}" for i, a in enumerate(attempts))
+        super().__init__(f"could not answer {question!r}: {errors or 'no attempt'}")
         self.attempts = tuple(attempts)
 
 

@@ -75,7 +75,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     app = build_mcp_app(
         McpSettings(resource, origin, databases={"shakespeare": str(db)}),
         verifier,
-        AgentDirectory({"agent-analyst": "anonymous", "agent-chat": "dev"}),
+        AgentDirectory(
+            {"agent-analyst": "anonymous", "agent-chat": "dev", "agent-narrow": "anonymous"},
+            sql_tables={"agent-narrow": frozenset({"characters"})},
+        ),
         engine,
         Selector(load_policy(DEFAULT_POLICY)),
         issuer=issuer,
@@ -228,3 +231,14 @@ def test_chat_goes_through_the_selector_and_the_token_stays_here(server: Server)
     assert result.structured_content["model"] == "expertmesh-demo"
     assert result.structured_content["decision_id"]
     assert server.engine.requests and all(token not in repr(r) for r in server.engine.requests)
+
+
+def test_an_agents_table_scope_limits_text_to_sql(server: Server) -> None:
+    token = server.token("agent-narrow", ("sql:query",))
+
+    async def call(session: ClientSession) -> Any:
+        return await session.call_tool("text_to_sql", {"question": "What genre is Hamlet?"})
+
+    result, _ = asyncio.run(_session(server, token, call))
+    assert not isinstance(result, BaseException), result
+    assert result.is_error and "outside this caller's scope" in result.content[0].text

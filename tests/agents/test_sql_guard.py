@@ -95,3 +95,14 @@ def test_postgres_urls_name_the_missing_driver(tmp_path: Path) -> None:
     assert isinstance(
         open_database(f"sqlite:///{build_sample_db(tmp_path / 'x.sqlite')}"), SQLiteDatabase
     )
+
+
+def test_bundled_sample_database_is_what_the_generator_writes(tmp_path: Path) -> None:
+    from expertmesh.serving.sql_demo import SAMPLE_DB
+
+    fresh = SQLiteDatabase(build_sample_db(tmp_path / "fresh.sqlite"))
+    bundled = SQLiteDatabase(SAMPLE_DB)
+    assert bundled.schema() == fresh.schema()
+    for table in fresh.schema():
+        q = check_sql(f"SELECT * FROM {table} ORDER BY id", TABLES, row_limit=1000)
+        assert bundled.execute(q, 2.0).rows == fresh.execute(q, 2.0).rows
