@@ -22,6 +22,7 @@ Auth0, ...) that puts the resource URL in `aud` can be configured instead throug
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -163,7 +164,10 @@ class JwtVerifier:
 
     async def verify_token(self, token: str) -> AccessToken | None:
         try:
-            claims = self.decode(token)
+            if self._jwks is not None:  # a JWKS cache miss fetches over HTTP: not on the loop
+                claims = await asyncio.to_thread(self.decode, token)
+            else:
+                claims = self.decode(token)
         except jwt.PyJWTError:  # bad signature, unknown kid, expired, wrong aud or iss, ...
             return None
         scope = claims.get("scope", "")

@@ -198,8 +198,9 @@ def _scopes_needed(body: bytes) -> set[str]:
     needed = set()
     for msg in doc if isinstance(doc, list) else [doc]:
         if isinstance(msg, dict) and msg.get("method") == "tools/call":
-            name = (msg.get("params") or {}).get("name")
-            needed.add(TOOL_SCOPES.get(str(name), "tool:" + str(name)))
+            scope = TOOL_SCOPES.get(str((msg.get("params") or {}).get("name")))
+            if scope is not None:  # an unknown tool is the SDK's to answer (a JSON-RPC error)
+                needed.add(scope)
     return needed
 
 

@@ -212,9 +212,14 @@ class SQLiteDatabase:
             )
         self._schema: dict[str, tuple[str, ...]] | None = None
 
+    max_value_bytes = 1_000_000
+    """Largest string or blob a query may build (randomblob(1e9) is one VM step, so the
+    deadline alone would not stop it allocating a gigabyte)."""
+
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
         conn.execute("PRAGMA query_only = ON")
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.max_value_bytes)
         return conn
 
     def schema(self) -> Mapping[str, tuple[str, ...]]:

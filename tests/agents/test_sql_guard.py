@@ -11,6 +11,7 @@ import pytest
 from expertmesh.serving.sql_demo import build_sample_db
 from expertmesh.serving.sql_guard import (
     DatabaseUnsupported,
+    SqlExecutionError,
     SQLiteDatabase,
     SqlRefused,
     SqlTimeout,
@@ -106,3 +107,8 @@ def test_bundled_sample_database_is_what_the_generator_writes(tmp_path: Path) ->
     for table in fresh.schema():
         q = check_sql(f"SELECT * FROM {table} ORDER BY id", TABLES, row_limit=1000)
         assert bundled.execute(q, 2.0).rows == fresh.execute(q, 2.0).rows
+
+
+def test_runner_caps_the_size_of_values_a_query_builds(db: SQLiteDatabase) -> None:
+    with pytest.raises(SqlExecutionError, match="too big"):
+        db.execute(check_sql("SELECT randomblob(1000000000)", TABLES), 2.0)
