@@ -23,13 +23,17 @@ Auth0, ...) that puts the resource URL in `aud` can be configured instead throug
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mcp.server.auth.provider import AccessToken
 
@@ -64,6 +68,36 @@ class TokenIssuer:
         self._keys: list[_Key] = []
         self._n = 0
         self.rotate()
+
+    @classmethod
+    def from_key_file(
+        cls, issuer: str, path: str | Path, clock: Callable[[], float] = time.time
+    ) -> TokenIssuer:
+        """An issuer signing with the Ed25519 key in `path` (PEM, PKCS#8), created (mode 0600)
+        when missing, so that server replicas and the token CLI share one key. The kid is
+        derived from the public key."""
+        path = Path(path).expanduser()
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise AgentAuthError(f"{path} is not an Ed25519 private key")
+        else:
+            key = Ed25519PrivateKey.generate()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        issuer_ = cls(issuer, clock)
+        issuer_._keys = [_Key("k-" + hashlib.sha256(raw).hexdigest()[:12], key, clock())]
+        return issuer_
 
     @property
     def current_kid(self) -> str:
@@ -201,3 +235,35 @@ class AgentDirectory:
 
     def tables_for(self, agent: str) -> frozenset[str] | None:
         return self.sql_tables.get(agent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Mint a token with the built-in issuer's key file (what `McpSpec.key_file` names)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="issue an agent token (built-in issuer)")
+    parser.add_argument("command", choices=["issue"])
+    parser.add_argument(
+        "--resource", required=True, help="the MCP URL, e.g. http://127.0.0.1:8000/mcp"
+    )
+    parser.add_argument("--issuer", default=None, help="default: the resource URL's origin")
+    parser.add_argument("--key-file", default="~/.expertmesh/mcp-issuer.pem")
+    parser.add_argument("--agent", required=True)
+    parser.add_argument(
+        "--scope", action="append", default=[], help=f"one of {sorted(set(TOOL_SCOPES.values()))}"
+    )
+    parser.add_argument("--ttl-s", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+    issuer = TokenIssuer.from_key_file(args.issuer or origin_of(args.resource), args.key_file)
+    print(issuer.issue(args.agent, args.resource, args.scope, args.ttl_s))
+    return 0
+
+
+def origin_of(url: str) -> str:
+    """scheme://host[:port] of `url`."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,9 +7,10 @@
 
 Each replica of the `ApiServer` deployment builds its engine from the config (our MoE engine,
 vLLM, or a remote API), the selector gate when a policy is configured, and telemetry, then
-serves `api.make_api(...)` (plus text-to-SQL, `sql_api.py`, when a policy is set). Ray Serve
-calls `check_health` every `health_check_period_s`: a dead engine or a stalled engine loop
-(work held, no progress) fails it and Serve replaces the replica.
+serves `api.make_api(...)` (plus text-to-SQL, `sql_api.py`, when a policy is set, and MCP on
+`/mcp` when the config has an `mcp` section). Ray Serve calls `check_health` every
+`health_check_period_s`: a dead engine or a stalled engine loop (work held, no progress) fails
+it and Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ class ApiServer:
             selector = self.gate.selector
             service = TextToSql(self.engine, SelectorChooser(selector))
             app.include_router(sql_router(service, selector, {"shakespeare": str(SAMPLE_DB)}))
+            if self.config.mcp is not None:
+                from .mcp_server import WithMcp, build_mcp_from_spec
+
+                mcp = build_mcp_from_spec(
+                    self.config.mcp, self.engine, selector, self.telemetry.tracer
+                )
+                return WithMcp(app, mcp)
         return app
 
     def check_health(self) -> None:

@@ -64,6 +64,25 @@ class AutoscalingSpec(_Spec):
         return self
 
 
+class McpSpec(_Spec):
+    """The MCP server beside the API (`serving/mcp_server.py`, docs/agents.md)."""
+
+    resource_url: str = Field(pattern=r"^https?://[^/]+/mcp$")
+    """This server's MCP endpoint as clients reach it (the token audience), e.g.
+    http://127.0.0.1:8000/mcp."""
+    issuer_url: str | None = None
+    """Token issuer (`iss`); default: the built-in issuer at resource_url's origin."""
+    jwks_url: str | None = None
+    """A standard issuer's JWKS; None: the built-in issuer's key in `key_file`."""
+    key_file: str = "~/.expertmesh/mcp-issuer.pem"
+    """The built-in issuer's Ed25519 key (PEM), created when missing; shared by replicas and
+    `python -m expertmesh.serving.agent_auth issue`."""
+    agents: dict[str, str] = {}
+    """Agent (token client_id) -> selector tenant. Unmapped agents are refused."""
+    sql_tables: dict[str, list[str]] = {}
+    """Agent -> tables text_to_sql may read (not listed: every table)."""
+
+
 class ServingConfig(_Spec):
     engine: Literal["expertmesh", "vllm", "remote"] = "expertmesh"
     """Which engine serves: our MoE engine, vLLM (extra `expertmesh[vllm]`), or a remote
@@ -101,6 +120,8 @@ class ServingConfig(_Spec):
     telemetry: dict[str, Any] = {"metrics_exporter": "prometheus"}
     """observability.TelemetryConfig fields."""
     route_prefix: str = "/"
+    mcp: McpSpec | None = None
+    """Serve MCP on /mcp beside the API (needs a policy: agents map to its tenants)."""
     log_dir: str | None = None
     """Directory of the JSON log files every process writes (`expertmesh logs --request ID`
     reads them); default `$EXPERTMESH_HOME/logs`, else `~/.expertmesh/logs`."""
@@ -113,6 +134,8 @@ class ServingConfig(_Spec):
             raise ValueError(
                 f"`remote` is only used with engine 'remote' (engine is {self.engine!r})"
             )
+        if self.mcp is not None and self.policy is None:
+            raise ValueError("`mcp` needs a `policy`: agents map to the policy's tenants")
         if self.topology is not None and self.engine != "expertmesh":
             raise ValueError("`topology` is only used with engine 'expertmesh'")
         return self

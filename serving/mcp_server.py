@@ -46,7 +46,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from expertmesh.models.generate import SamplingParams
 from expertmesh.routing import RoutingError, SelectionRequest, Selector
 
-from .agent_auth import TOOL_SCOPES, AgentDirectory, JwtVerifier, TokenIssuer
+from .agent_auth import TOOL_SCOPES, AgentDirectory, JwtVerifier, TokenIssuer, origin_of
+from .config import McpSpec
 from .engine import Engine, EngineError, EngineRequest
 from .engine import Message as ChatMessage
 from .sql import SelectorChooser, SqlScope, TextToSql
@@ -333,6 +334,53 @@ def build_mcp_app(
         streamable_http_path=mcp_path, stateless_http=True, json_response=True, host=host
     )
     return ToolScopeGate(app, verifier, settings, mcp_path, issuer)
+
+
+def build_mcp_from_spec(
+    spec: McpSpec, engine: Engine, selector: Selector, tracer: Any = None
+) -> ASGIApp:
+    """The MCP app a serving config's `mcp` section describes (see `config.McpSpec`)."""
+    issuer_url = spec.issuer_url or origin_of(spec.resource_url)
+    issuer: TokenIssuer | None = None
+    if spec.jwks_url is not None:
+        verifier = JwtVerifier(issuer_url, spec.resource_url, jwks_url=spec.jwks_url)
+    else:
+        issuer = TokenIssuer.from_key_file(issuer_url, spec.key_file)
+        verifier = JwtVerifier(issuer.issuer, spec.resource_url, keys=issuer.public_keys)
+    agents = AgentDirectory(
+        dict(spec.agents), {a: frozenset(t) for a, t in spec.sql_tables.items()}
+    )
+    host = spec.resource_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+    return build_mcp_app(
+        McpSettings(spec.resource_url, issuer_url),
+        verifier,
+        agents,
+        engine,
+        selector,
+        issuer=issuer,
+        tracer=tracer,
+        host=host,
+    )
+
+
+class WithMcp:
+    """One ASGI app: MCP (`/mcp`, `/.well-known/...`) beside the API. Lifespan events go to the
+    MCP app (its session manager runs there; the API app has no lifespan of its own)."""
+
+    def __init__(self, api: ASGIApp, mcp: ASGIApp, mcp_path: str = "/mcp") -> None:
+        self.api = api
+        self.mcp = mcp
+        self.mcp_path = mcp_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.mcp(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path.rstrip("/") == self.mcp_path or path.startswith("/.well-known/"):
+            await self.mcp(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,93 @@
+"""MCP beside the OpenAI API in the Ray Serve replica's app (`build_app` path, served here by
+uvicorn without Ray): a serving config's `mcp` section mounts it on /mcp, tokens come from the
+built-in issuer's key file."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import uvicorn
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from expertmesh.serving.agent_auth import TokenIssuer
+from expertmesh.serving.app import ApiServer, build_gate
+from expertmesh.serving.config import ServingConfigError, parse_serving_config
+from expertmesh.serving.sql_demo import TemplateEngine
+
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+
+
+class _NoTelemetry:
+    meter = None
+    prometheus_registry = None
+    tracer = None
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    key_file = tmp_path_factory.mktemp("mcp") / "issuer.pem"
+    config = parse_serving_config(
+        {
+            "mcp": {
+                "resource_url": f"http://127.0.0.1:{port}/mcp",
+                "key_file": str(key_file),
+                "agents": {"agent-analyst": "anonymous"},
+            }
+        }
+    )
+    replica: Any = object.__new__(ApiServer)  # the replica without Ray: same app building
+    replica.config = config
+    replica.engine = TemplateEngine("expertmesh-demo")
+    replica.gate = build_gate(config, replica.engine)
+    replica.telemetry = _NoTelemetry()
+    app = replica.__serve_build_asgi_app__()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", key_file
+    server.should_exit = True
+    thread.join(5)
+
+
+def test_api_and_mcp_share_the_server(served: tuple[str, Path]) -> None:
+    origin, key_file = served
+    assert httpx2.get(origin + "/v1/models").status_code == 200
+    assert httpx2.post(origin + "/mcp", json={}).status_code == 401
+    token = TokenIssuer.from_key_file(origin, key_file).issue(
+        "agent-analyst", origin + "/mcp", ["sql:query"]
+    )
+
+    async def ask() -> Any:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            httpx2.AsyncClient(headers=headers) as http,
+            streamable_http_client(origin + "/mcp", http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            return await session.call_tool("text_to_sql", {"question": "What genre is Macbeth?"})
+
+    result = asyncio.run(ask())
+    assert not result.is_error, result
+    assert result.structured_content["rows"] == [["tragedy"]]
+
+
+def test_mcp_without_a_policy_is_a_config_error() -> None:
+    with pytest.raises(ServingConfigError, match="needs a `policy`"):
+        parse_serving_config({"policy": None, "mcp": {"resource_url": "http://h:8000/mcp"}})
