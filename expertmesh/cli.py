@@ -13,6 +13,7 @@ from . import __version__
 def build_parser() -> argparse.ArgumentParser:
     from .cmd_chaos import add_chaos
     from .cmd_cluster import add_cluster
+    from .cmd_jobs import add_jobs
     from .cmd_manifests import add_manifests
     from .cmd_models import add_generate, add_inspect
     from .cmd_observe import add_fmea, add_logs
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy(sub)
     add_serve(sub)
     add_train(sub)
+    add_jobs(sub)
     add_fmea(sub)
     add_logs(sub)
     return parser
