@@ -177,6 +177,15 @@ def _tolerations(node: Node) -> list[dict[str, str]]:
     return tolerations
 
 
+def ray_start_resources(resources: Mapping[str, float]) -> str:
+    """`rayStartParams.resources` as KubeRay wants it: KubeRay pastes the value into the
+    `ray start --resources=...` shell command, so it is the JSON object inside double quotes
+    with its own quotes backslash-escaped: `"{\\"Custom1\\": 1}"` (the format of KubeRay's
+    docs, and what Ray's KubeRay autoscaler parses back)."""
+    escaped = json.dumps(dict(resources)).replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 def worker_group(node: Node, node_class: NodeClass, cluster: str) -> dict[str, Any]:
     """The worker group (one replica) that stands for topology node `node` in Ray cluster
     `cluster` (a value of the `expertmesh.io/cluster` label)."""
@@ -185,7 +194,7 @@ def worker_group(node: Node, node_class: NodeClass, cluster: str) -> dict[str, A
     limits: dict[str, str | int] = {"cpu": str(cpus), "memory": memory}
     ray_start: dict[str, str] = {
         "num-cpus": str(cpus),
-        "resources": json.dumps({node_resource(node.name): 1}),
+        "resources": ray_start_resources({node_resource(node.name): 1}),
     }
     if node.kind == "gpu":
         limits["nvidia.com/gpu"] = 1

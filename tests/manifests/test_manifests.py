@@ -4,7 +4,6 @@ metric names the code emits."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -128,6 +127,10 @@ def test_checked_in_overlay_is_what_render_writes(overlay, tmp_path):
 
 
 def test_each_topology_node_gets_one_worker_group_offering_its_node_resource(tmp_path, build):
+    """Parsed by Ray's own KubeRay autoscaler code: `rayStartParams.resources` must be the
+    quoted, backslash-escaped JSON that KubeRay pastes into `ray start --resources=`."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
+
     topology = load_topology(REPO / "examples" / "topologies" / "mixed.yaml")
     objects = build(render_example(tmp_path, REPO / "examples" / "topologies" / "mixed.yaml"))
     for name in ("RayService/expertmesh", "RayCluster/expertmesh-adhoc"):
@@ -135,7 +138,7 @@ def test_each_topology_node_gets_one_worker_group_offering_its_node_resource(tmp
         assert [g["groupName"] for g in groups] == [n.name for n in topology.nodes]
         for group, node in zip(groups, topology.nodes, strict=True):
             assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1
-            resources = json.loads(group["rayStartParams"]["resources"])
+            resources = _get_custom_resources({}, group["rayStartParams"], group["groupName"])
             assert resources == {node_resource(node.name): 1}
 
 
