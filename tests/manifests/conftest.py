@@ -44,9 +44,12 @@ def _load_docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-def _merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: what kustomize's strategic merge does for custom resources
-    (no merge keys known, so lists are replaced whole)."""
+def _merge_patch(target: Any, patch: Any, where: str = "") -> Any:
+    """RFC 7386 JSON merge patch. Kustomize has no schema for custom resources and merges some
+    of their lists by guessed keys (`name`...), so a patch here may set a list only where the
+    base has none or an empty one: then every merge strategy gives the same result."""
+    if isinstance(patch, list) and target:
+        raise KustomizeError(f"patch sets the non-empty list {where}: merge would be ambiguous")
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
     result = dict(target) if isinstance(target, dict) else {}
@@ -54,7 +57,7 @@ def _merge_patch(target: Any, patch: Any) -> Any:
         if value is None:
             result.pop(key, None)
         else:
-            result[key] = _merge_patch(result.get(key), value)
+            result[key] = _merge_patch(result.get(key), value, f"{where}.{key}")
     return result
 
 

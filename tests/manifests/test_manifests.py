@@ -477,3 +477,22 @@ def test_a_topology_change_changes_the_serving_head_template(tmp_path, build):
     after = head_annotations(tmp_path / "slower.yaml", tmp_path / "b")
     assert before.keys() == after.keys() == {"expertmesh.io/topology-sha256"}
     assert before != after
+
+
+@pytest.mark.parametrize(
+    ("image", "entry"),
+    [
+        ("expertmesh:dev", {"newName": "expertmesh", "newTag": "dev"}),
+        ("reg.example:5000/team/expertmesh", {"newName": "reg.example:5000/team/expertmesh"}),
+        ("reg.example:5000/em:1.0", {"newName": "reg.example:5000/em", "newTag": "1.0"}),
+        (
+            "reg.example/em@sha256:" + "a" * 64,
+            {"newName": "reg.example/em", "digest": "sha256:" + "a" * 64},
+        ),
+    ],
+)
+def test_image_argument_becomes_a_kustomize_images_entry(image, entry, tmp_path):
+    topology = REPO / "examples" / "topologies" / "mixed.yaml"
+    render_overlay(load_topology(topology), topology.read_text(), tmp_path, image=image, base=BASE)
+    kustomization = yaml.safe_load((tmp_path / "kustomization.yaml").read_text())
+    assert kustomization["images"] == [{"name": "expertmesh", **entry}]
