@@ -1,6 +1,7 @@
 """Offline validation of the Kubernetes manifests: a small kustomize resolver (only the
 features `manifests/` uses), the KubeRay CRD schemas from `../shared/kuberay-crds`, and the
-core Kubernetes schemas that the `kubernetes-validate` wheel ships."""
+core Kubernetes schemas that the `kubernetes-validate` wheel ships. Where kubectl is
+installed, a test checks the resolver builds exactly what `kubectl kustomize` builds."""
 
 from __future__ import annotations
 

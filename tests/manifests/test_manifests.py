@@ -4,6 +4,7 @@ metric names the code emits."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -496,3 +497,26 @@ def test_image_argument_becomes_a_kustomize_images_entry(image, entry, tmp_path)
     render_overlay(load_topology(topology), topology.read_text(), tmp_path, image=image, base=BASE)
     kustomization = yaml.safe_load((tmp_path / "kustomization.yaml").read_text())
     assert kustomization["images"] == [{"name": "expertmesh", **entry}]
+
+
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed"
+)
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_resolver_builds_what_kubectl_kustomize_builds(overlay, build):
+    """The resolver the validation runs on agrees with real kustomize where it is installed."""
+    import subprocess
+
+    directory = REPO / "manifests" / "overlays" / overlay
+    text = subprocess.run(
+        ["kubectl", "kustomize", str(directory)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    real = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(text) if o}
+    mine = {(o["kind"], o["metadata"]["name"]): o for o in build(directory)}
+    assert mine.keys() == real.keys()
+    for key, obj in mine.items():
+        assert json.loads(json.dumps(obj)) == json.loads(json.dumps(real[key])), key
