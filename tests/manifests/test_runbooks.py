@@ -109,3 +109,12 @@ def test_every_alert_names_a_failure_mode_whose_runbook_mentions_it():
             assert mode in FAILURE_MODES
             assert alert["annotations"]["runbook_url"] == f"docs/runbooks/{mode}.md"
             assert alert["alert"] in (RUNBOOKS / f"{mode}.md").read_text()
+
+
+def test_repository_files_named_in_expertmesh_commands_exist():
+    """`manifests/...` and `examples/...` paths in the commands are files of this repository."""
+    for doc in DOCS_WITH_COMMANDS:
+        for command in expertmesh_commands(doc.read_text()):
+            for word in shlex.split(command):
+                if word.startswith(("manifests/", "examples/")):
+                    assert (REPO / word).exists(), f"{doc.name}: `{command}` names {word}"
