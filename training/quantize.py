@@ -27,7 +27,13 @@ from typing import Any
 import torch
 
 from expertmesh.models.adapters import adapter_for
-from expertmesh.models.checkpoint import INT8_EXPERTS, load_model, parse_config, save_model
+from expertmesh.models.checkpoint import (
+    INT8_EXPERTS,
+    load_model,
+    parse_config,
+    resolve_dtype,
+    save_model,
+)
 from expertmesh.models.generate import Generator, SamplingParams
 from expertmesh.models.model import MoEModel
 
@@ -125,10 +131,12 @@ class QuantizeOutcome:
 
 def run_quantize(job: QuantizeConfig) -> QuantizeOutcome:
     source = Path(job.model).resolve()
-    dtype = job.output.dtype
-    model = load_model(source, dtype=dtype)
-    out = save_model(quantize_experts(model), job.output.dir, tokenizer_from=source)
-    qmodel = load_model(out, dtype=dtype)  # what the engine will load
+    # Quantise from fp32 and measure in fp32 (the engine's default); store the float tensors
+    # that stay float in output.dtype.
+    model = load_model(source, dtype="float32")
+    stored = quantize_experts(model).to(resolve_dtype(job.output.dtype))
+    out = save_model(stored, job.output.dir, tokenizer_from=source)
+    qmodel = load_model(out, dtype="float32")  # what the engine will load
 
     windows = eval_data(source, job.eval).val_windows
     ppl_f = window_perplexity(model, windows)

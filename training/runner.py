@@ -1,7 +1,7 @@
 """The driver side of a training job: connect to Ray, run TorchTrainer, export the result.
 
 `run_training` starts (or joins) Ray, runs `loop.train_worker` on `run.num_workers`
-data-parallel workers (gloo on CPU, NCCL on GPU) and, when the run reached `optim.max_steps`,
+data-parallel workers (DDP over gloo, CPU) and, when the run reached `optim.max_steps`,
 writes the last checkpoint to `output.dir` as a Hugging Face checkpoint in `output.dtype`,
 with the per-step log beside it.
 
@@ -71,10 +71,11 @@ def run_training(
             # Ray Train's local mode (no workers) keeps no checkpoint copies: write them here.
             "local_checkpoints": str(storage / job.run.name) if job.run.num_workers == 0 else None,
         },
-        torch_config=TorchConfig(backend=job.run.backend),
+        # CPU only: the model core builds its position tables on the CPU, so NCCL/GPU
+        # training needs device placement there first.
+        torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(
             num_workers=job.run.num_workers,
-            use_gpu=job.run.use_gpu,
             resources_per_worker=resources if job.run.num_workers else None,
         ),
         run_config=RunConfig(

@@ -31,9 +31,10 @@ def test_per_channel_quantisation_error_is_within_half_a_step():
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
 
 
-def test_int8_linear_matches_the_dequantised_matmul():
+@pytest.mark.parametrize("rows", [1, 5])  # one row: the int8 kernel; more: dequantise + GEMM
+def test_int8_linear_matches_the_dequantised_matmul(rows):
     gen = torch.Generator().manual_seed(1)
-    w, x = torch.randn(24, 16, generator=gen), torch.randn(5, 16, generator=gen)
+    w, x = torch.randn(24, 16, generator=gen), torch.randn(rows, 16, generator=gen)
     q, scale = quantize_per_channel(w)
     expected = x @ (q.float() * scale[:, None]).t()
     torch.testing.assert_close(int8_linear(x, q, scale), expected, rtol=1e-4, atol=1e-4)
