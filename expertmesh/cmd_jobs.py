@@ -99,6 +99,14 @@ def _client(address: str | None) -> Any:
         raise JobClientError(f"cannot reach the Ray dashboard at {resolved}: {e}") from e
 
 
+def _client_errors() -> tuple[type[Exception], ...]:
+    """What a call to the cluster may raise that deserves one line, not a traceback: cannot
+    connect, a refusal, or a missing/wrong Ray token (`ray.exceptions.AuthenticationError`)."""
+    from ray.exceptions import AuthenticationError
+
+    return (JobClientError, ConnectionError, RuntimeError, ValueError, AuthenticationError)
+
+
 def _fail(args: argparse.Namespace, error: Exception) -> int:
     print(f"expertmesh job {args.job_command}: error: {error}", file=sys.stderr)
     return 2
@@ -112,7 +120,7 @@ def run_submit(args: argparse.Namespace) -> int:
         job_id = client.submit_job(
             entrypoint=command, runtime_env=runtime_env, submission_id=args.submission_id
         )
-    except (JobClientError, ConnectionError, RuntimeError, ValueError) as e:
+    except _client_errors() as e:
         return _fail(args, e)
     working_dir = f" --working-dir {shlex.quote(args.working_dir)}" if args.working_dir else ""
     print(f"submitted {job_id}")
@@ -138,7 +146,7 @@ def _wait(client: Any, job_id: str, timeout_s: float) -> str:
 def run_status(args: argparse.Namespace) -> int:
     try:
         info = _client(args.address).get_job_info(args.job_id)
-    except (JobClientError, ConnectionError, RuntimeError, ValueError) as e:
+    except _client_errors() as e:
         return _fail(args, e)
     print(f"{args.job_id}: {info.status.value}")
     print(f"  entrypoint: {info.entrypoint}")
@@ -159,6 +167,6 @@ def run_logs(args: argparse.Namespace) -> int:
                 print(chunk, end="", flush=True)
 
         asyncio.run(follow())
-    except (JobClientError, ConnectionError, RuntimeError, ValueError) as e:
+    except _client_errors() as e:
         return _fail(args, e)
     return 0

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,43 +52,93 @@ def test_unreachable_cluster_is_one_clear_error(capsys):
     assert "127.0.0.1" in err
 
 
-@pytest.mark.e2e
-def test_submit_status_and_logs_against_a_local_ray_head(tmp_path, capsys):
-    import ray
-    from ray.job_submission import JobSubmissionClient
+def _cli(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a fresh process: Ray reads the token-auth settings once per process."""
+    return subprocess.run(
+        [sys.executable, "-m", "expertmesh.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
-    port = _free_port()
-    address = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_port=port)
+
+@pytest.fixture
+def ray_head():
+    """A Ray head of our own (`ray start --head --block`), every port chosen free so that it
+    does not collide with other Ray instances on the machine (the dashboard agent's default
+    port is fixed); stopped by ending the process group it started, never by `ray stop`.
+    Token auth on, as on our KubeRay clusters: clients find the token in RAY_AUTH_TOKEN.
+    Yields (dashboard address, environment for clients)."""
+    temp_dir = tempfile.mkdtemp(prefix="emray", dir="/tmp")  # short: Ray's socket paths
+    dashboard_port = _free_port()
+    ports = {
+        "--port": _free_port(),
+        "--dashboard-port": dashboard_port,
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--node-manager-port": _free_port(),
+        "--object-manager-port": _free_port(),
+        "--ray-client-server-port": _free_port(),
+    }
+    ray = str(Path(sys.executable).with_name("ray"))
+    argv = [ray, "start", "--head", "--block", "--num-cpus", "1", "--temp-dir", temp_dir]
+    argv += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
+    argv += ["--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    head = subprocess.Popen(
+        argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    probe = (
+        "import sys; from ray.job_submission import JobSubmissionClient as C; "
+        "C(sys.argv[1]).submit_job(entrypoint='true')"
+    )
     try:
-        client = JobSubmissionClient(address)
-        deadline = time.monotonic() + 120
-        while True:  # the head's job agent comes up a few seconds after ray.init returns
-            try:
-                client.submit_job(entrypoint="true")
-                break
-            except RuntimeError as e:
-                if "No available agent" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        missing = tmp_path / "missing.yaml"
-        argv = ["job", "submit", "quantize", "--config", str(missing), "--address", address]
-        argv += ["--python", sys.executable, "--submission-id", "em-test-1", "--wait"]
-        assert main([*argv, "--timeout", "120"]) == 1, "a job whose config is missing fails"
-        out = capsys.readouterr().out
-        assert out.startswith("submitted em-test-1\n")
-        assert f"ray job submit -- {sys.executable} -m expertmesh.training.quantize" in out
-        assert "missing.yaml" in out, "the job's logs are printed"
-        assert out.rstrip().endswith("em-test-1: FAILED")
-
-        assert main(["job", "status", "em-test-1", "--address", address]) == 0
-        status = capsys.readouterr().out
-        assert status.startswith("em-test-1: FAILED")
-        assert "expertmesh.training.quantize" in status
-
-        assert main(["job", "logs", "em-test-1", "--address", address]) == 0
-        assert "missing.yaml" in capsys.readouterr().out
-        assert main(["job", "logs", "em-test-1", "--address", address, "--follow"]) == 0
-        assert "missing.yaml" in capsys.readouterr().out
+        deadline = time.monotonic() + 300
+        # The dashboard, then the job agent, come up seconds after the head.
+        while subprocess.run([sys.executable, "-c", probe, address], env=env).returncode != 0:
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the Ray head's job agent did not come up")
+            time.sleep(2)
+        yield address, env
     finally:
-        ray.shutdown()
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_submit_status_and_logs_against_a_local_ray_head(ray_head, tmp_path):
+    address, env = ray_head
+    missing = tmp_path / "missing.yaml"
+    argv = ["job", "submit", "quantize", "--config", str(missing), "--address", address]
+    argv += ["--python", sys.executable, "--submission-id", "em-test-1", "--wait"]
+    run = _cli(env, *argv, "--timeout", "240")
+    assert run.returncode == 1, f"a job whose config is missing fails: {run.stderr[-2000:]}"
+    assert run.stdout.startswith("submitted em-test-1\n")
+    assert f"ray job submit -- {sys.executable} -m expertmesh.training.quantize" in run.stdout
+    assert "missing.yaml" in run.stdout, "the job's logs are printed"
+    assert run.stdout.rstrip().endswith("em-test-1: FAILED")
+
+    run = _cli(env, "job", "status", "em-test-1", "--address", address)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("em-test-1: FAILED")
+    assert "expertmesh.training.quantize" in run.stdout
+
+    run = _cli(env, "job", "logs", "em-test-1", "--address", address)
+    assert run.returncode == 0 and "missing.yaml" in run.stdout
+    run = _cli(env, "job", "logs", "em-test-1", "--address", address, "--follow")
+    assert run.returncode == 0 and "missing.yaml" in run.stdout
+
+    no_token = {**env, "RAY_AUTH_TOKEN": "wrong"}
+    run = _cli(no_token, "job", "status", "em-test-1", "--address", address)
+    assert run.returncode == 2 and "expertmesh job status: error:" in run.stderr
