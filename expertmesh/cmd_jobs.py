@@ -117,9 +117,7 @@ def run_submit(args: argparse.Namespace) -> int:
     runtime_env = {"working_dir": args.working_dir} if args.working_dir else None
     try:
         client = _client(args.address)
-        job_id = client.submit_job(
-            entrypoint=command, runtime_env=runtime_env, submission_id=args.submission_id
-        )
+        job_id = _submit(client, command, runtime_env, args.submission_id)
     except _client_errors() as e:
         return _fail(args, e)
     working_dir = f" --working-dir {shlex.quote(args.working_dir)}" if args.working_dir else ""
@@ -132,6 +130,26 @@ def run_submit(args: argparse.Namespace) -> int:
     print(client.get_job_logs(job_id), end="")
     print(f"{job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
+
+
+AGENT_WAIT_S = 60.0
+"""How long `submit` retries while the head's job agent is not up yet (it starts seconds after
+the head, and the API answers "No available agent to submit job" until then)."""
+
+
+def _submit(client: Any, command: str, runtime_env: Any, submission_id: str | None) -> str:
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return str(
+                client.submit_job(
+                    entrypoint=command, runtime_env=runtime_env, submission_id=submission_id
+                )
+            )
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _wait(client: Any, job_id: str, timeout_s: float) -> str:
