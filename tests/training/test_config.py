@@ -10,6 +10,7 @@ import yaml
 from expertmesh.training.config import (
     JOB_CONFIGS,
     PretrainConfig,
+    SFTConfig,
     TrainingConfigError,
     load_config,
     parse_config,
@@ -34,6 +35,8 @@ def test_every_example_config_validates(path: Path):
     if path.stem == "demo":
         cfg = parse_config(yaml.safe_load(path.read_text()), DemoPipelineConfig)
         parse_config(cfg.pretrain, PretrainConfig)
+        assert cfg.sft is not None  # its model.checkpoint is the pre-training output, set later
+        parse_config({**cfg.sft, "model": {"checkpoint": "runs/demo/pretrain"}}, SFTConfig)
         return
     kind = path.stem.split("-")[0]
     assert kind in JOB_CONFIGS, f"{path.name} should start with a job name"
