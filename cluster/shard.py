@@ -150,6 +150,9 @@ class ExpertShard:
             del self.banks[layer]
             return []
         bank = self.banks[layer]
+        if set(bank.state_dict()) != {"gate_up", "down"}:  # e.g. int8 experts with scales
+            self.banks[layer] = load_expert_bank(self.checkpoint, layer, keep, self.dtype)
+            return keep
         slots = [bank.slot_of[e] for e in keep]
         with torch.device("meta"):
             smaller = ExpertBank(layer, bank.gate_up.shape[2], _moe_cfg(bank), bank.act, keep)
