@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -244,7 +245,8 @@ def test_up_on_the_mixed_topology_serves_one_request_and_exits(tmp_path):
             break
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.startswith("ROMEO:")
-    assert "8 completion tokens" in r.stdout
+    # the trained demo may end before max_tokens: "[stop; N prompt + M completion tokens]"
+    assert re.search(r"\[(stop|length); \d+ prompt \+ [1-8] completion tokens\]", r.stdout)
     assert "gpu-0" in r.stderr and "cpu-slow" in r.stderr  # experts held per node
     assert not (tmp_path / "up.json").exists()
 
