@@ -213,21 +213,24 @@ class JsonlMetricExporter(MetricExporter):
         self._file.close()
 
 
-def read_records(path: Path | str) -> list[Record]:
+def read_records(path: Path | str, skip_unterminated: bool = False) -> list[Record]:
     """Every record of a JSONL telemetry file, in file order. Blank lines are skipped; a line
-    that is not a JSON object raises `TelemetryFileError` naming the file and line."""
+    that is not a JSON object raises `TelemetryFileError` naming the file and line.
+    skip_unterminated: ignore a last line without its newline (a write still in progress)."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    if skip_unterminated:
+        lines = lines[:-1]  # what follows the last newline is empty or still being written
     records: list[Record] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TelemetryFileError(str(path), number, e.msg) from e
-            if not isinstance(record, dict):
-                raise TelemetryFileError(str(path), number, f"got {type(record).__name__}")
-            records.append(record)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TelemetryFileError(str(path), number, e.msg) from e
+        if not isinstance(record, dict):
+            raise TelemetryFileError(str(path), number, f"got {type(record).__name__}")
+        records.append(record)
     return records
 
 

@@ -38,8 +38,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import format_span_id, format_trace_id
 
-from .errors import TelemetryFileError
-from .jsonl_exporter import Record, read_spans
+from .jsonl_exporter import Record, read_records, read_spans
 
 REQUEST_ID_ATTRIBUTE = "expertmesh.request_id"
 """Span attribute on a request's root span that names its request id."""
@@ -151,21 +150,7 @@ def configure_json_logging(
 def read_log_file(path: Path | str) -> list[Record]:
     """The lines of one JSON log file. A last line without its newline (a write in progress) is
     skipped; any other line that is not a JSON object raises `TelemetryFileError`."""
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete = lines[:-1]  # what follows the last newline is empty or still being written
-    records: list[Record] = []
-    for number, line in enumerate(complete, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TelemetryFileError(str(path), number, e.msg) from e
-        if not isinstance(record, dict):
-            raise TelemetryFileError(str(path), number, f"got {type(record).__name__}")
-        records.append(record)
-    return records
+    return read_records(path, skip_unterminated=True)
 
 
 def request_trace_ids(spans: list[Record], request_id: str) -> set[str]:
