@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -119,3 +129,61 @@ def hf_checkpoint(tmp_path_factory) -> Callable[[str], tuple[Path, object]]:
         return built[family]
 
     return get
+
+
+@contextlib.contextmanager
+def _ray_head(num_cpus: int, prefix: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """Our own Ray head (`ray start --head --block`) with token auth. Every port is chosen free:
+    other Ray instances on the machine would otherwise collide with the fixed default ports of
+    the dashboard agent. Stopped by ending its process group, never `ray stop` (which would stop
+    every Ray on the machine). Yields (dashboard address, client environment with its token)."""
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths
+    dashboard_port = _free_port()
+    ports = [
+        "--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port",
+        "--object-manager-port", "--ray-client-server-port",
+    ]  # fmt: skip
+    ray = str(Path(sys.executable).with_name("ray"))
+    argv = [ray, "start", "--head", "--block", "--num-cpus", str(num_cpus), "--temp-dir", temp_dir]
+    argv += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
+    argv += ["--disable-usage-stats", f"--dashboard-port={dashboard_port}"]
+    argv += [f"{p}={_free_port()}" for p in ports]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    head = subprocess.Popen(
+        argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    probe = (
+        "import sys; from ray.job_submission import JobSubmissionClient as C; "
+        "C(sys.argv[1]).submit_job(entrypoint='true')"
+    )
+    try:
+        deadline = time.monotonic() + 300
+        # The dashboard, then the job agent, come up seconds after the head.
+        while subprocess.run([sys.executable, "-c", probe, address], env=env).returncode != 0:
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the Ray head's job agent did not come up")
+            time.sleep(2)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def local_ray_head() -> Callable[[int, str], contextlib.AbstractContextManager]:
+    """A factory: `with local_ray_head(num_cpus, prefix) as (address, env): ...`."""
+    return _ray_head

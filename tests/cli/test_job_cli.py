@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
@@ -64,55 +57,10 @@ def _cli(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def ray_head():
-    """A Ray head of our own (`ray start --head --block`), every port chosen free so that it
-    does not collide with other Ray instances on the machine (the dashboard agent's default
-    port is fixed); stopped by ending the process group it started, never by `ray stop`.
-    Token auth on, as on our KubeRay clusters: clients find the token in RAY_AUTH_TOKEN.
-    Yields (dashboard address, environment for clients)."""
-    temp_dir = tempfile.mkdtemp(prefix="emray", dir="/tmp")  # short: Ray's socket paths
-    dashboard_port = _free_port()
-    ports = {
-        "--port": _free_port(),
-        "--dashboard-port": dashboard_port,
-        "--dashboard-agent-listen-port": _free_port(),
-        "--dashboard-agent-grpc-port": _free_port(),
-        "--runtime-env-agent-port": _free_port(),
-        "--metrics-export-port": _free_port(),
-        "--node-manager-port": _free_port(),
-        "--object-manager-port": _free_port(),
-        "--ray-client-server-port": _free_port(),
-    }
-    ray = str(Path(sys.executable).with_name("ray"))
-    argv = [ray, "start", "--head", "--block", "--num-cpus", "1", "--temp-dir", temp_dir]
-    argv += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
-    argv += ["--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    head = subprocess.Popen(
-        argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-    )
-    address = f"http://127.0.0.1:{dashboard_port}"
-    probe = (
-        "import sys; from ray.job_submission import JobSubmissionClient as C; "
-        "C(sys.argv[1]).submit_job(entrypoint='true')"
-    )
-    try:
-        deadline = time.monotonic() + 300
-        # The dashboard, then the job agent, come up seconds after the head.
-        while subprocess.run([sys.executable, "-c", probe, address], env=env).returncode != 0:
-            if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the Ray head's job agent did not come up")
-            time.sleep(2)
-        yield address, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def ray_head(local_ray_head):
+    """A Ray head of our own with token auth (1 CPU); see tests/conftest.py."""
+    with local_ray_head(1, "emray") as head:
+        yield head
 
 
 @pytest.mark.e2e

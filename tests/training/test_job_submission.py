@@ -5,16 +5,10 @@ two data-parallel workers (DDP over gloo) and exports a checkpoint the model cor
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,53 +28,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
-    """Our own Ray head (`ray start --head --block`, 2 CPUs). Every port is chosen free: other
-    Ray instances on the machine would otherwise collide with the fixed default ports of the
-    dashboard agent. Stopped by ending its process group, never `ray stop` (which would stop
-    every Ray on the machine). Yields (dashboard address, client environment with its token)."""
-    temp_dir = tempfile.mkdtemp(prefix="emtrain", dir="/tmp")  # short: Ray's socket paths
-    dashboard_port = _free_port()
-    ports = [
-        "--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-        "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port",
-        "--object-manager-port", "--ray-client-server-port",
-    ]  # fmt: skip
-    argv = [RAY, "start", "--head", "--block", "--num-cpus", "2", "--temp-dir", temp_dir]
-    argv += [
-        "--include-dashboard",
-        "true",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--disable-usage-stats",
-    ]
-    argv += [f"--dashboard-port={dashboard_port}", *(f"{p}={_free_port()}" for p in ports)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    head = subprocess.Popen(
-        argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-    )
-    address = f"http://127.0.0.1:{dashboard_port}"
-    probe = (
-        "import sys; from ray.job_submission import JobSubmissionClient as C; "
-        "C(sys.argv[1]).submit_job(entrypoint='true')"
-    )
-    try:
-        deadline = time.monotonic() + 300
-        # The dashboard, then the job agent, come up seconds after the head.
-        while subprocess.run([sys.executable, "-c", probe, address], env=env).returncode != 0:
-            if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the Ray head's job agent did not come up")
-            time.sleep(2)
-        yield address, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def ray_head(local_ray_head):
+    """A Ray head of our own with token auth (2 CPUs); see tests/conftest.py."""
+    with local_ray_head(2, "emtrain") as head:
+        yield head
 
 
 WAIT = """
