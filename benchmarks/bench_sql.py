@@ -1,6 +1,6 @@
 """Text-to-SQL execution accuracy on the held-out questions of the bundled sample database.
 
-    .venv/bin/python benchmarks/bench_sql.py [--quick] [--out benchmarks/out/bench_sql.json]
+    .venv/bin/python benchmarks/bench_sql.py [--quick] [--model DIR] [--out benchmarks/out/bench_sql.json]
 
 Every system goes through the same service (`serving/sql.py`: schema linking, prompt, SQL
 guard, read-only execution, one repair). A question counts as correct when the rows its SQL
@@ -8,10 +8,10 @@ returns equal the gold SQL's rows (as a sorted multiset). Systems:
 
 - `template baseline` (rule-based, same run): the train question templates as regexes
   (`sql_demo.TemplateEngine`); it cannot answer the held-out-only phrasing.
-- `expertmesh-demo`: the bundled demo model (the JSON records its weights' SHA-256 prefix). It
-  has seen no SQL (a random initialisation, or Shakespeare pre-training + chat SFT), so its
-  accuracy is expected to be ~0; the SFT fine-tune on the train pairs (`question_pairs()`) is
-  future work and this script is how its result will be measured.
+- `expertmesh-demo`: the bundled demo model (or `--model DIR`; the JSON records its weights'
+  SHA-256 prefix), fine-tuned by the demo pipeline's text-to-SQL stage on
+  `sql_demo.finetune_pairs()` (train plays and titles outside the database; no held-out play,
+  no held-out-only phrasing). Greedy decoding.
 - a remote OpenAI-compatible model, when `EXPERTMESH_SQL_REMOTE_URL` and
   `EXPERTMESH_SQL_REMOTE_MODEL` (and optionally `EXPERTMESH_SQL_REMOTE_KEY`) are set.
 """
@@ -49,16 +49,20 @@ async def evaluate(
     service = TextToSql(engine, FixedModel(model), max_tokens=64)
     scope = SqlScope("bench", row_limit=1000)
     correct = valid = repaired = 0
+    details = []
     started = time.perf_counter()
     for pair in pairs:
         gold = db.execute(check_sql(pair.sql, tuple(db.schema()), row_limit=1000), 5.0)
         try:
             answer = await service.answer(pair.question, db, scope)
-        except SqlError:
+        except SqlError as e:
+            details.append({"question": pair.question, "error": str(e), "correct": False})
             continue
         valid += 1
         repaired += len(answer.attempts) > 1
-        correct += _key(answer.rows) == _key(gold.rows)
+        ok = _key(answer.rows) == _key(gold.rows)
+        correct += ok
+        details.append({"question": pair.question, "sql": answer.sql, "correct": ok})
     elapsed = time.perf_counter() - started
     return {
         "system": name,
@@ -68,10 +72,11 @@ async def evaluate(
         "correct": correct,
         "execution_accuracy": correct / len(pairs) if pairs else 0.0,
         "seconds": round(elapsed, 2),
+        "answers": details,
     }
 
 
-async def run(quick: bool) -> list[dict[str, Any]]:
+async def run(quick: bool, model_dir: Path = DEMO_MODEL_DIR) -> list[dict[str, Any]]:
     _, held = question_pairs()
     if quick:
         held = held[:6]
@@ -80,10 +85,10 @@ async def run(quick: bool) -> list[dict[str, Any]]:
 
     from expertmesh.serving.local_engine import ExpertMeshEngine
 
-    demo = ExpertMeshEngine.load("expertmesh-demo", DEMO_MODEL_DIR)
+    demo = ExpertMeshEngine.load("expertmesh-demo", model_dir)
     try:
         row = await evaluate("expertmesh-demo", demo, "expertmesh-demo", db, held)
-        weights = DEMO_MODEL_DIR / "model.safetensors"
+        weights = model_dir / "model.safetensors"
         row["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
         results.append(row)
     finally:
@@ -109,9 +114,10 @@ async def run(quick: bool) -> list[dict[str, Any]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="6 held-out questions")
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="checkpoint directory")
     parser.add_argument("--out", default="benchmarks/out/bench_sql.json")
     args = parser.parse_args()
-    results = asyncio.run(run(args.quick))
+    results = asyncio.run(run(args.quick, args.model))
     print_table(
         "text-to-SQL execution accuracy, held-out questions",
         ["system", "questions", "executed", "repaired", "correct", "execution_accuracy", "seconds"],

@@ -11,6 +11,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cmd_agents import add_agents
     from .cmd_chaos import add_chaos
     from .cmd_cluster import add_cluster
     from .cmd_jobs import add_jobs
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_jobs(sub)
     add_fmea(sub)
     add_logs(sub)
+    add_agents(sub)
     return parser
 
 
@@ -61,6 +63,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from expertmesh.serving.chaos import ChaosError
 
     errors.append(ChaosError)
+    from .cmd_agents import expected_errors
+
+    errors += expected_errors()
     try:
         from expertmesh.observability import TelemetryError
 

@@ -5,7 +5,12 @@ one node), deploys the API (`serving.app.build_app`) on Ray Serve, waits until i
 prints the URL and an example `curl`, and serves until Ctrl-C or `expertmesh down`.
 `--detach` runs that in the background and returns once the API is up; the state file
 (`~/.expertmesh/up.json`, or `$EXPERTMESH_HOME/up.json`) records its pid and URL for
-`status` and `down`.
+`status`, `down`, `sql` and `mcp token`.
+
+MCP is served on `/mcp` beside the API unless `--no-mcp` (or the config has no policy): the
+built-in token issuer's key is `$EXPERTMESH_HOME/mcp-issuer.pem` (`expertmesh mcp token`
+signs with it), and agents act as the policy's anonymous tenant unless the config's `mcp`
+section maps them.
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ from rich.console import Console
 DEFAULT_PORT = 8000
 
 
+def home_dir() -> Path:
+    return Path(os.environ.get("EXPERTMESH_HOME", Path.home() / ".expertmesh"))
+
+
 def state_file() -> Path:
-    home = Path(os.environ.get("EXPERTMESH_HOME", Path.home() / ".expertmesh"))
-    return home / "up.json"
+    return home_dir() / "up.json"
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +49,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=DEFAULT_PORT)
     up.add_argument("--detach", action="store_true", help="run in the background")
+    up.add_argument("--no-mcp", action="store_true", help="do not serve MCP on /mcp")
     up.add_argument(
         "--request",
         metavar="PROMPT",
@@ -71,9 +80,32 @@ def serving_config(args: argparse.Namespace) -> Any:
         updates["policy"] = str(args.policy.resolve())
     if updates.get("topology") or config.topology:
         updates["embedded"] = True  # `up` runs the embedded cluster: emulate speeds and links
+    policy = updates.get("policy", config.policy)
+    if config.mcp is None and policy is not None and not args.no_mcp:
+        updates["mcp"] = default_mcp(args.host, args.port, policy)
     if updates:
         config = parse_serving_config({**config.model_dump(), **updates}, "command line")
     return config
+
+
+def default_mcp(host: str, port: int, policy: str) -> dict[str, Any]:
+    """The `mcp` section `up` serves when the config has none: this server's /mcp, the
+    built-in issuer keyed in $EXPERTMESH_HOME, agents acting as the policy's anonymous tenant."""
+    from expertmesh.policies import DEFAULT_POLICY, load_policy
+
+    loaded = load_policy(DEFAULT_POLICY if policy == "default" else Path(policy))
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return {
+        "resource_url": f"http://{reachable}:{port}/mcp",
+        "key_file": str(home_dir() / "mcp-issuer.pem"),
+        "default_tenant": loaded.anonymous_tenant,
+    }
+
+
+def mcp_issuer(mcp: Any) -> str:
+    from expertmesh.serving.agent_auth import origin_of
+
+    return str(mcp.issuer_url or origin_of(mcp.resource_url))
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -85,7 +117,7 @@ def run_up(args: argparse.Namespace) -> int:
         load_topology(args.topology)
     if args.policy is not None:
         _check_policy(args.policy)
-    existing = _read_state()
+    existing = read_state()
     if existing is not None and _alive(existing["pid"]):
         console.print(
             f"already up at {existing['url']} (pid {existing['pid']}); `expertmesh down` first"
@@ -115,7 +147,7 @@ def _detach(args: argparse.Namespace, console: Console) -> int:
         )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        state = _read_state()
+        state = read_state()
         if state is not None and state.get("pid") == proc.pid and state.get("ready"):
             console.print(f"expertmesh is up at {state['url']} (pid {proc.pid}, log {log})")
             return 0
@@ -150,8 +182,24 @@ def _serve_foreground(args: argparse.Namespace, config: Any, console: Console) -
         serve.start(http_options={"host": args.host, "port": args.port})
         console.print("deploying the API on Ray Serve...")
         serve.run(build_app(config), name="expertmesh", route_prefix=config.route_prefix)
-        _write_state({"pid": os.getpid(), "url": url, "ready": True, "model": config.model_name})
+        mcp = config.mcp
+        _write_state(
+            {
+                "pid": os.getpid(),
+                "url": url,
+                "ready": True,
+                "model": config.model_name,
+                "mcp": mcp.resource_url if mcp else None,
+                "mcp_issuer": mcp_issuer(mcp) if mcp and not mcp.jwks_url else None,
+                "mcp_key_file": mcp.key_file if mcp and not mcp.jwks_url else None,
+            }
+        )
         console.print(f"[bold]expertmesh is up[/bold]: {url}/v1  (model {config.model_name!r})")
+        if mcp is not None:
+            console.print(
+                f"MCP: {mcp.resource_url}  (token: expertmesh mcp token --agent NAME "
+                "--scope sql:query)"
+            )
         _print_placement(url, console)
         console.print(
             f"try:  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
@@ -219,7 +267,7 @@ def run_status(args: argparse.Namespace) -> int:
     import httpx
 
     console = Console()
-    state = _read_state()
+    state = read_state()
     if state is None or not _alive(state["pid"]):
         console.print("expertmesh is not up (no running `expertmesh up`)")
         return 1
@@ -237,7 +285,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_down(args: argparse.Namespace) -> int:
     console = Console()
-    state = _read_state()
+    state = read_state()
     if state is None or not _alive(state["pid"]):
         console.print("expertmesh is not up")
         _clear_state(None)
@@ -269,7 +317,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _read_state() -> dict[str, Any] | None:
+def read_state() -> dict[str, Any] | None:
     try:
         data: dict[str, Any] = json.loads(state_file().read_text())
         return data
@@ -286,7 +334,7 @@ def _write_state(state: dict[str, Any]) -> None:
 
 
 def _clear_state(pid: int | None) -> None:
-    state = _read_state()
+    state = read_state()
     if state is not None and (pid is None or state.get("pid") == pid):
         with contextlib.suppress(OSError):
             state_file().unlink()

@@ -223,15 +223,17 @@ class AgentDirectory:
     tenants: Mapping[str, str]
     sql_tables: Mapping[str, frozenset[str]] = field(default_factory=dict)
     """Per agent, the tables text_to_sql may read; an agent not listed may read every table."""
+    default_tenant: str | None = None
+    """Tenant of agents not in `tenants`; None: they are refused."""
 
     def tenant_for(self, agent: str) -> str:
-        try:
-            return self.tenants[agent]
-        except KeyError:
+        tenant = self.tenants.get(agent, self.default_tenant)
+        if tenant is None:
             raise PermissionError(
                 f"agent {agent!r} is not mapped to a tenant; add it to the MCP server's agents "
-                "map (agent -> tenant)"
-            ) from None
+                "map (agent -> tenant) or set mcp.default_tenant"
+            )
+        return tenant
 
     def tables_for(self, agent: str) -> frozenset[str] | None:
         return self.sql_tables.get(agent)

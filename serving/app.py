@@ -63,6 +63,21 @@ def build_gate(config: ServingConfig, engine: Engine) -> Gate | None:
     return SelectorGate.from_policy_file(path, engine, config.budget_ledger, config.decision_log)
 
 
+def sql_databases(config: ServingConfig) -> dict[str, str]:
+    """The text-to-SQL databases by name; ServingConfigError naming a missing file."""
+    from .config import ServingConfigError
+    from .sql_demo import SAMPLE_DB
+
+    databases = config.sql.databases or {"shakespeare": str(SAMPLE_DB)}
+    for name, target in databases.items():
+        path = Path(target.removeprefix("sqlite:///")).expanduser()
+        if "://" not in target.removeprefix("sqlite:///") and not path.is_file():
+            raise ServingConfigError(
+                f"sql.databases.{name}: no SQLite file at {path}; fix the path or remove the entry"
+            )
+    return dict(databases)
+
+
 @serve.ingress()
 class ApiServer:
     """One API replica: engine + gate + telemetry behind the OpenAI routes."""
@@ -91,16 +106,25 @@ class ApiServer:
         if isinstance(self.gate, SelectorGate):  # text-to-SQL needs the selector (task sql)
             from .sql import SelectorChooser, TextToSql
             from .sql_api import sql_router
-            from .sql_demo import SAMPLE_DB
 
             selector = self.gate.selector
-            service = TextToSql(self.engine, SelectorChooser(selector))
-            app.include_router(sql_router(service, selector, {"shakespeare": str(SAMPLE_DB)}))
+            sql = self.config.sql
+            databases = sql_databases(self.config)
+            service = TextToSql(self.engine, SelectorChooser(selector), sql.max_tokens)
+            app.include_router(
+                sql_router(service, selector, databases, sql.row_limit, sql.timeout_s)
+            )
             if self.config.mcp is not None:
                 from .mcp_server import WithMcp, build_mcp_from_spec
 
                 mcp = build_mcp_from_spec(
-                    self.config.mcp, self.engine, selector, self.telemetry.tracer
+                    self.config.mcp,
+                    self.engine,
+                    selector,
+                    self.telemetry.tracer,
+                    sql_service=service,
+                    databases=databases,
+                    sql=sql,
                 )
                 return WithMcp(app, mcp)
         return app

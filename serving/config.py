@@ -78,9 +78,26 @@ class McpSpec(_Spec):
     """The built-in issuer's Ed25519 key (PEM), created when missing; shared by replicas and
     `python -m expertmesh.serving.agent_auth issue`."""
     agents: dict[str, str] = {}
-    """Agent (token client_id) -> selector tenant. Unmapped agents are refused."""
+    """Agent (token client_id) -> selector tenant."""
+    default_tenant: str | None = None
+    """Tenant of agents not in `agents`; None: unmapped agents are refused. `expertmesh up`
+    sets the policy's anonymous tenant, so a token adds no access anonymous HTTP lacks."""
     sql_tables: dict[str, list[str]] = {}
     """Agent -> tables text_to_sql may read (not listed: every table)."""
+
+
+class SqlSpec(_Spec):
+    """Text-to-SQL on `/v1/sql/answer` and the MCP `text_to_sql` tool (docs/agents.md)."""
+
+    databases: dict[str, str] | None = None
+    """Name -> SQLite file (or `sqlite:///` URL) clients may ask about; None: the bundled
+    sample as "shakespeare". Each file must exist when the server starts."""
+    row_limit: Annotated[int, Field(ge=1, le=100_000)] = 100
+    """Rows returned at most (the answer says when it was cut)."""
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 2.0
+    """A query running longer is interrupted."""
+    max_tokens: Annotated[int, Field(ge=16)] = 128
+    """Output cap of each model call (the query and its one repair)."""
 
 
 class ServingConfig(_Spec):
@@ -122,6 +139,8 @@ class ServingConfig(_Spec):
     route_prefix: str = "/"
     mcp: McpSpec | None = None
     """Serve MCP on /mcp beside the API (needs a policy: agents map to its tenants)."""
+    sql: SqlSpec = SqlSpec()
+    """Text-to-SQL (served when a policy is set: the selector picks the model, task `sql`)."""
     log_dir: str | None = None
     """Directory of the JSON log files every process writes (`expertmesh logs --request ID`
     reads them); default `$EXPERTMESH_HOME/logs`, else `~/.expertmesh/logs`."""

@@ -47,7 +47,7 @@ from expertmesh.models.generate import SamplingParams
 from expertmesh.routing import RoutingError, SelectionRequest, Selector
 
 from .agent_auth import TOOL_SCOPES, AgentDirectory, JwtVerifier, TokenIssuer, origin_of
-from .config import McpSpec
+from .config import McpSpec, SqlSpec
 from .engine import Engine, EngineError, EngineRequest
 from .engine import Message as ChatMessage
 from .sql import SelectorChooser, SqlScope, TextToSql
@@ -337,9 +337,17 @@ def build_mcp_app(
 
 
 def build_mcp_from_spec(
-    spec: McpSpec, engine: Engine, selector: Selector, tracer: Any = None
+    spec: McpSpec,
+    engine: Engine,
+    selector: Selector,
+    tracer: Any = None,
+    *,
+    sql_service: TextToSql | None = None,
+    databases: Mapping[str, str] | None = None,
+    sql: SqlSpec | None = None,
 ) -> ASGIApp:
-    """The MCP app a serving config's `mcp` section describes (see `config.McpSpec`)."""
+    """The MCP app a serving config's `mcp` section describes (see `config.McpSpec`); the
+    text_to_sql tool shares the API's service, databases and limits (`config.SqlSpec`)."""
     issuer_url = spec.issuer_url or origin_of(spec.resource_url)
     issuer: TokenIssuer | None = None
     if spec.jwks_url is not None:
@@ -348,15 +356,26 @@ def build_mcp_from_spec(
         issuer = TokenIssuer.from_key_file(issuer_url, spec.key_file)
         verifier = JwtVerifier(issuer.issuer, spec.resource_url, keys=issuer.public_keys)
     agents = AgentDirectory(
-        dict(spec.agents), {a: frozenset(t) for a, t in spec.sql_tables.items()}
+        dict(spec.agents),
+        {a: frozenset(t) for a, t in spec.sql_tables.items()},
+        spec.default_tenant,
     )
     host = spec.resource_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+    sql = sql or SqlSpec()
+    settings = McpSettings(
+        spec.resource_url,
+        issuer_url,
+        databases=databases or {"shakespeare": str(SAMPLE_DB)},
+        sql_row_limit=sql.row_limit,
+        sql_timeout_s=sql.timeout_s,
+    )
     return build_mcp_app(
-        McpSettings(spec.resource_url, issuer_url),
+        settings,
         verifier,
         agents,
         engine,
         selector,
+        sql_service=sql_service,
         issuer=issuer,
         tracer=tracer,
         host=host,

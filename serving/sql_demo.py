@@ -3,6 +3,7 @@ SQL, and a rule-based baseline engine.
 
     python -m expertmesh.serving.sql_demo --build          # writes examples/sql/shakespeare.sqlite
     python -m expertmesh.serving.sql_demo --ask "How many characters are in Hamlet?"
+    python -m expertmesh.serving.sql_demo --sft-data examples/training/data   # fine-tuning data
 
 Provenance: every row is written by this file (no download). Titles, First Folio genre and
 conventional approximate composition years of ten plays; principal characters as named in the
@@ -11,6 +12,9 @@ public-domain Globe edition. It is a small illustrative sample, not a complete c
 
 `question_pairs()` generates question/SQL pairs from templates over that data, split by play
 into train and held-out sets (the held-out set also has one phrasing no train template uses).
+`finetune_pairs()` widens the train set for the demo model's fine-tune (more phrasings, and
+titles of plays outside the database, so the model learns to copy a title, not to recall one)
+and `write_sft_data` writes it in the SFT format with the service's exact prompts.
 `TemplateEngine` is the rule-based baseline: it answers a prompt by matching the question
 against the train templates, behind the same `Engine` protocol as a model.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -146,6 +151,51 @@ HELD_OUT_ONLY: tuple[tuple[str, str], ...] = (
 )
 HELD_OUT_PLAYS = frozenset({"Othello", "The Tempest", "Richard III"})
 
+# More phrasings of each train template's intent (same SQL), for fine-tuning only: a model that
+# saw one wording per intent would learn the wording, not the intent.
+PARAPHRASES: tuple[tuple[str, str], ...] = (
+    ("How many characters does {title} have?", TRAIN_TEMPLATES[0][1]),
+    ("Count the characters in {title}.", TRAIN_TEMPLATES[0][1]),
+    ("Who are the characters in {title}?", TRAIN_TEMPLATES[1][1]),
+    ("Which characters appear in {title}?", TRAIN_TEMPLATES[1][1]),
+    ("When was {title} written?", TRAIN_TEMPLATES[2][1]),
+    ("In which year was {title} written?", TRAIN_TEMPLATES[2][1]),
+    ("What kind of play is {title}?", TRAIN_TEMPLATES[3][1]),
+    ("Is {title} a comedy, a tragedy or a history?", TRAIN_TEMPLATES[3][1]),
+    ("What plays are older than {title}?", TRAIN_TEMPLATES[4][1]),
+    ("List the plays written earlier than {title}.", TRAIN_TEMPLATES[4][1]),
+)
+
+# Titles of other Shakespeare plays, absent from the database, used only to fine-tune: with
+# the seven train plays alone a small model memorises titles instead of copying the one asked
+# about. None is (or contains) a held-out title.
+AUGMENT_TITLES: tuple[str, ...] = (
+    "The Merchant of Venice",
+    "As You Like It",
+    "Julius Caesar",
+    "Antony and Cleopatra",
+    "Coriolanus",
+    "Titus Andronicus",
+    "Timon of Athens",
+    "Troilus and Cressida",
+    "Cymbeline",
+    "The Winter's Tale",
+    "Pericles",
+    "Measure for Measure",
+    "All's Well That Ends Well",
+    "The Taming of the Shrew",
+    "The Comedy of Errors",
+    "Love's Labour's Lost",
+    "The Two Gentlemen of Verona",
+    "The Merry Wives of Windsor",
+    "Richard II",
+    "Henry IV",
+    "Henry V",
+    "Henry VI",
+    "Henry VIII",
+    "King John",
+)
+
 
 @dataclass(frozen=True)
 class QuestionPair:
@@ -167,6 +217,204 @@ def question_pairs() -> tuple[list[QuestionPair], list[QuestionPair]]:
             for q, sql in HELD_OUT_ONLY:
                 held.append(QuestionPair(q.format(**fill), sql.format(**fill)))
     return train, held
+
+
+def _fill(templates: Sequence[tuple[str, str]], title: str) -> list[QuestionPair]:
+    fill = {"title": title, "qtitle": _q(title)}
+    return [QuestionPair(q.format(**fill), sql.format(**fill)) for q, sql in templates]
+
+
+_NAMES = [
+    "Antonio",
+    "Portia",
+    "Rosalind",
+    "Orlando",
+    "Brutus",
+    "Cassius",
+    "Cleopatra",
+    "Antony",
+    "Falstaff",
+    "Imogen",
+    "Perdita",
+    "Leontes",
+    "Hermione",
+    "Isabella",
+    "Angelo",
+    "Petruchio",
+    "Katherine",
+    "Bianca",
+    "Shylock",
+    "Jessica",
+    "Lorenzo",
+    "Valentine",
+    "Proteus",
+    "Julia",
+    "Silvia",
+    "Timon",
+    "Titus",
+    "Lavinia",
+    "Aaron",
+    "Tamora",
+    "Marina",
+    "Posthumus",
+    "Romeo",
+    "Juliet",
+    "Mercutio",
+    "Tybalt",
+    "Hamlet",
+    "Ophelia",
+    "Horatio",
+    "Laertes",
+    "Banquo",
+    "Macduff",
+    "Duncan",
+    "Malcolm",
+    "Goneril",
+    "Regan",
+    "Cordelia",
+    "Edmund",
+    "Edgar",
+    "Puck",
+    "Oberon",
+    "Titania",
+    "Bottom",
+    "Hermia",
+    "Helena",
+    "Viola",
+    "Olivia",
+    "Malvolio",
+    "Feste",
+    "Beatrice",
+    "Benedick",
+    "Hero",
+    "Claudio",
+    "Dogberry",
+]
+_NOUNS = [
+    "Storm",
+    "Crown",
+    "Dagger",
+    "Rose",
+    "Winter",
+    "Summer",
+    "Night",
+    "Sword",
+    "Mirror",
+    "Garden",
+    "Tower",
+    "River",
+    "Forest",
+    "Ring",
+    "Letter",
+    "Masque",
+    "Feast",
+    "Shadow",
+    "Ghost",
+    "Island",
+    "Castle",
+    "Heath",
+    "Moon",
+    "Star",
+    "Fool",
+    "Merchant",
+    "Widow",
+    "Soldier",
+    "Queen",
+    "King",
+    "Lovers",
+    "Wager",
+    "Exile",
+    "Pilgrim",
+    "Banquet",
+    "Oath",
+]
+_PLACES = [
+    "Verona",
+    "Venice",
+    "Padua",
+    "Athens",
+    "Rome",
+    "Sicily",
+    "Bohemia",
+    "Vienna",
+    "Navarre",
+    "Illyria",
+    "Messina",
+    "Milan",
+    "Windsor",
+    "Ephesus",
+    "Tyre",
+    "Denmark",
+    "Scotland",
+    "Cyprus",
+    "Arden",
+    "Mantua",
+]
+
+
+def synthetic_titles(n: int = 300, seed: int = 0) -> list[str]:
+    """`n` made-up play titles ("Portia and Brutus", "The Dagger of Padua", ...): many
+    different titles make copying the asked-for title the only way to fit the data."""
+    rng = random.Random(seed)
+    forms = (
+        lambda: rng.choice(_NAMES),
+        lambda: f"{rng.choice(_NAMES)} and {rng.choice(_NAMES)}",
+        lambda: f"The {rng.choice(_NOUNS)} of {rng.choice(_PLACES)}",
+        lambda: f"The {rng.choice(_NOUNS)}",
+        lambda: f"{rng.choice(_NAMES)} of {rng.choice(_PLACES)}",
+        lambda: f"A {rng.choice(_NOUNS)} in {rng.choice(_PLACES)}",
+    )
+    held = [t.lower() for t in HELD_OUT_PLAYS]
+    titles: dict[str, None] = {}
+    while len(titles) < n:
+        title = rng.choice(forms)()
+        if not any(h in title.lower() for h in held):
+            titles[title] = None
+    return list(titles)
+
+
+def finetune_pairs(synthetic: int = 300, per_synthetic: int = 3) -> list[QuestionPair]:
+    """The fine-tuning set: every train template and paraphrase over the train plays and the
+    other Shakespeare titles, plus `per_synthetic` random templates over each of `synthetic`
+    made-up titles. No held-out play or held-out-only phrasing appears."""
+    templates = TRAIN_TEMPLATES + PARAPHRASES
+    titles = [t for _, t, _, _ in PLAYS if t not in HELD_OUT_PLAYS] + list(AUGMENT_TITLES)
+    pairs = [p for t in titles for p in _fill(templates, t)]
+    rng = random.Random(1)
+    for title in synthetic_titles(synthetic):
+        pairs += _fill(rng.sample(templates, per_synthetic), title)
+    return pairs
+
+
+def sft_records(pairs: Sequence[QuestionPair], db_path: Path = SAMPLE_DB) -> list[dict[str, str]]:
+    """SFT records (`training/sft.py`) whose system and user messages are exactly what the
+    text-to-SQL service sends for each question (schema linking included)."""
+    from .sql import build_prompt, link_schema
+    from .sql_guard import SQLiteDatabase
+
+    db = SQLiteDatabase(db_path)
+    schema = db.schema()
+    records = []
+    for pair in pairs:
+        system, user = build_prompt(
+            pair.question, db.ddl(link_schema(pair.question, schema)), db.dialect
+        )
+        records.append({"system": system.content, "prompt": user.content, "answer": pair.sql})
+    return records
+
+
+def write_sft_data(out_dir: Path, db_path: Path = SAMPLE_DB) -> tuple[Path, Path]:
+    """`sql_train.jsonl` (fine-tuning pairs) and `sql_val.jsonl` (the held-out questions, for
+    the validation perplexity the training run reports) under `out_dir`."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, held = question_pairs()
+    paths = out_dir / "sql_train.jsonl", out_dir / "sql_val.jsonl"
+    for path, pairs in zip(paths, (finetune_pairs(), held)):
+        lines = (json.dumps(r, ensure_ascii=False) for r in sft_records(pairs, db_path))
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return paths
 
 
 def template_sql(question: str, templates: Sequence[tuple[str, str]] = TRAIN_TEMPLATES) -> str:
@@ -210,9 +458,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--build", action="store_true", help="write the sample database")
     parser.add_argument("--db", type=Path, default=SAMPLE_DB)
     parser.add_argument("--ask", help="answer a question with the rule-based baseline")
+    parser.add_argument(
+        "--sft-data", type=Path, metavar="DIR", help="write sql_train/sql_val.jsonl for SFT"
+    )
     args = parser.parse_args(argv)
     if args.build:
         print(f"wrote {build_sample_db(args.db)}")
+    if args.sft_data:
+        for path in write_sft_data(args.sft_data, args.db):
+            print(f"wrote {path}")
     if args.ask:
         from .sql import FixedModel, SqlScope, TextToSql
         from .sql_guard import SQLiteDatabase

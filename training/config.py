@@ -175,10 +175,28 @@ class PretrainConfig(_TrainingJob):
     data: CorpusSection = CorpusSection()
 
 
+class SFTDataSection(ChatDataSection):
+    """SFT datasets; records may carry a `system` message. `replay` mixes in examples of an
+    earlier task so a second fine-tune does not erase the first (catastrophic forgetting)."""
+
+    replay: PathStr | None = None
+    """JSON-lines file of earlier SFT examples to keep rehearsing."""
+    replay_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Share of the rows of each batch drawn from `replay`."""
+
+    @model_validator(mode="after")
+    def _replay(self) -> SFTDataSection:
+        if self.replay_fraction > 0 and self.replay is None:
+            raise ValueError("replay_fraction > 0 needs a `replay` file")
+        if self.replay is not None and self.replay_fraction == 0:
+            raise ValueError("`replay` is set but replay_fraction is 0; set a share such as 0.25")
+        return self
+
+
 class SFTConfig(_TrainingJob):
     """`expertmesh train sft`: chat-formatted pairs, loss on the assistant's answer only."""
 
-    data: ChatDataSection
+    data: SFTDataSection
 
 
 class DPOSection(_Section):

@@ -120,8 +120,11 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> torch.Te
 # ----------------------------------------------------------------------------- chat data
 
 
-def read_jsonl(path: str | Path, fields: Sequence[str]) -> list[dict[str, str]]:
-    """Records of a JSON-lines file, each required to hold string `fields`."""
+def read_jsonl(
+    path: str | Path, fields: Sequence[str], optional: Sequence[str] = ()
+) -> list[dict[str, str]]:
+    """Records of a JSON-lines file, each required to hold string `fields` (and `optional`
+    ones, when present, must be strings too)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist")
@@ -136,6 +139,9 @@ def read_jsonl(path: str | Path, fields: Sequence[str]) -> list[dict[str, str]]:
         for f in fields:
             if not isinstance(record.get(f), str):
                 raise DatasetError(f"{path}:{n}: field '{f}' must be a string")
+        for f in optional:
+            if f in record and not isinstance(record[f], str):
+                raise DatasetError(f"{path}:{n}: field '{f}', when given, must be a string")
         records.append(record)
     if not records:
         raise DatasetError(f"{path} holds no records")
@@ -150,12 +156,16 @@ class EncodedChat:
     answer: list[int]
 
 
-def encode_chat(tokenizer: Tokenizer, prompt: str, answer: str, end_of_turn: str) -> EncodedChat:
-    """The prompt as the serving path renders it (template + BOS) and the answer the model must
-    learn, closed by the end-of-turn token and newline exactly as the template writes a turn."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True
-    )
+def encode_chat(
+    tokenizer: Tokenizer, prompt: str, answer: str, end_of_turn: str, system: str | None = None
+) -> EncodedChat:
+    """The prompt as the serving path renders it (template + BOS; a system message first when
+    given) and the answer the model must learn, closed by the end-of-turn token and newline
+    exactly as the template writes a turn."""
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return EncodedChat(
         tokenizer.encode(text, add_special_tokens=True),
         tokenizer.encode(answer + end_of_turn + "\n"),

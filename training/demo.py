@@ -2,12 +2,15 @@
 
     nice -n 19 python -m expertmesh.training.demo --config examples/training/demo.yaml
 
-(about 20 minutes on 2 CPU cores). Two Ray Train jobs, then a check:
+(about 35 minutes on 2 CPU cores). Three Ray Train jobs, then a check:
 
 1. pre-training on the Shakespeare training plays (`training/pretrain.py`), data-parallel;
 2. a short supervised fine-tune on the example chat data (`training/sft.py`), so a chat
    request such as the main job's "ROMEO:" is answered with a speech that ends at `<|end|>`;
-3. export to `expertmesh/demo` in bf16, measure validation perplexity on the held-out plays
+3. a text-to-SQL fine-tune (`sql_sft`, the same SFT pipeline) on question/SQL pairs over the
+   sample database (`serving/sql_demo.py --sft-data` writes them, with the service's exact
+   prompts), rehearsing the chat data (`data.replay`) so stage 2 is kept;
+4. export to `expertmesh/demo` in bf16, measure validation perplexity on the held-out plays
    through the engine's KV-cache path (`models/evaluate.py`), generate a few samples, and write
    the model card `expertmesh/demo/README.md`.
 
@@ -79,6 +82,8 @@ class DemoPipelineConfig(BaseModel):
     """A pretrain job config (see `training/config.py: PretrainConfig`)."""
     sft: dict[str, Any] | None = None
     """An SFT job config; its model.checkpoint is set to the pre-training output."""
+    sql_sft: dict[str, Any] | None = None
+    """A second SFT job (text-to-SQL); its model.checkpoint is set to the previous output."""
     out: str = "expertmesh/demo"
     """Where the demo checkpoint goes (bf16)."""
     eval_windows: int = 64
@@ -111,7 +116,9 @@ A {report["parameters"] / 1e6:.1f}M-parameter DeepSeek-V3-shaped MoE (4 layers, 
 experts top-2 + 1 shared, MLA), trained on this machine by
 `python -m expertmesh.training.demo --config examples/training/demo.yaml`:
 pre-training on the Shakespeare plays ({report["pretrain_steps"]} steps, {report["pretrain_tokens"] / 1e6:.1f}M tokens),
-then a short SFT on `examples/training/data/sft_train.jsonl`.
+then a short SFT on `examples/training/data/sft_train.jsonl`, then a text-to-SQL SFT on
+`examples/training/data/sql_train.jsonl` (question/SQL pairs over `examples/sql/shakespeare.sqlite`;
+held-out execution accuracy: `benchmarks/bench_sql.py`, recorded in `benchmarks/RESULTS.md`).
 
 - Validation perplexity on the held-out plays ({", ".join(report["val_plays"])}),
   {report["eval_tokens"]} tokens through the KV cache: **{report["val_perplexity"]:.1f}**
@@ -145,14 +152,15 @@ def run_demo(cfg: DemoPipelineConfig) -> dict[str, Any]:
     if not pre.finished or pre.output_dir is None:
         raise RuntimeError(f"pre-training stopped at {pre.metrics.get('step')}; rerun to resume")
     final = pre
-    if cfg.sft is not None:
-        sft_raw = {
-            **cfg.sft,
-            "model": {**cfg.sft.get("model", {}), "checkpoint": str(pre.output_dir)},
-        }
-        final = run_sft(parse_config(sft_raw, SFTConfig, "sft"))
-        if not final.finished or final.checkpoint is None:
-            raise RuntimeError(f"SFT stopped at {final.metrics.get('step')}; rerun to resume")
+    sft_metrics: dict[str, Any] = {}
+    for stage, raw in (("sft", cfg.sft), ("sql_sft", cfg.sql_sft)):
+        if raw is None:
+            continue
+        start = {**raw.get("model", {}), "checkpoint": str(final.output_dir)}
+        final = run_sft(parse_config({**raw, "model": start}, SFTConfig, stage))
+        if not final.finished or final.checkpoint is None or final.output_dir is None:
+            raise RuntimeError(f"{stage} stopped at {final.metrics.get('step')}; rerun to resume")
+        sft_metrics[f"{stage}_val_answer_perplexity"] = final.metrics.get("val_answer_perplexity")
     assert final.checkpoint is not None
     export_checkpoint(final.checkpoint, out, "bfloat16")
 
@@ -171,7 +179,7 @@ def run_demo(cfg: DemoPipelineConfig) -> dict[str, Any]:
     report = {
         "val_perplexity": ppl,
         "pretrain_val_perplexity": pre.metrics.get("val_perplexity"),
-        "sft_val_answer_perplexity": final.metrics.get("val_answer_perplexity"),
+        **sft_metrics,
         "eval_tokens": int(windows[:, 1:].numel()),
         "val_plays": [p.stem.removesuffix("_gut") for p in val_files],
         "pretrain_steps": pre_cfg.optim.max_steps,

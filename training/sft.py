@@ -3,12 +3,17 @@
     expertmesh train sft --config examples/training/sft.yaml
     python -m expertmesh.training.sft --config examples/training/sft.yaml
 
-Each record of the JSON-lines files is `{"prompt": ..., "answer": ...}`. The prompt is rendered
-with the model's own chat template (`models/tokenizer.py`), exactly as the serving path renders
-a one-message conversation, and encoded with its BOS; the answer follows, closed by the
+Each record of the JSON-lines files is `{"prompt": ..., "answer": ...}`, optionally with a
+`"system"` message. The prompt is rendered with the model's own chat template
+(`models/tokenizer.py`), exactly as the serving path renders a (system +) user conversation,
+and encoded with its BOS; the answer follows, closed by the
 end-of-turn token `<|end|>` (which ends generation). Prompt and padding positions carry no loss,
 so the model learns to answer, not to write prompts. Validation reports the perplexity of the
 held-out answers.
+
+A second fine-tune (the demo's text-to-SQL stage) rehearses the first task: `data.replay`
+names earlier examples and `data.replay_fraction` the share of each batch's rows drawn from
+them, so the new task does not overwrite the old one.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from .tokenizer import END_OF_TURN
 
 def encode_sft_file(path: str | Path, tokenizer: Tokenizer) -> list[EncodedChat]:
     return [
-        encode_chat(tokenizer, r["prompt"], r["answer"], END_OF_TURN)
-        for r in read_jsonl(path, ("prompt", "answer"))
+        encode_chat(tokenizer, r["prompt"], r["answer"], END_OF_TURN, r.get("system"))
+        for r in read_jsonl(path, ("prompt", "answer"), optional=("system",))
     ]
 
 
@@ -62,12 +67,18 @@ class SFTTask:
     val: list[EncodedChat]
     pad: int
     tok_dir: Path
+    replay: list[EncodedChat]
     name: str = "sft"
 
     @staticmethod
     def from_payload(job: SFTConfig, payload: dict[str, Any]) -> SFTTask:
         return SFTTask(
-            job, payload["train"], payload["val"], payload["pad"], Path(payload["tok_dir"])
+            job,
+            payload["train"],
+            payload["val"],
+            payload["pad"],
+            Path(payload["tok_dir"]),
+            payload["replay"],
         )
 
     def build_model(self) -> MoEModel:
@@ -78,8 +89,13 @@ class SFTTask:
 
     def batch(self, step: int, rank: int, world: int) -> Batch:
         rng = step_rng(self.job.run.seed, step, rank)
-        picks = rng.integers(0, len(self.train), size=self.job.data.batch_size)
-        ids, labels = pack_rows([self.train[i] for i in picks], self.job.data.seq_len, self.pad)
+        n = self.job.data.batch_size
+        rows = [self.train[i] for i in rng.integers(0, len(self.train), size=n)]
+        if self.replay:
+            from_replay = rng.random(n) < self.job.data.replay_fraction
+            picks = rng.integers(0, len(self.replay), size=n)
+            rows = [self.replay[p] if r else row for row, r, p in zip(rows, from_replay, picks)]
+        ids, labels = pack_rows(rows, self.job.data.seq_len, self.pad)
         return {"ids": ids, "labels": labels}
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -103,6 +119,7 @@ def run_sft(job: SFTConfig) -> TrainingOutcome:
         "val": encode_sft_file(job.data.val, tokenizer),
         "pad": pad_id(tokenizer),
         "tok_dir": str(tok_dir),
+        "replay": encode_sft_file(job.data.replay, tokenizer) if job.data.replay else [],
     }
     return run_training(job, SFTTask.from_payload, payload)
 

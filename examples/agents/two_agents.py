@@ -1,16 +1,19 @@
 """Two agents, two scopes: one may query the sample database over MCP, the other is refused.
 
-    .venv/bin/python examples/agents/two_agents.py
+    .venv/bin/python examples/agents/two_agents.py           # a server in this process
+    .venv/bin/python examples/agents/two_agents.py --up      # the running `expertmesh up`
 
-Starts the expertmesh MCP server in this process (uvicorn on a free port; the built-in token
-issuer; the rule-based SQL baseline as the engine, since the demo model is still a random
-initialisation), issues a token to each agent, and has each call `text_to_sql` through the
-official `mcp` client. `agent-analyst` holds `sql:query` and gets rows back;
-`agent-chat` holds only `chat:complete` and gets HTTP 403 `insufficient_scope`.
+By default it starts the expertmesh MCP server in this process (uvicorn on a free port, the
+built-in token issuer, the bundled demo model, fine-tuned for text-to-SQL, as the engine);
+with `--up` it talks to the platform `expertmesh up` runs, with tokens signed by that server's
+issuer key (as `expertmesh mcp token` does). Each agent gets its own token and calls
+`text_to_sql` through the official `mcp` client: `agent-analyst` holds `sql:query` and gets
+rows back; `agent-chat` holds only `chat:complete` and gets HTTP 403 `insufficient_scope`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import socket
@@ -22,13 +25,15 @@ import uvicorn
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
+from expertmesh.paths import DEMO_MODEL_DIR
 from expertmesh.policies import DEFAULT_POLICY, load_policy
 from expertmesh.routing import Selector
 from expertmesh.serving.agent_auth import AgentDirectory, JwtVerifier, TokenIssuer
+from expertmesh.serving.local_engine import ExpertMeshEngine
 from expertmesh.serving.mcp_server import McpSettings, build_mcp_app
-from expertmesh.serving.sql_demo import SAMPLE_DB, TemplateEngine, build_sample_db
 
 QUESTION = "List the characters in Macbeth."
+AGENTS = (("agent-analyst", ["sql:query"]), ("agent-chat", ["chat:complete"]))
 
 
 async def ask(resource: str, agent: str, token: str) -> None:
@@ -59,9 +64,20 @@ async def ask(resource: str, agent: str, token: str) -> None:
             print(f"{agent}: refused, HTTP {status}\n  WWW-Authenticate: {challenge}")
 
 
-def main() -> int:
-    if not SAMPLE_DB.exists():
-        build_sample_db()
+def against_up() -> int:
+    from expertmesh.cmd_serve import read_state
+
+    state = read_state()
+    if state is None or not state.get("mcp_key_file"):
+        print("no running `expertmesh up` serving MCP with its built-in issuer; start one")
+        return 1
+    issuer = TokenIssuer.from_key_file(state["mcp_issuer"], state["mcp_key_file"])
+    for agent, scopes in AGENTS:
+        asyncio.run(ask(state["mcp"], agent, issuer.issue(agent, state["mcp"], scopes, 300)))
+    return 0
+
+
+def in_process() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -72,7 +88,7 @@ def main() -> int:
         McpSettings(resource, origin),
         JwtVerifier(issuer.issuer, resource, keys=issuer.public_keys),
         AgentDirectory({"agent-analyst": "anonymous", "agent-chat": "anonymous"}),
-        TemplateEngine("expertmesh-demo"),
+        ExpertMeshEngine.load("expertmesh-demo", DEMO_MODEL_DIR),
         Selector(load_policy(DEFAULT_POLICY)),
         issuer=issuer,
     )
@@ -82,11 +98,17 @@ def main() -> int:
     while not server.started:
         time.sleep(0.02)
     try:
-        for agent, scopes in (("agent-analyst", ["sql:query"]), ("agent-chat", ["chat:complete"])):
+        for agent, scopes in AGENTS:
             asyncio.run(ask(resource, agent, issuer.issue(agent, resource, scopes, ttl_s=300)))
     finally:
         server.should_exit = True
     return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--up", action="store_true", help="use the running `expertmesh up`")
+    return against_up() if parser.parse_args().up else in_process()
 
 
 if __name__ == "__main__":

@@ -91,3 +91,18 @@ def test_api_and_mcp_share_the_server(served: tuple[str, Path]) -> None:
 def test_mcp_without_a_policy_is_a_config_error() -> None:
     with pytest.raises(ServingConfigError, match="needs a `policy`"):
         parse_serving_config({"policy": None, "mcp": {"resource_url": "http://h:8000/mcp"}})
+
+
+def test_configured_databases_are_served_and_a_missing_file_is_named(tmp_path: Path) -> None:
+    from expertmesh.serving.app import sql_databases
+    from expertmesh.serving.sql_demo import build_sample_db
+
+    db = build_sample_db(tmp_path / "plays.sqlite")
+    config = parse_serving_config({"sql": {"databases": {"plays": f"sqlite:///{db}"}}})
+    assert sql_databases(config) == {"plays": f"sqlite:///{db}"}
+    assert "shakespeare" in sql_databases(parse_serving_config({}))
+    missing = parse_serving_config({"sql": {"databases": {"sales": str(tmp_path / "no.db")}}})
+    with pytest.raises(ServingConfigError, match=r"sql.databases.sales: no SQLite file"):
+        sql_databases(missing)
+    with pytest.raises(ServingConfigError, match=r"sql.row_limit"):
+        parse_serving_config({"sql": {"row_limit": 0}})
