@@ -38,13 +38,17 @@ from expertmesh.serving.sql import FixedModel, SqlScope, TextToSql
 from expertmesh.serving.sql_demo import TemplateEngine, build_sample_db, question_pairs
 from expertmesh.serving.sql_guard import SqlError, SQLiteDatabase, check_sql
 
+HELD = "held-out plays"
+SEEN = "train plays"
+"""The train templates over the plays the model was fine-tuned on (in-distribution)."""
+
 
 def _key(rows: Any) -> list[str]:
     return sorted(repr(tuple(r)) for r in rows)
 
 
 async def evaluate(
-    name: str, engine: Engine, model: str, db: SQLiteDatabase, pairs: list[Any]
+    name: str, engine: Engine, model: str, db: SQLiteDatabase, pairs: list[Any], split: str
 ) -> dict[str, Any]:
     service = TextToSql(engine, FixedModel(model), max_tokens=64)
     scope = SqlScope("bench", row_limit=1000)
@@ -66,6 +70,7 @@ async def evaluate(
     elapsed = time.perf_counter() - started
     return {
         "system": name,
+        "split": split,
         "questions": len(pairs),
         "executed": valid,
         "repaired": repaired,
@@ -77,20 +82,22 @@ async def evaluate(
 
 
 async def run(quick: bool, model_dir: Path = DEMO_MODEL_DIR) -> list[dict[str, Any]]:
-    _, held = question_pairs()
+    seen, held = question_pairs()
     if quick:
-        held = held[:6]
+        seen, held = seen[:6], held[:6]
     db = SQLiteDatabase(build_sample_db(Path(tempfile.mkdtemp()) / "shakespeare.sqlite"))
-    results = [await evaluate("template baseline", TemplateEngine(), "sql-templates", db, held)]
+    results = [
+        await evaluate("template baseline", TemplateEngine(), "sql-templates", db, held, HELD)
+    ]
 
     from expertmesh.serving.local_engine import ExpertMeshEngine
 
     demo = ExpertMeshEngine.load("expertmesh-demo", model_dir)
     try:
-        row = await evaluate("expertmesh-demo", demo, "expertmesh-demo", db, held)
-        weights = model_dir / "model.safetensors"
-        row["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
-        results.append(row)
+        weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
+        for pairs, split in ((held, HELD), (seen, SEEN)):
+            row = await evaluate("expertmesh-demo", demo, "expertmesh-demo", db, pairs, split)
+            results.append({**row, "weights_sha256": weights})
     finally:
         await demo.shutdown()
 
@@ -105,7 +112,7 @@ async def run(quick: bool, model_dir: Path = DEMO_MODEL_DIR) -> list[dict[str, A
             "remote", url, remote, os.environ.get("EXPERTMESH_SQL_REMOTE_KEY")
         )
         try:
-            results.append(await evaluate(f"remote {remote}", engine, "remote", db, held))
+            results.append(await evaluate(f"remote {remote}", engine, "remote", db, held, HELD))
         finally:
             await engine.shutdown()
     return results
@@ -119,13 +126,14 @@ def main() -> int:
     args = parser.parse_args()
     results = asyncio.run(run(args.quick, args.model))
     print_table(
-        "text-to-SQL execution accuracy, held-out questions",
-        ["system", "questions", "executed", "repaired", "correct", "execution_accuracy", "seconds"],
+        "text-to-SQL execution accuracy (rows equal to the gold SQL's)",
+        ["system", "split", "questions", "executed", "repaired", "correct", "accuracy", "s"],
         [
             [
                 r[k]
                 for k in (
                     "system",
+                    "split",
                     "questions",
                     "executed",
                     "repaired",

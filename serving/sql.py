@@ -8,8 +8,10 @@ SQL checked before it runs.
     answer.sql, answer.columns, answer.rows, answer.explanation
 
 Steps: link the question to the schema (tables whose table or column names share a word with
-the question, within the caller's scope; all scoped tables when none match), prompt the model
-with those tables' CREATE statements through the `Engine` protocol, extract the SQL from the
+the question, within the caller's scope; all scoped tables when none match) and to the data
+(text values of those tables that the question names, e.g. `plays.title = 'Othello'`, so the
+model copies a literal exactly as stored), prompt the model with those tables' CREATE
+statements and the linked values through the `Engine` protocol, extract the SQL from the
 reply, check it (`sql_guard.check_sql`: one read-only query, scoped tables, row limit) and run
 it read-only with a timeout. A refusal or execution error is fed back to the model once, with
 the error, for a repair; a second failure raises `SqlAnswerFailed` carrying both attempts.
@@ -78,6 +80,8 @@ class SqlAnswer:
     model: str
     linked_tables: tuple[str, ...]
     attempts: tuple[SqlAttempt, ...]
+    linked_values: tuple[str, ...] = ()
+    """`table.column = 'value'` hints the prompt carried."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -89,6 +93,7 @@ class SqlAnswer:
             "explanation": self.explanation,
             "model": self.model,
             "linked_tables": list(self.linked_tables),
+            "linked_values": list(self.linked_values),
             "attempts": [dataclasses.asdict(a) for a in self.attempts],
         }
 
@@ -191,16 +196,98 @@ def link_schema(
     return tuple(t for t in scoped if t in linked)
 
 
+VALUE_SCAN_ROWS = 1000
+"""Columns with more distinct values than this are not scanned for values (too costly)."""
+
+
+@dataclass(frozen=True)
+class LinkedValue:
+    table: str
+    column: str
+    value: str
+
+    def render(self, dialect: str) -> str:
+        return f"{self.table}.{self.column} = {exp.Literal.string(self.value).sql(dialect)}"
+
+
+def link_values(
+    question: str,
+    db: SqlDatabase,
+    tables: Sequence[str],
+    allowed: frozenset[str] | None = None,
+    timeout_s: float = 2.0,
+) -> tuple[LinkedValue, ...]:
+    """Text values stored in `tables` that `question` names (case-insensitive, whole words),
+    in question order. A value inside a longer linked one ("Richard" in "Richard III") is
+    dropped. Columns are read through the guard and the read-only runner; a column with more
+    than `VALUE_SCAN_ROWS` distinct values, or whose scan fails, is skipped."""
+    text = question.lower()
+    schema = db.schema()
+    spans: list[tuple[int, int, LinkedValue]] = []
+    for table in tables:
+        for column in schema[table]:
+            if column.lower() == "id" or column.lower().endswith("_id"):
+                continue
+            scan = (
+                exp.select(exp.column(column, quoted=True))
+                .distinct()
+                .from_(exp.table_(table, quoted=True))
+            )
+            try:
+                query = check_sql(
+                    scan.sql(db.dialect), tuple(schema), allowed, VALUE_SCAN_ROWS, db.dialect
+                )
+                result = db.execute(query, timeout_s)
+            except SqlError:
+                continue
+            if result.truncated:
+                continue
+            for (value,) in result.rows:
+                if not isinstance(value, str) or len(value) < 3:
+                    continue
+                pattern = r"(?<!\w)" + re.escape(value.lower()) + r"(?!\w)"
+                for m in re.finditer(pattern, text):
+                    spans.append((m.start(), m.end(), LinkedValue(table, column, value)))
+    kept = [
+        (start, end, v)
+        for start, end, v in spans
+        if not any(s <= start and end <= e and e - s > end - start for s, e, _ in spans)
+    ]
+    ordered = sorted(kept, key=lambda x: (x[0], x[2].table, x[2].column))
+    return tuple(dict.fromkeys(v for _, _, v in ordered))
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    tables: tuple[str, ...]
+    values: tuple[LinkedValue, ...]
+    messages: tuple[Message, ...]
+
+
+def prepare_prompt(
+    question: str, db: SqlDatabase, allowed: frozenset[str] | None = None, timeout_s: float = 2.0
+) -> PreparedPrompt:
+    """Schema and value linking, then the prompt: what the service sends the model (and what
+    the demo model was fine-tuned on, `sql_demo.sft_records`)."""
+    tables = link_schema(question, db.schema(), allowed)
+    if not tables:
+        raise SqlRefused("the caller's scope allows no table of this database")
+    values = link_values(question, db, tables, allowed, timeout_s)
+    hints = "; ".join(v.render(db.dialect) for v in values)
+    return PreparedPrompt(tables, values, build_prompt(question, db.ddl(tables), db.dialect, hints))
+
+
 SYSTEM_PROMPT = (
     "You translate a question into one {dialect} SELECT statement over the schema given. "
     "Answer with the SQL only, no explanation. Never modify data."
 )
 
 
-def build_prompt(question: str, ddl: str, dialect: str) -> tuple[Message, ...]:
+def build_prompt(question: str, ddl: str, dialect: str, values: str = "") -> tuple[Message, ...]:
+    linked = f"Values: {values}\n\n" if values else ""
     return (
         Message("system", SYSTEM_PROMPT.format(dialect=dialect)),
-        Message("user", f"Schema:\n{ddl}\n\nQuestion: {question}\nSQL:"),
+        Message("user", f"Schema:\n{ddl}\n\n{linked}Question: {question}\nSQL:"),
     )
 
 
@@ -272,10 +359,8 @@ class TextToSql:
             unknown = {t.lower() for t in scope.allowed_tables} - {t.lower() for t in schema}
             if unknown:
                 raise SqlRefused(f"scope names tables the database lacks: {sorted(unknown)}")
-        tables = link_schema(question, schema, scope.allowed_tables)
-        if not tables:
-            raise SqlRefused("the caller's scope allows no table of this database")
-        messages = build_prompt(question, db.ddl(tables), db.dialect)
+        prepared = prepare_prompt(question, db, scope.allowed_tables, scope.timeout_s)
+        tables, messages = prepared.tables, prepared.messages
         choice = self.chooser.choose(
             scope.tenant, "\n".join(m.content for m in messages), self.max_tokens
         )
@@ -305,6 +390,7 @@ class TextToSql:
                     choice.model,
                     tables,
                     tuple(attempts),
+                    tuple(v.render(db.dialect) for v in prepared.values),
                 )
             raise SqlAnswerFailed(question, attempts)
         except BaseException:

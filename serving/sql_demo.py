@@ -14,7 +14,8 @@ public-domain Globe edition. It is a small illustrative sample, not a complete c
 into train and held-out sets (the held-out set also has one phrasing no train template uses).
 `finetune_pairs()` widens the train set for the demo model's fine-tune (more phrasings, and
 titles of plays outside the database, so the model learns to copy a title, not to recall one)
-and `write_sft_data` writes it in the SFT format with the service's exact prompts.
+and `write_sft_data` writes it in the SFT format with the service's exact prompts (built over
+a training copy of the database that holds those titles, so their value hints are there).
 `TemplateEngine` is the rule-based baseline: it answers a prompt by matching the question
 against the train templates, behind the same `Engine` protocol as a model.
 """
@@ -386,34 +387,54 @@ def finetune_pairs(synthetic: int = 300, per_synthetic: int = 3) -> list[Questio
     return pairs
 
 
+def build_training_db(path: Path) -> Path:
+    """The sample database plus every fine-tuning title outside it (as plays of unknown genre
+    and year), so each fine-tuning prompt carries the value hints (`sql.link_values`) the
+    service would give for its title. Used only to write the fine-tuning data."""
+    build_sample_db(path)
+    known = {title for _, title, _, _ in PLAYS}
+    extra = [t for t in [*AUGMENT_TITLES, *synthetic_titles()] if t not in known]
+    conn = sqlite3.connect(path)
+    try:
+        conn.executemany(
+            "INSERT INTO plays (title, genre, year) VALUES (?, 'unknown', 0)",
+            [(t,) for t in extra],
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    return path
+
+
 def sft_records(pairs: Sequence[QuestionPair], db_path: Path = SAMPLE_DB) -> list[dict[str, str]]:
     """SFT records (`training/sft.py`) whose system and user messages are exactly what the
-    text-to-SQL service sends for each question (schema linking included)."""
-    from .sql import build_prompt, link_schema
+    text-to-SQL service sends for each question over `db_path` (schema and value linking)."""
+    from .sql import prepare_prompt
     from .sql_guard import SQLiteDatabase
 
     db = SQLiteDatabase(db_path)
-    schema = db.schema()
     records = []
     for pair in pairs:
-        system, user = build_prompt(
-            pair.question, db.ddl(link_schema(pair.question, schema)), db.dialect
-        )
+        system, user = prepare_prompt(pair.question, db).messages
         records.append({"system": system.content, "prompt": user.content, "answer": pair.sql})
     return records
 
 
 def write_sft_data(out_dir: Path, db_path: Path = SAMPLE_DB) -> tuple[Path, Path]:
-    """`sql_train.jsonl` (fine-tuning pairs) and `sql_val.jsonl` (the held-out questions, for
-    the validation perplexity the training run reports) under `out_dir`."""
+    """`sql_train.jsonl` (fine-tuning pairs, prompts over `build_training_db`) and
+    `sql_val.jsonl` (the held-out questions over `db_path`, for the validation perplexity the
+    training run reports) under `out_dir`."""
     import json
+    import tempfile
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _, held = question_pairs()
     paths = out_dir / "sql_train.jsonl", out_dir / "sql_val.jsonl"
-    for path, pairs in zip(paths, (finetune_pairs(), held)):
-        lines = (json.dumps(r, ensure_ascii=False) for r in sft_records(pairs, db_path))
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with tempfile.TemporaryDirectory() as tmp:
+        train_db = build_training_db(Path(tmp) / "train.sqlite")
+        for path, pairs, db in zip(paths, (finetune_pairs(), held), (train_db, db_path)):
+            lines = (json.dumps(r, ensure_ascii=False) for r in sft_records(pairs, db))
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
 
 

@@ -54,6 +54,10 @@ async def ask(resource: str, agent: str, token: str) -> None:
             ):
                 await session.initialize()
                 result = await session.call_tool("text_to_sql", {"question": QUESTION})
+                if result.is_error:  # allowed, but the tool failed (e.g. no valid SQL)
+                    text = " ".join(getattr(c, "text", "") for c in result.content)
+                    print(f"{agent}: allowed, tool error: {text}")
+                    return
                 doc = result.structured_content or {}
                 print(f"{agent}: allowed\n  SQL:  {doc.get('sql')}\n  rows: {doc.get('rows')}")
                 print(f"  {doc.get('explanation')}")

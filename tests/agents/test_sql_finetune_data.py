@@ -70,7 +70,12 @@ def test_each_record_is_the_prompt_the_service_sends(tmp_path):
     records = [json.loads(line) for line in val.read_text().splitlines()]
     _, held = question_pairs()
     assert [r["answer"] for r in records] == [p.sql for p in held]
-    assert len(train.read_text().splitlines()) == len(finetune_pairs())
+    train_records = [json.loads(line) for line in train.read_text().splitlines()]
+    assert len(train_records) == len(finetune_pairs())
+    # the training copy of the database holds every title: each prompt names its literal
+    for record, pair in zip(train_records, finetune_pairs()):
+        literal = pair.sql.rsplit("title = ", 1)[1].rstrip(")")
+        assert f"plays.title = {literal}" in record["prompt"]
     for record, pair in zip(records, held):
         engine = RecordingEngine(pair.sql)
         service = TextToSql(engine, FixedModel("m"))

@@ -3,6 +3,7 @@ the runner enforces the row limit and the timeout."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +55,52 @@ def test_guard_refuses_dangerous_sql_with_a_reason(sql: str, reason: str) -> Non
         check_sql(sql, TABLES)
 
 
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        ("COPY plays TO '/tmp/plays.csv'", "read-only"),
+        ("COPY (SELECT 1) TO PROGRAM 'id'", "read-only"),
+        ("SET statement_timeout = 0", "read-only"),
+        ("SET TRANSACTION READ WRITE", "read-only"),
+        ("DO $$ BEGIN DELETE FROM plays; END $$", "read-only"),
+        ("CALL refresh()", "read-only"),
+        ("LOCK TABLE plays", "read-only"),
+        ("SELECT * FROM plays FOR UPDATE", "read-only"),
+        ("WITH gone AS (DELETE FROM plays RETURNING *) SELECT * FROM gone", "read-only"),
+        ("SELECT pg_sleep(5)", "pg_sleep"),
+        ("SELECT pg_catalog.pg_sleep_for('5 minutes')", "pg_sleep_for"),
+        ('SELECT "pg_sleep"(5)', "pg_sleep"),
+        ("SELECT pg_read_file('/etc/passwd')", "pg_read_file"),
+        ("SELECT pg_read_binary_file('/etc/passwd')", "pg_read_binary_file"),
+        ("SELECT * FROM pg_ls_dir('.')", "pg_ls_dir"),
+        ("SELECT lo_import('/etc/passwd')", "lo_import"),
+        ("SELECT lo_export(1, '/tmp/x')", "lo_export"),
+        ("SELECT * FROM dblink('host=h', 'DELETE FROM t') AS t(x int)", "dblink"),
+        ("SELECT pg_terminate_backend(1)", "pg_terminate_backend"),
+        ("SELECT set_config('statement_timeout', '0', false)", "set_config"),
+        ("SELECT query_to_xml('SELECT * FROM secrets', true, true, '')", "query_to_xml"),
+        ("SELECT nextval('plays_id_seq')", "nextval"),
+        ("SELECT * FROM pg_catalog.pg_authid", "schema-qualified"),
+        ("SELECT * FROM pg_user", "no such table"),
+    ],
+)
+def test_guard_refuses_postgres_dangers_in_postgres_dialect(sql: str, reason: str) -> None:
+    with pytest.raises(SqlRefused, match=reason):
+        check_sql(sql, TABLES, dialect="postgres")
+
+
+def test_guard_allows_postgres_reads_and_wraps_them_for_postgres() -> None:
+    q = check_sql(
+        "SELECT genre, STRING_AGG(title, ', ') FROM plays WHERE title ILIKE '%the%' "
+        "AND year::text LIKE '16%' GROUP BY genre",
+        TABLES,
+        row_limit=5,
+        dialect="postgres",
+    )
+    assert "STRING_AGG" in q.sql and "ILIKE" in q.sql
+    assert q.executed_sql == f"SELECT * FROM ({q.sql}) AS _guarded LIMIT 6"
+
+
 def test_guard_refuses_tables_outside_the_scope() -> None:
     with pytest.raises(SqlRefused, match="outside this caller's scope"):
         check_sql(
@@ -90,9 +137,15 @@ def test_runner_opens_the_file_read_only(db: SQLiteDatabase) -> None:
     conn.close()
 
 
-def test_postgres_urls_name_the_missing_driver(tmp_path: Path) -> None:
-    with pytest.raises(DatabaseUnsupported, match="psycopg"):
+def test_postgres_without_the_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` raises ImportError
+    with pytest.raises(DatabaseUnsupported, match=r"pip install 'expertmesh\[postgres\]'"):
         open_database("postgresql://localhost/db")
+
+
+def test_open_database_takes_sqlite_urls_and_refuses_unknown_schemes(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseUnsupported, match="mysql"):
+        open_database("mysql://u@h/db")
     assert isinstance(
         open_database(f"sqlite:///{build_sample_db(tmp_path / 'x.sqlite')}"), SQLiteDatabase
     )

@@ -149,3 +149,36 @@ def test_selector_sees_the_request_as_task_sql(db: SQLiteDatabase) -> None:
                 "What genre is Hamlet?", db, SqlScope("anonymous")
             )
         )
+
+
+def test_value_linking_names_stored_literals_the_question_mentions(tmp_path, monkeypatch):
+    from expertmesh.serving import sql as sql_module
+    from expertmesh.serving.sql import link_values, prepare_prompt
+
+    db = SQLiteDatabase(build_sample_db(tmp_path / "s.sqlite"))
+    rendered = [
+        v.render("sqlite")
+        for v in link_values("How many characters are in richard iii?", db, ["characters", "plays"])
+    ]
+    assert rendered == ["plays.title = 'Richard III'"]  # "Richard" (a character) is inside it
+    night = prepare_prompt("What genre is A Midsummer Night's Dream?", db)
+    assert "Values: plays.title = 'A Midsummer Night''s Dream'\n" in night.messages[1].content
+    both = link_values("Who is Hamlet in Hamlet?", db, ["characters", "plays"])
+    assert {(v.table, v.column) for v in both} == {("characters", "name"), ("plays", "title")}
+    assert link_values("Who is Hamlet?", db, ["plays"], frozenset({"plays"}))[0].table == "plays"
+    assert "Values:" not in prepare_prompt("How many plays are there?", db).messages[1].content
+    monkeypatch.setattr(sql_module, "VALUE_SCAN_ROWS", 5)  # 57 names, 10 titles: not scanned
+    assert link_values("Who is Hamlet in Hamlet?", db, ["characters", "plays"]) == ()
+
+
+def test_the_answer_reports_the_value_hints_its_prompt_carried(tmp_path):
+    db = SQLiteDatabase(build_sample_db(tmp_path / "s.sqlite"))
+    engine = ScriptedEngine(["SELECT year FROM plays WHERE title = 'Macbeth'"])
+    answer = asyncio.run(
+        TextToSql(engine, FixedModel("expertmesh-demo")).answer(
+            "What year was Macbeth written?", db, SqlScope("t")
+        )
+    )
+    assert answer.rows == ((1606,),)
+    assert "plays.title = 'Macbeth'" in answer.linked_values
+    assert "Values: " in engine.requests[0].messages[1].content

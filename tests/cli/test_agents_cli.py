@@ -37,10 +37,12 @@ def test_sql_without_a_running_platform_says_what_to_do(capsys):
     assert "no running `expertmesh up`" in capsys.readouterr().err
 
 
-def test_sql_refuses_postgresql_naming_what_is_missing(capsys):
-    code = main(["sql", "--local", "--db", "postgresql://u@h/db", "How many plays?"])
-    assert code == 2
-    assert "PostgreSQL is not supported" in capsys.readouterr().err
+def test_sql_names_an_unreachable_postgresql_server_without_a_traceback(capsys):
+    db = "postgresql://nobody:pw-not-shown@127.0.0.1:1/none"
+    assert main(["sql", "--local", "--db", db, "How many plays?"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect to PostgreSQL at postgresql://nobody@127.0.0.1:1/none" in err
+    assert "Traceback" not in err and "pw-not-shown" not in err
 
 
 def test_mcp_token_is_signed_for_the_resource_with_the_scopes(tmp_path, capsys):
