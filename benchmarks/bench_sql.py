@@ -11,7 +11,11 @@ returns equal the gold SQL's rows (as a sorted multiset). Systems:
 - `expertmesh-demo`: the bundled demo model (or `--model DIR`; the JSON records its weights'
   SHA-256 prefix), fine-tuned by the demo pipeline's text-to-SQL stage on
   `sql_demo.finetune_pairs()` (train plays and titles outside the database; no held-out play,
-  no held-out-only phrasing). Greedy decoding.
+  no held-out-only phrasing). Greedy decoding. Twice: the model alone, and with the service's
+  value grounding (`sql.ground_literals`, on by default in serving), which replaces a literal
+  the model got wrong by the one stored value of that column the question names. Also on the
+  train plays' questions (in-distribution), to tell what the model learned from what it
+  generalises.
 - a remote OpenAI-compatible model, when `EXPERTMESH_SQL_REMOTE_URL` and
   `EXPERTMESH_SQL_REMOTE_MODEL` (and optionally `EXPERTMESH_SQL_REMOTE_KEY`) are set.
 """
@@ -48,11 +52,17 @@ def _key(rows: Any) -> list[str]:
 
 
 async def evaluate(
-    name: str, engine: Engine, model: str, db: SQLiteDatabase, pairs: list[Any], split: str
+    name: str,
+    engine: Engine,
+    model: str,
+    db: SQLiteDatabase,
+    pairs: list[Any],
+    split: str,
+    ground: bool = True,
 ) -> dict[str, Any]:
-    service = TextToSql(engine, FixedModel(model), max_tokens=64)
+    service = TextToSql(engine, FixedModel(model), max_tokens=64, ground_values=ground)
     scope = SqlScope("bench", row_limit=1000)
-    correct = valid = repaired = 0
+    correct = valid = repaired = grounded = 0
     details = []
     started = time.perf_counter()
     for pair in pairs:
@@ -66,7 +76,15 @@ async def evaluate(
         repaired += len(answer.attempts) > 1
         ok = _key(answer.rows) == _key(gold.rows)
         correct += ok
-        details.append({"question": pair.question, "sql": answer.sql, "correct": ok})
+        grounded += bool(answer.grounded)
+        details.append(
+            {
+                "question": pair.question,
+                "sql": answer.sql,
+                "grounded": answer.grounded,
+                "correct": ok,
+            }
+        )
     elapsed = time.perf_counter() - started
     return {
         "system": name,
@@ -74,6 +92,7 @@ async def evaluate(
         "questions": len(pairs),
         "executed": valid,
         "repaired": repaired,
+        "grounded": grounded,
         "correct": correct,
         "execution_accuracy": correct / len(pairs) if pairs else 0.0,
         "seconds": round(elapsed, 2),
@@ -96,8 +115,10 @@ async def run(quick: bool, model_dir: Path = DEMO_MODEL_DIR) -> list[dict[str, A
     try:
         weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
         for pairs, split in ((held, HELD), (seen, SEEN)):
-            row = await evaluate("expertmesh-demo", demo, "expertmesh-demo", db, pairs, split)
-            results.append({**row, "weights_sha256": weights})
+            for ground in (False, True):
+                name = "expertmesh-demo" + (" + value grounding" if ground else "")
+                row = await evaluate(name, demo, "expertmesh-demo", db, pairs, split, ground)
+                results.append({**row, "weights_sha256": weights})
     finally:
         await demo.shutdown()
 
@@ -127,7 +148,17 @@ def main() -> int:
     results = asyncio.run(run(args.quick, args.model))
     print_table(
         "text-to-SQL execution accuracy (rows equal to the gold SQL's)",
-        ["system", "split", "questions", "executed", "repaired", "correct", "accuracy", "s"],
+        [
+            "system",
+            "split",
+            "questions",
+            "executed",
+            "repaired",
+            "grounded",
+            "correct",
+            "accuracy",
+            "s",
+        ],
         [
             [
                 r[k]
@@ -137,6 +168,7 @@ def main() -> int:
                     "questions",
                     "executed",
                     "repaired",
+                    "grounded",
                     "correct",
                     "execution_accuracy",
                     "seconds",

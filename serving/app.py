@@ -110,7 +110,12 @@ class ApiServer:
             selector = self.gate.selector
             sql = self.config.sql
             databases = sql_databases(self.config)
-            service = TextToSql(self.engine, SelectorChooser(selector), sql.max_tokens)
+            service = TextToSql(
+                self.engine,
+                SelectorChooser(selector),
+                sql.max_tokens,
+                ground_values=sql.ground_values,
+            )
             app.include_router(
                 sql_router(service, selector, databases, sql.row_limit, sql.timeout_s)
             )

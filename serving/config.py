@@ -98,6 +98,9 @@ class SqlSpec(_Spec):
     """A query running longer is interrupted."""
     max_tokens: Annotated[int, Field(ge=16)] = 128
     """Output cap of each model call (the query and its one repair)."""
+    ground_values: bool = True
+    """Replace a literal the model got wrong by the one stored value of that column the
+    question names (`sql.ground_literals`); every replacement is reported in the answer."""
 
 
 class ServingConfig(_Spec):

@@ -82,6 +82,8 @@ class SqlAnswer:
     attempts: tuple[SqlAttempt, ...]
     linked_values: tuple[str, ...] = ()
     """`table.column = 'value'` hints the prompt carried."""
+    grounded: tuple[str, ...] = ()
+    """Literals value grounding replaced (`ground_literals`), `table.column: 'old' -> 'new'`."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -94,6 +96,7 @@ class SqlAnswer:
             "model": self.model,
             "linked_tables": list(self.linked_tables),
             "linked_values": list(self.linked_values),
+            "grounded": list(self.grounded),
             "attempts": [dataclasses.asdict(a) for a in self.attempts],
         }
 
@@ -257,6 +260,54 @@ def link_values(
     return tuple(dict.fromkeys(v for _, _, v in ordered))
 
 
+def ground_literals(
+    sql: str, values: Sequence[LinkedValue], schema: Mapping[str, Sequence[str]], dialect: str
+) -> tuple[str, tuple[str, ...]]:
+    """Value grounding: in `column = 'literal'` comparisons where the question linked exactly
+    one stored value of that column and the literal is not it, put the stored value in. Returns
+    the SQL (unchanged when nothing was replaced, or when it does not parse: the guard reports
+    that) and one `table.column: 'old' -> 'new'` line per replacement.
+
+    It fixes what models commonly get wrong about literals (case, spelling, a title recalled
+    instead of the one asked about) without guessing: with two linked values of a column, or
+    none, nothing changes."""
+    by_column: dict[tuple[str, str], list[str]] = {}
+    for v in values:
+        by_column.setdefault((v.table.lower(), v.column.lower()), []).append(v.value)
+    try:
+        tree = sqlglot.parse_one(sql, read=dialect)
+    except SqlglotError:
+        return sql, ()
+    if tree is None:
+        return sql, ()
+    aliases = {t.alias_or_name.lower(): t.name.lower() for t in tree.find_all(exp.Table)}
+    columns = {t.lower(): {c.lower() for c in cs} for t, cs in schema.items()}
+    changes = []
+    for eq in list(tree.find_all(exp.EQ)):
+        column, literal = eq.this, eq.expression
+        if isinstance(column, exp.Literal):
+            column, literal = literal, column
+        if not (isinstance(column, exp.Column) and isinstance(literal, exp.Literal)):
+            continue
+        if not literal.is_string:
+            continue
+        name = column.name.lower()
+        if column.table:
+            tables = [aliases.get(column.table.lower(), column.table.lower())]
+        else:
+            tables = [t for t in set(aliases.values()) if name in columns.get(t, set())]
+        if len(tables) != 1:
+            continue
+        linked = by_column.get((tables[0], name), [])
+        if len(linked) == 1 and literal.this != linked[0]:
+            literal.replace(exp.Literal.string(linked[0]))
+            changes.append(
+                f"{tables[0]}.{name}: {literal.sql(dialect)} -> "
+                f"{exp.Literal.string(linked[0]).sql(dialect)}"
+            )
+    return (tree.sql(dialect) if changes else sql), tuple(changes)
+
+
 @dataclass(frozen=True)
 class PreparedPrompt:
     tables: tuple[str, ...]
@@ -344,12 +395,18 @@ class TextToSql:
     """The service. `engine` serves the models the chooser may pick."""
 
     def __init__(
-        self, engine: Engine, chooser: ModelChooser, max_tokens: int = 128, repairs: int = 1
+        self,
+        engine: Engine,
+        chooser: ModelChooser,
+        max_tokens: int = 128,
+        repairs: int = 1,
+        ground_values: bool = True,
     ) -> None:
         self.engine = engine
         self.chooser = chooser
         self.max_tokens = max_tokens
         self.repairs = repairs
+        self.ground_values = ground_values
 
     async def answer(self, question: str, db: SqlDatabase, scope: SqlScope) -> SqlAnswer:
         if not question.strip():
@@ -369,6 +426,9 @@ class TextToSql:
         try:
             for attempt in range(1 + self.repairs):
                 sql = extract_sql(await self._generate(choice, messages, tokens))
+                grounded: tuple[str, ...] = ()
+                if self.ground_values and prepared.values:
+                    sql, grounded = ground_literals(sql, prepared.values, schema, db.dialect)
                 try:
                     query = check_sql(
                         sql, tuple(schema), scope.allowed_tables, scope.row_limit, db.dialect
@@ -386,11 +446,13 @@ class TextToSql:
                     result.columns,
                     result.rows,
                     result.truncated,
-                    explain(query, result, db.dialect),
+                    explain(query, result, db.dialect)
+                    + (f" Value grounding: {'; '.join(grounded)}." if grounded else ""),
                     choice.model,
                     tables,
                     tuple(attempts),
                     tuple(v.render(db.dialect) for v in prepared.values),
+                    grounded,
                 )
             raise SqlAnswerFailed(question, attempts)
         except BaseException:

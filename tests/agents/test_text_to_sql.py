@@ -182,3 +182,47 @@ def test_the_answer_reports_the_value_hints_its_prompt_carried(tmp_path):
     assert answer.rows == ((1606,),)
     assert "plays.title = 'Macbeth'" in answer.linked_values
     assert "Values: " in engine.requests[0].messages[1].content
+
+
+def test_value_grounding_replaces_only_an_unambiguous_wrong_literal():
+    from expertmesh.serving.sql import LinkedValue, ground_literals
+
+    schema = {"plays": ("id", "title", "year"), "characters": ("id", "play_id", "name")}
+    othello = [LinkedValue("plays", "title", "Othello")]
+    sql, changes = ground_literals(
+        "SELECT year FROM plays WHERE title = 'Winter''s Tale'", othello, schema, "sqlite"
+    )
+    assert sql == "SELECT year FROM plays WHERE title = 'Othello'"
+    assert changes == ("plays.title: 'Winter''s Tale' -> 'Othello'",)
+    aliased, _ = ground_literals(
+        "SELECT p.year FROM plays AS p WHERE 'hamlet' = p.title", othello, schema, "sqlite"
+    )
+    assert "'Othello' = p.title" in aliased
+    unchanged = [
+        ("SELECT year FROM plays WHERE title = 'Othello'", othello),  # already right
+        ("SELECT year FROM plays WHERE title = 'X'", [*othello, LinkedValue("plays", "title", "Hamlet")]),
+        ("SELECT name FROM characters WHERE name = 'Iago'", othello),  # no value of that column
+        ("SELECT year FROM plays WHERE year = 1600", othello),  # not a string literal
+        ("SELEC year FRM plays", othello),  # does not parse: the guard reports it
+    ]  # fmt: skip
+    for query, values in unchanged:
+        assert ground_literals(query, values, schema, "sqlite") == (query, ())
+
+
+def test_the_service_grounds_a_wrong_title_and_says_so(tmp_path):
+    db = SQLiteDatabase(build_sample_db(tmp_path / "s.sqlite"))
+    wrong = "SELECT year FROM plays WHERE title = 'The Winter''s Tale'"
+    question = "What year was Othello written?"
+    answer = asyncio.run(
+        TextToSql(ScriptedEngine([wrong]), FixedModel("expertmesh-demo")).answer(
+            question, db, SqlScope("t")
+        )
+    )
+    assert answer.rows == ((1603,),) and answer.sql.endswith("title = 'Othello'")
+    assert answer.grounded == ("plays.title: 'The Winter''s Tale' -> 'Othello'",)
+    assert "Value grounding: plays.title" in answer.explanation
+    raw = asyncio.run(
+        TextToSql(ScriptedEngine([wrong]), FixedModel("expertmesh-demo"), ground_values=False)
+        .answer(question, db, SqlScope("t"))
+    )  # fmt: skip
+    assert raw.rows == () and raw.grounded == ()
