@@ -22,13 +22,13 @@ from expertmesh.serving.sql_guard import (
     DatabaseUnreachable,
     DatabaseUnsupported,
     GuardedQuery,
-    PostgresDatabase,
     SqlExecutionError,
     SQLiteDatabase,
     SqlTimeout,
     check_sql,
     open_database,
 )
+from expertmesh.serving.sql_postgres import PostgresDatabase
 
 # SQLite's INTEGER PRIMARY KEY numbers rows by itself; PostgreSQL needs an identity for that.
 PG_SCHEMA = SCHEMA.replace(
