@@ -146,36 +146,11 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/out/bench_sql.json")
     args = parser.parse_args()
     results = asyncio.run(run(args.quick, args.model))
+    keys = ["system", "split", "questions", "executed", "repaired", "grounded", "correct"]
     print_table(
         "text-to-SQL execution accuracy (rows equal to the gold SQL's)",
-        [
-            "system",
-            "split",
-            "questions",
-            "executed",
-            "repaired",
-            "grounded",
-            "correct",
-            "accuracy",
-            "s",
-        ],
-        [
-            [
-                r[k]
-                for k in (
-                    "system",
-                    "split",
-                    "questions",
-                    "executed",
-                    "repaired",
-                    "grounded",
-                    "correct",
-                    "execution_accuracy",
-                    "seconds",
-                )
-            ]
-            for r in results
-        ],
+        [*keys, "accuracy", "s"],
+        [[r[k] for k in (*keys, "execution_accuracy", "seconds")] for r in results],
     )
     print(
         f"wrote {write_json(args.out, {'benchmark': 'bench_sql', 'quick': args.quick, 'results': results})}"

@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
 
-from expertmesh.serving.engine import (
-    EngineHealth,
-    EngineOutput,
-    EngineRequest,
-    ModelCard,
-)
 from expertmesh.serving.sql import FixedModel, SqlScope, TextToSql
 from expertmesh.serving.sql_demo import (
     HELD_OUT_ONLY,
@@ -24,27 +17,6 @@ from expertmesh.serving.sql_demo import (
     write_sft_data,
 )
 from expertmesh.serving.sql_guard import SQLiteDatabase, check_sql
-
-
-class RecordingEngine:
-    """Replies with a fixed SQL and records the messages it was sent."""
-
-    def __init__(self, sql: str) -> None:
-        self.sql = sql
-        self.messages: list[list[tuple[str, str]]] = []
-
-    def models(self) -> Sequence[ModelCard]:
-        return [ModelCard("m", 4096)]
-
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        self.messages.append([(m.role, m.content) for m in request.messages])
-        yield EngineOutput(self.sql, "stop", 1, 1)
-
-    def health(self) -> EngineHealth:
-        return EngineHealth(True, "ok")
-
-    async def shutdown(self) -> None:
-        return None
 
 
 def test_no_held_out_play_or_phrasing_is_in_the_fine_tuning_set():
@@ -64,7 +36,7 @@ def test_every_fine_tuning_sql_passes_the_guard_and_runs(tmp_path):
         db.execute(check_sql(pair.sql, schema, row_limit=1000), 5.0)
 
 
-def test_each_record_is_the_prompt_the_service_sends(tmp_path):
+def test_each_record_is_the_prompt_the_service_sends(tmp_path, scripted):
     db_path = build_sample_db(tmp_path / "s.sqlite")
     train, val = write_sft_data(tmp_path / "data", db_path)
     records = [json.loads(line) for line in val.read_text().splitlines()]
@@ -77,7 +49,9 @@ def test_each_record_is_the_prompt_the_service_sends(tmp_path):
         literal = pair.sql.rsplit("title = ", 1)[1].rstrip(")")
         assert f"plays.title = {literal}" in record["prompt"]
     for record, pair in zip(records, held):
-        engine = RecordingEngine(pair.sql)
+        engine = scripted([pair.sql])
         service = TextToSql(engine, FixedModel("m"))
         asyncio.run(service.answer(pair.question, SQLiteDatabase(db_path), SqlScope("t")))
-        assert engine.messages == [[("system", record["system"]), ("user", record["prompt"])]]
+        (request,) = engine.requests
+        sent = [(m.role, m.content) for m in request.messages]
+        assert sent == [("system", record["system"]), ("user", record["prompt"])]

@@ -8,14 +8,13 @@ import asyncio
 import json
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from expertmesh.serving.engine import EngineHealth, EngineOutput, EngineRequest, ModelCard
 from expertmesh.serving.sql import FixedModel, SqlScope, TextToSql
 from expertmesh.serving.sql_demo import CHARACTERS, PLAYS, SCENES, SCHEMA, build_sample_db
 from expertmesh.serving.sql_guard import (
@@ -102,28 +101,6 @@ def direct(url: str, sql: str) -> list[tuple[object, ...]]:
         return conn.execute(sql).fetchall()
 
 
-class ScriptedEngine:
-    """Answers each request with the next reply in its script; records the requests."""
-
-    def __init__(self, replies: Sequence[str], name: str = "scripted") -> None:
-        self.replies = list(replies)
-        self.name = name
-        self.requests: list[EngineRequest] = []
-
-    def models(self) -> Sequence[ModelCard]:
-        return [ModelCard(self.name, 2048)]
-
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        self.requests.append(request)
-        yield EngineOutput(self.replies.pop(0), "stop", 10, 5)
-
-    def health(self) -> EngineHealth:
-        return EngineHealth(True, "ok")
-
-    async def shutdown(self) -> None:
-        return None
-
-
 def test_schema_is_what_the_reader_may_select_and_matches_the_sqlite_sample(
     pg: Server, reader: PostgresDatabase, sample_sqlite: SQLiteDatabase
 ) -> None:
@@ -155,13 +132,13 @@ def test_ddl_rebuilds_create_table_with_types_not_null_and_keys(
 
 
 def test_text_to_sql_answers_over_postgres_with_the_rows_of_a_direct_query(
-    pg: Server, reader: PostgresDatabase
+    scripted, pg: Server, reader: PostgresDatabase
 ) -> None:
     sql = (
         "SELECT characters.name FROM characters JOIN plays ON plays.id = characters.play_id "
         "WHERE plays.title ILIKE 'hamlet' ORDER BY characters.id"
     )
-    engine = ScriptedEngine([f"```sql\n{sql}\n```"])
+    engine = scripted([f"```sql\n{sql}\n```"])
     answer = asyncio.run(
         TextToSql(engine, FixedModel("scripted")).answer(
             "List the characters in Hamlet.", reader, SqlScope("t")
@@ -174,8 +151,10 @@ def test_text_to_sql_answers_over_postgres_with_the_rows_of_a_direct_query(
     assert "postgres" in prompt[0].content and "CREATE TABLE characters (" in prompt[-1].content
 
 
-def test_the_servers_error_and_hint_are_fed_back_for_the_repair(reader: PostgresDatabase) -> None:
-    engine = ScriptedEngine(["SELECT titel FROM plays", "SELECT title FROM plays WHERE id = 2"])
+def test_the_servers_error_and_hint_are_fed_back_for_the_repair(
+    scripted, reader: PostgresDatabase
+) -> None:
+    engine = scripted(["SELECT titel FROM plays", "SELECT title FROM plays WHERE id = 2"])
     answer = asyncio.run(
         TextToSql(engine, FixedModel("scripted")).answer("Name play 2", reader, SqlScope("t"))
     )

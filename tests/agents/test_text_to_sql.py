@@ -4,18 +4,11 @@ choosing the model with task type `sql`."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from expertmesh.policies import load_policy
 from expertmesh.routing import Selector
-from expertmesh.serving.engine import (
-    EngineHealth,
-    EngineOutput,
-    EngineRequest,
-    ModelCard,
-)
 from expertmesh.serving.sql import (
     FixedModel,
     SelectorChooser,
@@ -29,35 +22,15 @@ from expertmesh.serving.sql_demo import TemplateEngine, build_sample_db
 from expertmesh.serving.sql_guard import SQLiteDatabase, SqlRefused
 
 
-class ScriptedEngine:
-    """Answers each request with the next reply in its script; records the requests."""
-
-    def __init__(self, replies: Sequence[str], name: str = "expertmesh-demo") -> None:
-        self.replies = list(replies)
-        self.name = name
-        self.requests: list[EngineRequest] = []
-
-    def models(self) -> Sequence[ModelCard]:
-        return [ModelCard(self.name, 2048)]
-
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        self.requests.append(request)
-        yield EngineOutput(self.replies.pop(0), "stop", 10, 5)
-
-    def health(self) -> EngineHealth:
-        return EngineHealth(True, "ok")
-
-    async def shutdown(self) -> None:
-        return None
-
-
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory) -> SQLiteDatabase:
     return SQLiteDatabase(build_sample_db(tmp_path_factory.mktemp("sql") / "s.sqlite"))
 
 
-def test_repair_feeds_the_error_back_and_the_second_sql_answers(db: SQLiteDatabase) -> None:
-    engine = ScriptedEngine(
+def test_repair_feeds_the_error_back_and_the_second_sql_answers(
+    scripted, db: SQLiteDatabase
+) -> None:
+    engine = scripted(
         ["SELECT titel FROM plays", "```sql\nSELECT title FROM plays WHERE year < 1596\n```"]
     )
     answer = asyncio.run(
@@ -75,8 +48,8 @@ def test_repair_feeds_the_error_back_and_the_second_sql_answers(db: SQLiteDataba
     assert repair is not None and "titel" in repair[-1].content
 
 
-def test_second_failure_raises_with_both_attempts(db: SQLiteDatabase) -> None:
-    engine = ScriptedEngine(["DELETE FROM plays", "DROP TABLE plays"])
+def test_second_failure_raises_with_both_attempts(scripted, db: SQLiteDatabase) -> None:
+    engine = scripted(["DELETE FROM plays", "DROP TABLE plays"])
     with pytest.raises(SqlAnswerFailed) as e:
         asyncio.run(
             TextToSql(engine, FixedModel("expertmesh-demo")).answer("Drop it", db, SqlScope("t"))
@@ -85,8 +58,8 @@ def test_second_failure_raises_with_both_attempts(db: SQLiteDatabase) -> None:
     assert len(engine.requests) == 2
 
 
-def test_scope_hides_tables_from_the_prompt_and_refuses_them(db: SQLiteDatabase) -> None:
-    engine = ScriptedEngine(["SELECT * FROM plays", "SELECT * FROM plays"])
+def test_scope_hides_tables_from_the_prompt_and_refuses_them(scripted, db: SQLiteDatabase) -> None:
+    engine = scripted(["SELECT * FROM plays", "SELECT * FROM plays"])
     scope = SqlScope("t", allowed_tables=frozenset({"characters"}))
     with pytest.raises(SqlAnswerFailed, match="outside this caller's scope"):
         asyncio.run(
@@ -96,9 +69,9 @@ def test_scope_hides_tables_from_the_prompt_and_refuses_them(db: SQLiteDatabase)
     assert prompt is not None and "CREATE TABLE plays" not in prompt[-1].content
 
 
-def test_empty_question_is_refused(db: SQLiteDatabase) -> None:
+def test_empty_question_is_refused(scripted, db: SQLiteDatabase) -> None:
     with pytest.raises(SqlRefused, match="empty"):
-        asyncio.run(TextToSql(ScriptedEngine([]), FixedModel("m")).answer(" ", db, SqlScope("t")))
+        asyncio.run(TextToSql(scripted([]), FixedModel("m")).answer(" ", db, SqlScope("t")))
 
 
 def test_schema_linking_picks_tables_by_name_overlap(db: SQLiteDatabase) -> None:
@@ -171,9 +144,9 @@ def test_value_linking_names_stored_literals_the_question_mentions(tmp_path, mon
     assert link_values("Who is Hamlet in Hamlet?", db, ["characters", "plays"]) == ()
 
 
-def test_the_answer_reports_the_value_hints_its_prompt_carried(tmp_path):
+def test_the_answer_reports_the_value_hints_its_prompt_carried(scripted, tmp_path):
     db = SQLiteDatabase(build_sample_db(tmp_path / "s.sqlite"))
-    engine = ScriptedEngine(["SELECT year FROM plays WHERE title = 'Macbeth'"])
+    engine = scripted(["SELECT year FROM plays WHERE title = 'Macbeth'"])
     answer = asyncio.run(
         TextToSql(engine, FixedModel("expertmesh-demo")).answer(
             "What year was Macbeth written?", db, SqlScope("t")
@@ -209,12 +182,12 @@ def test_value_grounding_replaces_only_an_unambiguous_wrong_literal():
         assert ground_literals(query, values, schema, "sqlite") == (query, ())
 
 
-def test_the_service_grounds_a_wrong_title_and_says_so(tmp_path):
+def test_the_service_grounds_a_wrong_title_and_says_so(scripted, tmp_path):
     db = SQLiteDatabase(build_sample_db(tmp_path / "s.sqlite"))
     wrong = "SELECT year FROM plays WHERE title = 'The Winter''s Tale'"
     question = "What year was Othello written?"
     answer = asyncio.run(
-        TextToSql(ScriptedEngine([wrong]), FixedModel("expertmesh-demo")).answer(
+        TextToSql(scripted([wrong]), FixedModel("expertmesh-demo")).answer(
             question, db, SqlScope("t")
         )
     )
@@ -222,7 +195,7 @@ def test_the_service_grounds_a_wrong_title_and_says_so(tmp_path):
     assert answer.grounded == ("plays.title: 'The Winter''s Tale' -> 'Othello'",)
     assert "Value grounding: plays.title" in answer.explanation
     raw = asyncio.run(
-        TextToSql(ScriptedEngine([wrong]), FixedModel("expertmesh-demo"), ground_values=False)
+        TextToSql(scripted([wrong]), FixedModel("expertmesh-demo"), ground_values=False)
         .answer(question, db, SqlScope("t"))
     )  # fmt: skip
     assert raw.rows == () and raw.grounded == ()
