@@ -4,7 +4,9 @@
 
 Every system goes through the same service (`serving/sql.py`: schema linking, prompt, SQL
 guard, read-only execution, one repair). A question counts as correct when the rows its SQL
-returns equal the gold SQL's rows (as a sorted multiset). Systems:
+returns equal the gold SQL's rows (as a sorted multiset); `same_shape` counts first attempts
+equal to the gold SQL with every string literal masked (the query right up to the values it
+compares). Systems:
 
 - `template baseline` (rule-based, same run): the train question templates as regexes
   (`sql_demo.TemplateEngine`); it cannot answer the held-out-only phrasing.
@@ -34,7 +36,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import sqlglot
 from common import print_table, write_json
+from sqlglot import exp
 
 from expertmesh.paths import DEMO_MODEL_DIR
 from expertmesh.serving.engine import Engine
@@ -45,6 +49,19 @@ from expertmesh.serving.sql_guard import SqlError, SQLiteDatabase, check_sql
 HELD = "held-out plays"
 SEEN = "train plays"
 """The train templates over the plays the model was fine-tuned on (in-distribution)."""
+
+
+def _shape(sql: str) -> str:
+    """The query with every string literal masked: equal shapes = the same query up to the
+    values compared (what the model learned apart from copying literals)."""
+    try:
+        tree = sqlglot.parse_one(sql, read="sqlite")
+    except sqlglot.errors.SqlglotError:
+        return sql
+    for literal in list(tree.find_all(exp.Literal)):
+        if literal.is_string:
+            literal.replace(exp.Literal.string("?"))
+    return tree.sql("sqlite")
 
 
 def _key(rows: Any) -> list[str]:
@@ -62,7 +79,7 @@ async def evaluate(
 ) -> dict[str, Any]:
     service = TextToSql(engine, FixedModel(model), max_tokens=64, ground_values=ground)
     scope = SqlScope("bench", row_limit=1000)
-    correct = valid = repaired = grounded = 0
+    correct = valid = repaired = grounded = shaped = 0
     details = []
     started = time.perf_counter()
     for pair in pairs:
@@ -77,6 +94,7 @@ async def evaluate(
         ok = _key(answer.rows) == _key(gold.rows)
         correct += ok
         grounded += bool(answer.grounded)
+        shaped += _shape(answer.attempts[0].sql) == _shape(pair.sql)
         details.append(
             {
                 "question": pair.question,
@@ -93,6 +111,7 @@ async def evaluate(
         "executed": valid,
         "repaired": repaired,
         "grounded": grounded,
+        "same_shape": shaped,
         "correct": correct,
         "execution_accuracy": correct / len(pairs) if pairs else 0.0,
         "seconds": round(elapsed, 2),
@@ -146,7 +165,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/out/bench_sql.json")
     args = parser.parse_args()
     results = asyncio.run(run(args.quick, args.model))
-    keys = ["system", "split", "questions", "executed", "repaired", "grounded", "correct"]
+    keys = ["system", "split", "questions", "executed", "same_shape", "grounded", "correct"]
     print_table(
         "text-to-SQL execution accuracy (rows equal to the gold SQL's)",
         [*keys, "accuracy", "s"],

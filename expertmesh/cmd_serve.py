@@ -279,6 +279,8 @@ def run_status(args: argparse.Namespace) -> int:
         return 1
     console.print(f"expertmesh is up at {state['url']}/v1 (pid {state['pid']})")
     console.print(f"models: {', '.join(m['id'] for m in models['data'])}")
+    if state.get("mcp"):
+        console.print(f"MCP: {state['mcp']}")
     console.print(f"health: {json.dumps(health)}")
     return 0 if health.get("status") == "ok" else 1
 

@@ -79,6 +79,7 @@ def test_status_reports_the_running_platform(platform):
     st = cli("status", env=env, timeout=60)
     assert st.returncode == 0, st.stdout + st.stderr
     assert url in st.stdout and MODEL in st.stdout
+    assert f"MCP: {url}/mcp" in st.stdout
 
 
 def test_selector_explains_the_choice_and_refuses_a_wrong_key(platform, client):
