@@ -27,6 +27,7 @@ naming the agent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -310,7 +311,9 @@ def build_mcp_app(
             )
             try:
                 answer = await sql.answer(
-                    question, open_database(settings.databases[database]), scope
+                    question,
+                    await asyncio.to_thread(open_database, settings.databases[database]),
+                    scope,
                 )
             except (SqlError, RoutingError, EngineError) as e:
                 raise ToolError(str(e)) from e

@@ -23,6 +23,7 @@ The model is chosen by a `ModelChooser`: `SelectorChooser` asks the selector wit
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import uuid
@@ -411,12 +412,16 @@ class TextToSql:
     async def answer(self, question: str, db: SqlDatabase, scope: SqlScope) -> SqlAnswer:
         if not question.strip():
             raise SqlRefused("the question is empty")
-        schema = db.schema()
+        # Database calls run in a thread: a query may take up to its timeout, and the replica's
+        # event loop also streams every other request.
+        schema = await asyncio.to_thread(db.schema)
         if scope.allowed_tables is not None:
             unknown = {t.lower() for t in scope.allowed_tables} - {t.lower() for t in schema}
             if unknown:
                 raise SqlRefused(f"scope names tables the database lacks: {sorted(unknown)}")
-        prepared = prepare_prompt(question, db, scope.allowed_tables, scope.timeout_s)
+        prepared = await asyncio.to_thread(
+            prepare_prompt, question, db, scope.allowed_tables, scope.timeout_s
+        )
         tables, messages = prepared.tables, prepared.messages
         choice = self.chooser.choose(
             scope.tenant, "\n".join(m.content for m in messages), self.max_tokens
@@ -433,7 +438,7 @@ class TextToSql:
                     query = check_sql(
                         sql, tuple(schema), scope.allowed_tables, scope.row_limit, db.dialect
                     )
-                    result = db.execute(query, scope.timeout_s)
+                    result = await asyncio.to_thread(db.execute, query, scope.timeout_s)
                 except (SqlRefused, SqlExecutionError) as e:
                     attempts.append(SqlAttempt(sql, str(e)))
                     if attempt < self.repairs:

@@ -13,6 +13,7 @@ selector's status (401, 403, 429, ...) for its refusals.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from fastapi import APIRouter, Request
@@ -57,7 +58,9 @@ def sql_router(
             tenant = selector.authenticate(_bearer(request.headers))
             scope = SqlScope(tenant.name, row_limit=row_limit, timeout_s=timeout_s)
             result = await service.answer(
-                body.question, open_database(databases[body.database]), scope
+                body.question,
+                await asyncio.to_thread(open_database, databases[body.database]),
+                scope,
             )
         except RoutingError as e:
             return refuse(e.http_status, str(e), "permission_error")

@@ -199,3 +199,34 @@ def test_the_service_grounds_a_wrong_title_and_says_so(scripted, tmp_path):
         .answer(question, db, SqlScope("t"))
     )  # fmt: skip
     assert raw.rows == () and raw.grounded == ()
+
+
+def test_a_slow_query_does_not_block_the_event_loop(tmp_path, scripted):
+    import time
+
+    class SlowDatabase(SQLiteDatabase):
+        def execute(self, query, timeout_s):
+            time.sleep(
+                0.5
+            )  # a query that takes its time (the database works, the loop must not wait)
+            return super().execute(query, timeout_s)
+
+    db = SlowDatabase(build_sample_db(tmp_path / "s.sqlite"))
+    service = TextToSql(scripted(["SELECT COUNT(*) FROM plays"]), FixedModel("expertmesh-demo"))
+
+    async def run() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        answer = await service.answer("How many plays are there?", db, SqlScope("t"))
+        task.cancel()
+        assert answer.rows == ((10,),)
+        return ticks
+
+    assert asyncio.run(run()) >= 20  # the loop kept running during the 0.5 s query
