@@ -111,6 +111,9 @@ def mcp_issuer(mcp: Any) -> str:
 def run_up(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     config = serving_config(args)  # bad config: fail before starting anything
+    from expertmesh.serving.app import sql_databases
+
+    sql_databases(config)
     if args.topology is not None:
         from expertmesh.cluster.topology import load_topology
 

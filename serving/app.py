@@ -64,16 +64,17 @@ def build_gate(config: ServingConfig, engine: Engine) -> Gate | None:
 
 
 def sql_databases(config: ServingConfig) -> dict[str, str]:
-    """The text-to-SQL databases by name; ServingConfigError naming a missing file."""
+    """The text-to-SQL databases by name; ServingConfigError naming a missing file (`expertmesh
+    up` calls it before starting anything, the replica again when it builds its app)."""
     from .config import ServingConfigError
     from .sql_demo import SAMPLE_DB
 
     databases = config.sql.databases or {"shakespeare": str(SAMPLE_DB)}
     for name, target in databases.items():
-        path = Path(target.removeprefix("sqlite:///")).expanduser()
-        if "://" not in target.removeprefix("sqlite:///") and not path.is_file():
+        local = target.removeprefix("sqlite:///")
+        if "://" not in local and not Path(local).expanduser().is_file():  # URLs: checked on use
             raise ServingConfigError(
-                f"sql.databases.{name}: no SQLite file at {path}; fix the path or remove the entry"
+                f"sql.databases.{name}: no SQLite file at {local}; fix the path or remove the entry"
             )
     return dict(databases)
 

@@ -227,6 +227,10 @@ def test_up_refuses_a_bad_config_naming_the_field(tmp_path):
     assert r.returncode == 2
     assert "scheduler.num_slots" in r.stderr
     assert not (Path(tmp_path) / "up.json").exists()
+    missing = tmp_path / "missing-db.yaml"
+    missing.write_text(f"sql: {{databases: {{sales: {tmp_path / 'no.sqlite'}}}}}\n")
+    r = cli("up", "--config", str(missing), env=env, timeout=60)
+    assert r.returncode == 2 and "sql.databases.sales: no SQLite file" in r.stderr
 
 
 def test_up_on_the_mixed_topology_serves_one_request_and_exits(tmp_path):
