@@ -7,24 +7,8 @@ what share of the expert's tokens each replica takes.
 Unlike EPLB (`cluster/eplb.py`: identical GPUs, equal slots per GPU, links ignored) the planner
 knows each node's compute speed, its expert memory (slots) and its link to the attention node.
 
-Cost model (seconds per decode step of `tokens_per_step` tokens; each token visits `top_k`
-experts per layer, so a layer carries `tokens_per_step * top_k` token-assignments, split over
-experts in proportion to `load`):
-
-- a token-assignment on node n costs `c_n = compute + link`, where compute =
-  `2 * expert_params / (speed_n * reference_tflops)` (a token through an expert's GEMMs) and
-  link = `2 * hidden_size * dtype_bytes * 8 / link_gbps` (the hidden state goes to the node and
-  the result comes back over the node's link to the attention node);
-- every layer in which node n serves tokens adds `2 * link_latency_us` (one dispatch and one
-  combine message per layer per node per step);
-- node time = the sum over its replicas, all layers; the slowest node gates the step, so the
-  objective is the max node time. `balancedness` = max / mean node time. Since layers run one
-  after another, a layer is really gated by its own slowest node: the planner balances every
-  layer on its own (which balances the sums too), and `step_balancedness` reports
-  sum_layers(max node time) / sum_layers(mean node time).
-
-A node whose `link_gbps` is `math.inf` shares the attention node's process: its tokens cross
-no link (they count for no `cross_node_bytes_per_token`).
+The inputs, the `Placement` result and the cost model the planner minimises are in
+`cluster/placement_model.py`.
 
 Algorithm (per layer, vectorised over layers with numpy; like EPLB it costs a few dozen numpy
 operations per slot of a node, with no Python loop over experts outside the rare fix-ups in 3):
@@ -61,15 +45,27 @@ operations per slot of a node, with no Python loop over experts outside the rare
 from __future__ import annotations
 
 import functools
-import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from .placement_model import (
+    CostModel,
+    ExpertShape,
+    Move,
+    NodeCapacity,
+    Placement,
+    PlacementError,
+    PlacementOptions,
+    ReplicaAssignment,
+    bytes_moved,
+    cost_model,
+    placement_metrics,
+    token_load,
+    tokens_per_node,
+)
 from .placement_ops import (
     SPLIT_MIN,
     Packing,
@@ -94,383 +90,6 @@ __all__ = [
     "plan_increment",
     "plan_placement",
 ]
-
-SLOW_LINK_RATIO = 4.0
-"""With rack_local, a link this many times slower than the best is a last resort."""
-
-
-class PlacementError(ValueError):
-    """The nodes cannot hold the experts as asked (too few slots, too few nodes, bad input)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass(frozen=True)
-class NodeCapacity:
-    """What the planner needs to know about one expert node."""
-
-    name: str
-    speed: float
-    """Compute speed relative to the reference node (1.0); 0.5 is twice as slow."""
-    expert_slots: int
-    """How many experts (of any layer) fit in the node's weight memory."""
-    link_gbps: float
-    """Bandwidth of the node's link to the attention node; `math.inf` = same process."""
-    link_latency_us: float
-    """One-way latency of that link."""
-    rack: str = ""
-
-    def __post_init__(self) -> None:
-        if not (self.speed > 0 and math.isfinite(self.speed)):
-            raise ValueError(f"node {self.name!r}: speed must be finite and > 0, got {self.speed}")
-        if self.expert_slots < 0:
-            raise ValueError(f"node {self.name!r}: expert_slots must be >= 0")
-        if not self.link_gbps > 0:
-            raise ValueError(f"node {self.name!r}: link_gbps must be > 0, got {self.link_gbps}")
-        if not (self.link_latency_us >= 0 and math.isfinite(self.link_latency_us)):
-            raise ValueError(f"node {self.name!r}: link_latency_us must be finite and >= 0")
-
-    @property
-    def colocated(self) -> bool:
-        """True when the node shares the attention node's process (no link to cross)."""
-        return math.isinf(self.link_gbps)
-
-
-@dataclass(frozen=True)
-class ExpertShape:
-    """The routed-expert part of a MoE model, as far as placement cares."""
-
-    num_layers: int
-    """MoE layers (dense layers not counted)."""
-    num_experts: int
-    """Routed experts per layer."""
-    top_k: int
-    """Experts each token visits per layer."""
-    hidden_size: int
-    expert_bytes: int
-    """Weight bytes of one expert (all its matrices)."""
-    dtype_bytes: int = 2
-    """Bytes per activation element sent over links (and per weight element)."""
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "num_experts", "top_k", "hidden_size", "expert_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ExpertShape.{name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype_bytes < 1:
-            raise ValueError(f"ExpertShape.dtype_bytes must be >= 1, got {self.dtype_bytes}")
-
-    @property
-    def token_bytes(self) -> int:
-        """Bytes of one token's hidden state."""
-        return self.hidden_size * self.dtype_bytes
-
-    @property
-    def expert_flops_per_token(self) -> float:
-        """A token through one expert: 2 FLOPs per weight."""
-        return 2.0 * self.expert_bytes / self.dtype_bytes
-
-
-@dataclass(frozen=True)
-class PlacementOptions:
-    """How to plan."""
-
-    min_replicas: int = 1
-    """Replicas of every expert, on distinct nodes (2+ for failover)."""
-    slot_budget: int | None = None
-    """Physical expert slots to use in all (nodes and layers); None = all the nodes have, of
-    which the planner uses only what still lowers the predicted step time."""
-    rack_local: bool = False
-    """Keep experts off nodes whose link is > 4x slower than the best while faster nodes have
-    a slot for them."""
-    tokens_per_step: int = 256
-    """Tokens in one decode step (the batch); turns load shares into seconds."""
-    reference_tflops: float = 50.0
-    """Effective TFLOP/s of a speed-1.0 node on expert GEMMs."""
-
-    def __post_init__(self) -> None:
-        if self.min_replicas < 1:
-            raise ValueError(f"min_replicas must be >= 1, got {self.min_replicas}")
-        if self.slot_budget is not None and self.slot_budget < 1:
-            raise ValueError(f"slot_budget must be >= 1, got {self.slot_budget}")
-        if self.tokens_per_step < 1:
-            raise ValueError(f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
-        if not (self.reference_tflops > 0 and math.isfinite(self.reference_tflops)):
-            raise ValueError(
-                f"reference_tflops must be finite and > 0, got {self.reference_tflops}"
-            )
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs
-
-
-@dataclass(frozen=True)
-class ReplicaAssignment:
-    node: str
-    share: float
-    """Fraction of the expert's tokens this replica takes (an expert's shares sum to 1)."""
-
-
-@dataclass(frozen=True)
-class Move:
-    """One change between two placements.
-
-    src and dst set: the replica moves (dst loads it, then src drops it); only dst: a new
-    replica; only src: a dropped replica. `bytes` are the weight bytes dst must load.
-    """
-
-    layer: int
-    expert: int
-    src: str | None
-    dst: str | None
-    bytes: int
-
-
-def bytes_moved(moves: Sequence[Move]) -> int:
-    """Expert weight bytes the moves load onto nodes."""
-    return sum(m.bytes for m in moves)
-
-
-@dataclass(frozen=True, eq=False)
-class Placement:
-    """Where every expert of every layer lives and the share of its tokens each replica takes.
-
-    Stored as flat arrays (one entry per replica, sorted by layer, expert, node); `replicas`
-    is the dict view. Metrics are the cost model's prediction for the load it was planned for.
-    """
-
-    nodes: tuple[str, ...]
-    layer_ids: tuple[int, ...]
-    """The layer key of each layer index (0..L-1 unless relabelled with `with_layer_ids`)."""
-    num_experts: int
-    replica_layer: np.ndarray = field(repr=False)
-    """(P,) layer index of each replica."""
-    replica_expert: np.ndarray = field(repr=False)
-    replica_node: np.ndarray = field(repr=False)
-    """(P,) index into `nodes`."""
-    replica_share: np.ndarray = field(repr=False)
-    node_time: dict[str, float]
-    """Predicted seconds per step each node works (all layers)."""
-    node_tokens: dict[str, float]
-    """Token-assignments per step each node serves (all layers)."""
-    balancedness: float
-    """max / mean of node_time (speeds and links counted)."""
-    balancedness_equal_speed: float
-    """max / mean of node_tokens (as if all nodes were equal)."""
-    step_balancedness: float
-    """sum over layers of the slowest node's time / sum over layers of the mean node time."""
-    cross_node_bytes_per_token: float
-    """Bytes one token sends over links in all layers (there and back)."""
-    step_time_s: float
-    """Predicted expert time of one step: sum over layers of the slowest node's time."""
-
-    @cached_property
-    def replicas(self) -> dict[tuple[int, int], tuple[ReplicaAssignment, ...]]:
-        """{(layer, expert): (ReplicaAssignment, ...)}, layers keyed by `layer_ids`."""
-        out: dict[tuple[int, int], list[ReplicaAssignment]] = {}
-        for layer, expert, node, share in zip(
-            self.replica_layer.tolist(),
-            self.replica_expert.tolist(),
-            self.replica_node.tolist(),
-            self.replica_share.tolist(),
-        ):
-            key = (self.layer_ids[layer], expert)
-            out.setdefault(key, []).append(ReplicaAssignment(self.nodes[node], share))
-        return {k: tuple(v) for k, v in out.items()}
-
-    @cached_property
-    def _by_node(self) -> dict[str, list[tuple[int, int]]]:
-        out: dict[str, list[tuple[int, int]]] = {n: [] for n in self.nodes}
-        for layer, expert, node in zip(
-            self.replica_layer.tolist(), self.replica_expert.tolist(), self.replica_node.tolist()
-        ):
-            out[self.nodes[node]].append((self.layer_ids[layer], expert))
-        return out
-
-    def experts_on(self, node: str) -> list[tuple[int, int]]:
-        """(layer, expert) pairs with a replica on `node` (empty for an unknown node)."""
-        return list(self._by_node.get(node, []))
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_ids)
-
-    @property
-    def slots_used(self) -> dict[str, int]:
-        counts = np.bincount(self.replica_node, minlength=len(self.nodes))
-        return {n: int(c) for n, c in zip(self.nodes, counts)}
-
-    def with_layer_ids(self, layer_ids: Sequence[int]) -> Placement:
-        """The same placement with layer index i keyed as `layer_ids[i]` (e.g. model layers)."""
-        ids = tuple(int(i) for i in layer_ids)
-        if len(ids) != self.num_layers or len(set(ids)) != len(ids):
-            raise PlacementError(
-                f"with_layer_ids: need {self.num_layers} distinct layer ids, got {list(ids)}"
-            )
-        return replace(self, layer_ids=ids)
-
-    def by_index(self, layer_ids: Sequence[int]) -> Placement:
-        """Undo `with_layer_ids(layer_ids)`: layers keyed 0..L-1 again."""
-        if tuple(int(i) for i in layer_ids) != self.layer_ids:
-            raise PlacementError(
-                f"by_index: placement layers are {list(self.layer_ids)}, not {list(layer_ids)}"
-            )
-        return replace(self, layer_ids=tuple(range(self.num_layers)))
-
-    def to_json(self) -> str:
-        doc = {
-            "format": "expertmesh.placement/1",
-            "nodes": list(self.nodes),
-            "layer_ids": list(self.layer_ids),
-            "num_experts": self.num_experts,
-            "replicas": [
-                [layer, expert, node, share]
-                for layer, expert, node, share in zip(
-                    self.replica_layer.tolist(),
-                    self.replica_expert.tolist(),
-                    self.replica_node.tolist(),
-                    self.replica_share.tolist(),
-                )
-            ],
-            "node_time": self.node_time,
-            "node_tokens": self.node_tokens,
-            "balancedness": self.balancedness,
-            "balancedness_equal_speed": self.balancedness_equal_speed,
-            "step_balancedness": self.step_balancedness,
-            "cross_node_bytes_per_token": self.cross_node_bytes_per_token,
-            "step_time_s": self.step_time_s,
-        }
-        return json.dumps(doc)
-
-    @classmethod
-    def from_json(cls, text: str) -> Placement:
-        try:
-            doc = json.loads(text)
-            if doc.get("format") != "expertmesh.placement/1":
-                raise PlacementError(f"not a placement document (format {doc.get('format')!r})")
-            rows = np.asarray(doc["replicas"], dtype=np.float64).reshape(-1, 4)
-            return cls(
-                nodes=tuple(doc["nodes"]),
-                layer_ids=tuple(int(i) for i in doc["layer_ids"]),
-                num_experts=int(doc["num_experts"]),
-                replica_layer=rows[:, 0].astype(np.int64),
-                replica_expert=rows[:, 1].astype(np.int64),
-                replica_node=rows[:, 2].astype(np.int64),
-                replica_share=rows[:, 3].copy(),
-                node_time={k: float(v) for k, v in doc["node_time"].items()},
-                node_tokens={k: float(v) for k, v in doc["node_tokens"].items()},
-                balancedness=float(doc["balancedness"]),
-                balancedness_equal_speed=float(doc["balancedness_equal_speed"]),
-                step_balancedness=float(doc["step_balancedness"]),
-                cross_node_bytes_per_token=float(doc["cross_node_bytes_per_token"]),
-                step_time_s=float(doc["step_time_s"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, PlacementError):
-                raise
-            raise PlacementError(f"placement JSON is malformed: {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------
-# Cost model
-
-
-@dataclass(frozen=True, eq=False)
-class _Cost:
-    """Per-node cost coefficients (N nodes)."""
-
-    token_s: np.ndarray
-    """(N,) seconds per token-assignment: compute + link there and back."""
-    latency_s: np.ndarray
-    """(N,) seconds per layer in which the node serves tokens (dispatch + combine message)."""
-    colocated: np.ndarray
-    """(N,) bool: no link to cross."""
-    preferred: np.ndarray
-    """(N,) bool: usable freely (False: a slow link under rack_local)."""
-    token_link_bytes: int
-    """Bytes one token-assignment sends over a link, there and back."""
-
-    @property
-    def speed(self) -> np.ndarray:
-        """(N,) token-assignments per second."""
-        return 1.0 / self.token_s
-
-
-def _cost(nodes: Sequence[NodeCapacity], shape: ExpertShape, options: PlacementOptions) -> _Cost:
-    speed = np.array([n.speed for n in nodes], dtype=np.float64)
-    gbps = np.array([n.link_gbps for n in nodes], dtype=np.float64)
-    colocated = np.isinf(gbps)
-    link_bytes = 2 * shape.token_bytes
-    compute_s = shape.expert_flops_per_token / (speed * options.reference_tflops * 1e12)
-    link_s = np.where(colocated, 0.0, link_bytes * 8 / (np.where(colocated, 1.0, gbps) * 1e9))
-    latency_s = np.array([2e-6 * n.link_latency_us for n in nodes], dtype=np.float64)
-    preferred = np.ones(len(nodes), dtype=bool)
-    if options.rack_local:
-        preferred = gbps * SLOW_LINK_RATIO >= gbps.max()
-    return _Cost(compute_s + link_s, latency_s, colocated, preferred, link_bytes)
-
-
-def _token_load(
-    load: np.ndarray | None, shape: ExpertShape, options: PlacementOptions
-) -> np.ndarray:
-    """(L, E) token-assignments per step: each layer's load scaled to tokens_per_step * top_k."""
-    L, E = shape.num_layers, shape.num_experts
-    if load is None:
-        w = np.ones((L, E))
-    else:
-        w = np.asarray(load, dtype=np.float64)
-        if w.shape != (L, E):
-            raise PlacementError(f"load has shape {w.shape}; the model has ({L}, {E}) experts")
-        if not np.all(np.isfinite(w)) or (w < 0).any():
-            raise PlacementError("load must be finite and >= 0 (token counts or shares)")
-    tokens = options.tokens_per_step * shape.top_k
-    total = w.sum(axis=1)
-    out = w * (tokens / np.where(total > 0, total, 1.0))[:, None]
-    out[total <= 0] = tokens / E
-    return out
-
-
-def _node_tokens(
-    a: np.ndarray,
-    layer: np.ndarray,
-    expert: np.ndarray,
-    node: np.ndarray,
-    share: np.ndarray,
-    num_nodes: int,
-) -> np.ndarray:
-    """(L, N) token-assignments per step each node serves in each layer."""
-    L = a.shape[0]
-    tokens = a[layer, expert] * share
-    return np.bincount(layer * num_nodes + node, weights=tokens, minlength=L * num_nodes).reshape(
-        L, num_nodes
-    )
-
-
-def _max_over_mean(x: np.ndarray) -> float:
-    mean = float(x.mean())
-    return float(x.max()) / mean if mean > 0 else 1.0
-
-
-def _metrics(node_tokens: np.ndarray, cost: _Cost, options: PlacementOptions) -> dict[str, Any]:
-    """The cost model's numbers for (L, N) node tokens (a node is busy in a layer where it
-    serves tokens)."""
-    times = node_tokens * cost.token_s + (node_tokens > 0) * cost.latency_s
-    node_time, node_total = times.sum(axis=0), node_tokens.sum(axis=0)
-    layer_max = times.max(axis=1)
-    remote = float(node_tokens[:, ~cost.colocated].sum())
-    return {
-        "node_time_s": node_time,
-        "node_tokens": node_total,
-        "layer_node_time_s": times,
-        "balancedness": _max_over_mean(node_time),
-        "balancedness_equal_speed": _max_over_mean(node_total),
-        "step_balancedness": float(layer_max.sum() / max(times.mean(axis=1).sum(), 1e-300)),
-        "step_time_s": float(layer_max.sum()),
-        "cross_node_bytes_per_token": remote * cost.token_link_bytes / options.tokens_per_step,
-    }
-
 
 # ---------------------------------------------------------------------------------------------
 # Feasibility and slots per layer
@@ -528,7 +147,10 @@ def _spread_over_layers(slots: np.ndarray, num_layers: int) -> np.ndarray:
 
 
 def _layer_caps(
-    nodes: Sequence[NodeCapacity], shape: ExpertShape, cost: _Cost, used: np.ndarray | None = None
+    nodes: Sequence[NodeCapacity],
+    shape: ExpertShape,
+    cost: CostModel,
+    used: np.ndarray | None = None,
 ) -> np.ndarray:
     """(L, N) slots each node may use in each layer: `used` (already held) plus its free slots
     spread over layers, never more than one per expert."""
@@ -544,7 +166,9 @@ def _layer_caps(
 # Planning steps
 
 
-def _layer_bounds(a: np.ndarray, caps: np.ndarray, cost: _Cost) -> tuple[np.ndarray, np.ndarray]:
+def _layer_bounds(
+    a: np.ndarray, caps: np.ndarray, cost: CostModel
+) -> tuple[np.ndarray, np.ndarray]:
     """Per layer: tau (L,), the time if all usable nodes finish together, and (L, N+1) the
     speed sum of the r fastest usable nodes (index r)."""
     usable = (caps > 0) & cost.preferred
@@ -558,7 +182,7 @@ def _layer_bounds(a: np.ndarray, caps: np.ndarray, cost: _Cost) -> tuple[np.ndar
 def _replica_counts(
     a: np.ndarray,
     caps: np.ndarray,
-    cost: _Cost,
+    cost: CostModel,
     budget: int,
     min_replicas: int,
     bounds: tuple[np.ndarray, np.ndarray],
@@ -601,7 +225,7 @@ def _replica_counts(
 
 
 def _repair(
-    layers: np.ndarray, a: np.ndarray, caps: np.ndarray, cost: _Cost, min_replicas: int
+    layers: np.ndarray, a: np.ndarray, caps: np.ndarray, cost: CostModel, min_replicas: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Re-plan the layers the packing could not finish (tight slots): min_replicas replicas of
     every expert, hottest first, on the nodes with the most free slots (which always succeeds
@@ -633,7 +257,7 @@ def _placement(
     nodes: Sequence[NodeCapacity],
     shape: ExpertShape,
     options: PlacementOptions,
-    cost: _Cost,
+    cost: CostModel,
     a: np.ndarray,
     layer: np.ndarray,
     expert: np.ndarray,
@@ -643,8 +267,8 @@ def _placement(
 ) -> Placement:
     """The Placement of these replicas; node_tokens: their (L, N) tokens if known."""
     if node_tokens is None:
-        node_tokens = _node_tokens(a, layer, expert, node, share, len(nodes))
-    m = _metrics(node_tokens, cost, options)
+        node_tokens = tokens_per_node(a, layer, expert, node, share, len(nodes))
+    m = placement_metrics(node_tokens, cost, options)
     names = tuple(n.name for n in nodes)
     return Placement(
         nodes=names,
@@ -709,7 +333,7 @@ def _merge_and_repair(
     share: np.ndarray,
     a: np.ndarray,
     caps: np.ndarray,
-    cost: _Cost,
+    cost: CostModel,
     m: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The rare ends of packing: pieces merged into a replica of their expert on the same node
@@ -782,7 +406,7 @@ def _plan(
     nodes: Sequence[NodeCapacity],
     shape: ExpertShape,
     options: PlacementOptions,
-    cost: _Cost,
+    cost: CostModel,
     budget: int,
     caps: np.ndarray,
     keep: tuple[np.ndarray, np.ndarray] | None = None,
@@ -836,7 +460,7 @@ def _plan(
     largest, largest_tokens = packed.largest, packed.largest_tokens
     if packed.merged.any() or packed.failed.any():
         count, node, share = _merge_and_repair(packed, count, node, share, a, caps, cost, m)
-        node_tokens = _node_tokens(
+        node_tokens = tokens_per_node(
             a,
             np.repeat(np.arange(L), count.reshape(L, E).sum(axis=1)),
             np.repeat(_expert_ids(L, E), count),
@@ -888,8 +512,8 @@ def plan_placement(
     options = options or PlacementOptions()
     _check_nodes(nodes)
     budget = _check_feasible(nodes, shape, options)
-    a = _token_load(load, shape, options)
-    cost = _cost(nodes, shape, options)
+    a = token_load(load, shape, options)
+    cost = cost_model(nodes, shape, options)
     return _plan(a, nodes, shape, options, cost, budget, _layer_caps(nodes, shape, cost))
 
 
@@ -931,10 +555,10 @@ def evaluate(
     options = options or PlacementOptions()
     _check_nodes(nodes)
     _check_shape(placement, shape)
-    a = _token_load(load, shape, options)
-    cost = _cost(nodes, shape, options)
+    a = token_load(load, shape, options)
+    cost = cost_model(nodes, shape, options)
     node = _node_index(placement, nodes)
-    tokens = _node_tokens(
+    tokens = tokens_per_node(
         a,
         placement.replica_layer,
         placement.replica_expert,
@@ -942,7 +566,7 @@ def evaluate(
         placement.replica_share,
         len(nodes),
     )
-    m = _metrics(tokens, cost, options)
+    m = placement_metrics(tokens, cost, options)
     names = [n.name for n in nodes]
     used = np.bincount(node, minlength=len(nodes))
     return {
@@ -994,8 +618,8 @@ def placement_from_eplb(
     merged = np.bincount(inverse, weights=share)
     node_u = uniq % len(nodes)
     le = uniq // len(nodes)
-    a = _token_load(load, shape, options)
-    cost = _cost(nodes, shape, options)
+    a = token_load(load, shape, options)
+    cost = cost_model(nodes, shape, options)
     return _placement(nodes, shape, options, cost, a, le // E, le % E, node_u, merged)
 
 
@@ -1021,8 +645,8 @@ def plan_increment(
     _check_shape(current, shape)
     budget = _check_feasible(nodes, shape, options)
     L, E, N = shape.num_layers, shape.num_experts, len(nodes)
-    a = _token_load(new_load, shape, options)
-    cost = _cost(nodes, shape, options)
+    a = token_load(new_load, shape, options)
+    cost = cost_model(nodes, shape, options)
 
     index = {n.name: i for i, n in enumerate(nodes)}
     lookup = np.array([index.get(n, -1) for n in current.nodes], dtype=np.int64)

@@ -386,23 +386,23 @@ def make_api(
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        rid = request.headers.get("x-request-id") or new_id("chatcmpl")
-        body = await parse(request, ChatCompletionRequest, rid)
+    async def endpoint(
+        request: Request, kind: str, schema: type[BaseModel], id_prefix: str
+    ) -> Response:
+        rid = request.headers.get("x-request-id") or new_id(id_prefix)
+        body = await parse(request, schema, rid)
         if isinstance(body, Response):
             return body
-        assert isinstance(body, ChatCompletionRequest)
-        return await run(request, "chat", body, rid)
+        assert isinstance(body, ChatCompletionRequest | CompletionRequest)
+        return await run(request, kind, body, rid)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await endpoint(request, "chat", ChatCompletionRequest, "chatcmpl")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        rid = request.headers.get("x-request-id") or new_id("cmpl")
-        body = await parse(request, CompletionRequest, rid)
-        if isinstance(body, Response):
-            return body
-        assert isinstance(body, CompletionRequest)
-        return await run(request, "completion", body, rid)
+        return await endpoint(request, "completion", CompletionRequest, "cmpl")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -127,6 +127,27 @@ def chat_response(
     }
 
 
+def _chunk(
+    rid: str,
+    model: str,
+    created: int,
+    kind: str,
+    choice: dict[str, Any] | None,
+    usage: Usage | None,
+) -> dict[str, Any]:
+    """One streamed event: no choice for the final usage-only chunk."""
+    out: dict[str, Any] = {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [] if choice is None else [{"index": 0, **choice}],
+    }
+    if usage is not None:
+        out["usage"] = usage.model_dump()
+    return out
+
+
 def chat_chunk(
     rid: str,
     model: str,
@@ -135,17 +156,8 @@ def chat_chunk(
     finish: str | None,
     usage: Usage | None = None,
 ) -> dict[str, Any]:
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-    out: dict[str, Any] = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage is not None:
-        out["usage"] = usage.model_dump()
-    return out
+    choice = None if delta is None else {"delta": delta, "finish_reason": finish}
+    return _chunk(rid, model, created, "chat.completion.chunk", choice, usage)
 
 
 def completion_response(
@@ -169,21 +181,8 @@ def completion_chunk(
     finish: str | None,
     usage: Usage | None = None,
 ) -> dict[str, Any]:
-    choices = (
-        []
-        if text is None
-        else [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]
-    )
-    out: dict[str, Any] = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage is not None:
-        out["usage"] = usage.model_dump()
-    return out
+    choice = None if text is None else {"text": text, "finish_reason": finish, "logprobs": None}
+    return _chunk(rid, model, created, "text_completion", choice, usage)
 
 
 def error_body(
