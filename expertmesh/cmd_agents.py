@@ -103,10 +103,15 @@ def _remote_answer(args: argparse.Namespace) -> dict[str, Any]:
         )
     except httpx.HTTPError as e:
         raise CommandError(f"cannot reach {url}: {e}") from e
-    body: dict[str, Any] = r.json()
+    try:
+        body: dict[str, Any] = r.json()
+    except ValueError:  # not the API (a proxy's error page, another server on the port)
+        body = {}
     if r.status_code != 200:
-        message = body.get("error", {}).get("message", r.text)
+        message = body.get("error", {}).get("message", r.text[:200])
         raise CommandError(f"refused (HTTP {r.status_code}): {message}")
+    if "sql" not in body:
+        raise CommandError(f"{url} did not answer as expertmesh does: {r.text[:200]}")
     return body
 
 

@@ -68,3 +68,26 @@ def test_mcp_token_refuses_unknown_or_missing_scopes(tmp_path, capsys, scopes):
 def test_mcp_token_without_a_running_platform_says_what_to_do(capsys):
     assert main(["mcp", "token", "--agent", "a", "--scope", "sql:query"]) == 2
     assert "no running `expertmesh up`" in capsys.readouterr().err
+
+
+def test_sql_against_something_that_is_not_expertmesh_says_so(capsys):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class NotUs(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(502)
+            self.end_headers()
+            self.wfile.write(b"<html>Bad Gateway</html>")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotUs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        assert main(["sql", "--url", url, "How many plays?"]) == 2
+    finally:
+        server.shutdown()
+    assert "refused (HTTP 502): <html>Bad Gateway" in capsys.readouterr().err
