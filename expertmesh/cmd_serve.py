@@ -111,15 +111,11 @@ def mcp_issuer(mcp: Any) -> str:
 def run_up(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     config = serving_config(args)  # bad config: fail before starting anything
-    from expertmesh.serving.app import sql_databases
-
-    sql_databases(config)
+    _check_config(config)
     if args.topology is not None:
         from expertmesh.cluster.topology import load_topology
 
         load_topology(args.topology)
-    if args.policy is not None:
-        _check_policy(args.policy)
     existing = read_state()
     if existing is not None and _alive(existing["pid"]):
         console.print(
@@ -131,10 +127,21 @@ def run_up(args: argparse.Namespace) -> int:
     return _serve_foreground(args, config, console)
 
 
-def _check_policy(path: Path) -> None:
-    from expertmesh.policies import load_policy
+def _check_config(config: Any) -> None:
+    """What the replica would refuse, refused here, before anything starts: the policy, the
+    text-to-SQL database files, agents mapped to tenants the policy lacks."""
+    from expertmesh.serving.app import sql_databases
 
-    load_policy(path)
+    sql_databases(config)
+    if config.policy is None:
+        return
+    from expertmesh.policies import DEFAULT_POLICY, load_policy
+
+    policy = load_policy(DEFAULT_POLICY if config.policy == "default" else config.policy)
+    if config.mcp is not None:
+        from expertmesh.serving.mcp_server import check_agent_tenants
+
+        check_agent_tenants(config.mcp, [t.name for t in policy.tenants])
 
 
 def _detach(args: argparse.Namespace, console: Console) -> int:

@@ -32,7 +32,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,6 +339,20 @@ def build_mcp_app(
     return ToolScopeGate(app, verifier, settings, mcp_path, issuer)
 
 
+def check_agent_tenants(spec: McpSpec, tenants: Sequence[str]) -> None:
+    """ServingConfigError naming the field when an agent maps to a tenant not in `tenants`."""
+    from .config import ServingConfigError
+
+    named = [(f"mcp.agents.{a}", t) for a, t in spec.agents.items()]
+    if spec.default_tenant is not None:
+        named.append(("mcp.default_tenant", spec.default_tenant))
+    for field_name, tenant in named:
+        if tenant not in tenants:
+            raise ServingConfigError(
+                f"{field_name}: tenant {tenant!r} is not in the policy; use one of {sorted(tenants)}"
+            )
+
+
 def build_mcp_from_spec(
     spec: McpSpec,
     engine: Engine,
@@ -350,7 +364,9 @@ def build_mcp_from_spec(
     sql: SqlSpec | None = None,
 ) -> ASGIApp:
     """The MCP app a serving config's `mcp` section describes (see `config.McpSpec`); the
-    text_to_sql tool shares the API's service, databases and limits (`config.SqlSpec`)."""
+    text_to_sql tool shares the API's service, databases and limits (`config.SqlSpec`).
+    ServingConfigError when an agent maps to a tenant the policy lacks."""
+    check_agent_tenants(spec, [t.name for t in selector.policy.tenants])
     issuer_url = spec.issuer_url or origin_of(spec.resource_url)
     issuer: TokenIssuer | None = None
     if spec.jwks_url is not None:

@@ -106,3 +106,21 @@ def test_configured_databases_are_served_and_a_missing_file_is_named(tmp_path: P
         sql_databases(missing)
     with pytest.raises(ServingConfigError, match=r"sql.row_limit"):
         parse_serving_config({"sql": {"row_limit": 0}})
+
+
+def test_an_agent_mapped_to_a_tenant_the_policy_lacks_is_a_config_error(tmp_path: Path) -> None:
+    from expertmesh.policies import DEFAULT_POLICY, load_policy
+    from expertmesh.routing import Selector
+    from expertmesh.serving.mcp_server import build_mcp_from_spec
+
+    selector = Selector(load_policy(DEFAULT_POLICY))
+    for mcp, field in (
+        ({"agents": {"agent-x": "finance"}}, "mcp.agents.agent-x: tenant 'finance'"),
+        ({"default_tenant": "nobody"}, "mcp.default_tenant: tenant 'nobody'"),
+    ):
+        spec = parse_serving_config(
+            {"mcp": {"resource_url": "http://h:1/mcp", "key_file": str(tmp_path / "k"), **mcp}}
+        ).mcp
+        assert spec is not None
+        with pytest.raises(ServingConfigError, match=field):
+            build_mcp_from_spec(spec, TemplateEngine("expertmesh-demo"), selector)

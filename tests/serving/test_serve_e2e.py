@@ -231,6 +231,10 @@ def test_up_refuses_a_bad_config_naming_the_field(tmp_path):
     missing.write_text(f"sql: {{databases: {{sales: {tmp_path / 'no.sqlite'}}}}}\n")
     r = cli("up", "--config", str(missing), env=env, timeout=60)
     assert r.returncode == 2 and "sql.databases.sales: no SQLite file" in r.stderr
+    unknown = tmp_path / "unknown-tenant.yaml"
+    unknown.write_text("mcp: {resource_url: 'http://127.0.0.1:1/mcp', agents: {bot: finance}}\n")
+    r = cli("up", "--config", str(unknown), env=env, timeout=60)
+    assert r.returncode == 2 and "mcp.agents.bot: tenant 'finance' is not in the policy" in r.stderr
 
 
 def test_up_on_the_mixed_topology_serves_one_request_and_exits(tmp_path):
