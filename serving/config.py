@@ -64,6 +64,15 @@ class AutoscalingSpec(_Spec):
         return self
 
 
+class McpClientSpec(_Spec):
+    """An agent of the built-in issuer's token endpoint (client credentials grant)."""
+
+    secret_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    """sha256 digest of the client secret (`expertmesh policy hash-key SECRET`)."""
+    scopes: list[Literal["chat:complete", "sql:query", "cluster:read"]] = Field(min_length=1)
+    """Scopes the client may be granted."""
+
+
 class McpSpec(_Spec):
     """The MCP server beside the API (`serving/mcp_server.py`, docs/agents.md)."""
 
@@ -84,6 +93,20 @@ class McpSpec(_Spec):
     sets the policy's anonymous tenant, so a token adds no access anonymous HTTP lacks."""
     sql_tables: dict[str, list[str]] = {}
     """Agent -> tables text_to_sql may read (not listed: every table)."""
+    clients: dict[str, McpClientSpec] = {}
+    """Agents that get tokens from the built-in issuer's `POST /oauth/token` (OAuth client
+    credentials); empty: no token endpoint (tokens from `expertmesh mcp token`)."""
+    token_ttl_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+    """Lifetime of tokens from the token endpoint."""
+
+    @model_validator(mode="after")
+    def _clients_need_the_builtin_issuer(self) -> McpSpec:
+        if self.clients and self.jwks_url is not None:
+            raise ValueError(
+                "`clients` configure the built-in issuer's token endpoint, but `jwks_url` names "
+                "an external issuer: register the clients there and remove `clients`"
+            )
+        return self
 
 
 class SqlSpec(_Spec):

@@ -51,6 +51,7 @@ from .agent_auth import TOOL_SCOPES, AgentDirectory, JwtVerifier, TokenIssuer, o
 from .config import McpSpec, SqlSpec
 from .engine import Engine, EngineError, EngineRequest
 from .engine import Message as ChatMessage
+from .oauth_token import AS_METADATA_PATH, TOKEN_PATH, OAuthClient, token_app
 from .sql import SelectorChooser, SqlScope, TextToSql
 from .sql_demo import SAMPLE_DB
 from .sql_guard import SqlError, open_database
@@ -101,8 +102,10 @@ class ToolScopeGate:
         settings: McpSettings,
         mcp_path: str,
         issuer: TokenIssuer | None,
+        token_endpoint: ASGIApp | None = None,
     ) -> None:
         self.app = app
+        self.token_endpoint = token_endpoint
         self.verifier = verifier
         self.mcp_path = mcp_path
         self.issuer = issuer
@@ -126,6 +129,9 @@ class ToolScopeGate:
         path = scope["path"]
         if path in (PRM_PATH, PRM_PATH + self.mcp_path) and scope["method"] == "GET":
             await self._send(send, _json_response(200, self.metadata, {}))
+            return
+        if self.token_endpoint is not None and path in (TOKEN_PATH, AS_METADATA_PATH):
+            await self.token_endpoint(scope, receive, send)
             return
         if path == JWKS_PATH and self.issuer is not None and scope["method"] == "GET":
             await self._send(send, _json_response(200, self.issuer.jwks(), {}))
@@ -215,11 +221,14 @@ def build_mcp_app(
     *,
     sql_service: TextToSql | None = None,
     issuer: TokenIssuer | None = None,
+    clients: Mapping[str, OAuthClient] | None = None,
+    token_ttl_s: float = 600.0,
     tracer: Any = None,
     mcp_path: str = "/mcp",
     host: str = "127.0.0.1",
 ) -> ASGIApp:
-    """The MCP server as an ASGI app (MCP on `mcp_path`, plus PRM and, with `issuer`, JWKS)."""
+    """The MCP server as an ASGI app (MCP on `mcp_path`, plus PRM and, with `issuer`, JWKS;
+    with `issuer` and `clients`, the OAuth token endpoint, `oauth_token.py`)."""
     tracer = tracer if tracer is not None else NoOpTracer()
     sql = sql_service or TextToSql(engine, SelectorChooser(selector))
     server: MCPServer = MCPServer(
@@ -336,7 +345,10 @@ def build_mcp_app(
     app = server.streamable_http_app(
         streamable_http_path=mcp_path, stateless_http=True, json_response=True, host=host
     )
-    return ToolScopeGate(app, verifier, settings, mcp_path, issuer)
+    endpoint = None
+    if issuer is not None and clients:
+        endpoint = token_app(issuer, settings.resource_url, clients, token_ttl_s)
+    return ToolScopeGate(app, verifier, settings, mcp_path, issuer, endpoint)
 
 
 def check_agent_tenants(spec: McpSpec, tenants: Sequence[str]) -> None:
@@ -396,6 +408,11 @@ def build_mcp_from_spec(
         selector,
         sql_service=sql_service,
         issuer=issuer,
+        clients={
+            name: OAuthClient(c.secret_hash, frozenset(c.scopes))
+            for name, c in spec.clients.items()
+        },
+        token_ttl_s=spec.token_ttl_s,
         tracer=tracer,
         host=host,
     )
@@ -415,7 +432,11 @@ class WithMcp:
             await self.mcp(scope, receive, send)
             return
         path = scope.get("path", "")
-        if path.rstrip("/") == self.mcp_path or path.startswith("/.well-known/"):
+        if (
+            path.rstrip("/") == self.mcp_path
+            or path.startswith("/.well-known/")
+            or path == TOKEN_PATH
+        ):
             await self.mcp(scope, receive, send)
         else:
             await self.api(scope, receive, send)

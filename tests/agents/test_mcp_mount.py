@@ -18,6 +18,7 @@ import uvicorn
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
+from expertmesh.policies.keys import hash_api_key
 from expertmesh.serving.agent_auth import TokenIssuer
 from expertmesh.serving.app import ApiServer, build_gate
 from expertmesh.serving.config import ServingConfigError, parse_serving_config
@@ -44,6 +45,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
                 "resource_url": f"http://127.0.0.1:{port}/mcp",
                 "key_file": str(key_file),
                 "agents": {"agent-analyst": "anonymous"},
+                "clients": {
+                    "agent-analyst": {
+                        "secret_hash": hash_api_key("s3cret"),
+                        "scopes": ["sql:query"],
+                    }
+                },
             }
         }
     )
@@ -124,3 +131,31 @@ def test_an_agent_mapped_to_a_tenant_the_policy_lacks_is_a_config_error(tmp_path
         assert spec is not None
         with pytest.raises(ServingConfigError, match=field):
             build_mcp_from_spec(spec, TemplateEngine("expertmesh-demo"), selector)
+
+
+def test_an_agent_gets_its_token_from_the_token_endpoint_and_calls_a_tool(
+    served: tuple[str, Path],
+) -> None:
+    origin, _ = served
+    meta = httpx2.get(origin + "/.well-known/oauth-protected-resource/mcp").json()
+    (issuer,) = meta["authorization_servers"]
+    as_meta = httpx2.get(issuer + "/.well-known/oauth-authorization-server").json()
+    r = httpx2.post(
+        as_meta["token_endpoint"],
+        data={"grant_type": "client_credentials", "resource": origin + "/mcp"},
+        auth=("agent-analyst", "s3cret"),
+    )
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+
+    async def ask() -> Any:
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http,
+            streamable_http_client(origin + "/mcp", http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            return await session.call_tool("text_to_sql", {"question": "What genre is Hamlet?"})
+
+    result = asyncio.run(ask())
+    assert not result.is_error and result.structured_content["rows"] == [["tragedy"]]
