@@ -8,7 +8,8 @@ Per layer and step: assignments are sorted by expert once; each expert's rows ar
 its live replicas in proportion to the placement's shares; every node with work gets one call;
 the replies are written back in the original order and combined with the router weights.
 
-Failures: a call to a dead shard raises `ShardLost`; its rows go to another live replica of the
+Failures: a call to a dead shard, or to one that lacks an expert it is routed (a restarted
+actor before its experts are reloaded), raises `ShardLost`; its rows go to another live replica of the
 same expert. If an expert has no live replica, the shard is recovered (restarted by Ray and
 reloaded from the checkpoint) and the rows are retried. No expert is ever skipped: after the
 recovery deadline the step fails loudly with `ShardLost`.
@@ -25,6 +26,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+
+from expertmesh.models.errors import ExpertNotLoaded
 
 from .shard import ExpertShard, ShardReply
 
@@ -112,7 +115,10 @@ class InProcessShardPool:
         node, layer, x, ids, trace = handle
         if node in self.dead:
             raise ShardLost(node, "marked dead")
-        return self.shards[node].compute(layer, x, ids, trace)
+        try:
+            return self.shards[node].compute(layer, x, ids, trace)
+        except ExpertNotLoaded as e:
+            raise ShardLost(node, f"it lacks experts it is routed: {e}") from e
 
     def recover(self, node: str, experts: dict[int, list[int]], timeout_s: float) -> None:
         self.dead.discard(node)

@@ -7,6 +7,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from expertmesh.models.errors import ExpertNotLoaded
+
 from .dispatch import ShardLost
 from .shard import NodeEmulation, ShardReply, shard_actor_class
 
@@ -93,6 +95,12 @@ class RayShardPool:
             self._ray.exceptions.ActorUnavailableError,
         ) as e:
             raise ShardLost(node, type(e).__name__) from e
+        except self._ray.exceptions.RayTaskError as e:
+            # A shard Ray restarted comes back with its start-up experts, not the ones it was
+            # given since: until `recover` reloads them it is as good as lost for those rows.
+            if isinstance(e, ExpertNotLoaded) or isinstance(e.cause, ExpertNotLoaded):
+                raise ShardLost(node, f"it lacks experts it is routed: {e.cause}") from e
+            raise
 
     def recover(self, node: str, experts: dict[int, list[int]], timeout_s: float) -> None:
         """Make `node`'s shard answer and hold `experts`: promote its standby if the shard is

@@ -136,8 +136,24 @@ def _ray_head(num_cpus: int, prefix: str) -> Iterator[tuple[str, dict[str, str]]
     """Our own Ray head (`ray start --head --block`) with token auth. Every port is chosen free:
     other Ray instances on the machine would otherwise collide with the fixed default ports of
     the dashboard agent. Stopped by ending its process group, never `ray stop` (which would stop
-    every Ray on the machine). Yields (dashboard address, client environment with its token)."""
-    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths
+    every Ray on the machine). A head that exits while starting (a "free" port taken by another
+    process meanwhile) is started again on new ports, up to three times. Yields (dashboard
+    address, client environment with its token)."""
+    for attempt in range(3):
+        temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths
+        head, address, env = _start_head(num_cpus, temp_dir)
+        try:
+            if _job_agent_up(head, address, env):
+                yield address, env
+                return
+            if head.poll() is None or attempt == 2:  # still running but never ready: give up
+                pytest.fail("the Ray head's job agent did not come up")
+        finally:
+            _stop_head(head)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _start_head(num_cpus: int, temp_dir: str) -> tuple[subprocess.Popen, str, dict[str, str]]:
     dashboard_port = _free_port()
     ports = [
         "--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
@@ -154,27 +170,33 @@ def _ray_head(num_cpus: int, prefix: str) -> Iterator[tuple[str, dict[str, str]]
     head = subprocess.Popen(
         argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
-    address = f"http://127.0.0.1:{dashboard_port}"
+    return head, f"http://127.0.0.1:{dashboard_port}", env
+
+
+def _job_agent_up(head: subprocess.Popen, address: str, env: dict[str, str]) -> bool:
+    """Wait until a job can be submitted; False when the head exits first (or after 300 s)."""
     probe = (
         "import sys; from ray.job_submission import JobSubmissionClient as C; "
         "C(sys.argv[1]).submit_job(entrypoint='true')"
     )
-    try:
-        deadline = time.monotonic() + 300
-        # The dashboard, then the job agent, come up seconds after the head.
-        while subprocess.run([sys.executable, "-c", probe, address], env=env).returncode != 0:
-            if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the Ray head's job agent did not come up")
-            time.sleep(2)
-        yield address, env
-    finally:
+    deadline = time.monotonic() + 300
+    # The dashboard, then the job agent, come up seconds after the head.
+    while subprocess.run([sys.executable, "-c", probe, address], env=env).returncode != 0:
+        if head.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(2)
+    return True
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it may have exited on its own
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.wait()
 
 
 def _free_port() -> int:

@@ -112,3 +112,19 @@ def test_shard_drop_and_load_change_what_it_holds(hf_checkpoint):
     got = shard.compute(layer, x, np.array([5, 0, 2])).outputs
     want = full.expert_outputs(torch.from_numpy(x)[[1, 2, 0]], [1, 0, 1, 0, 0, 1, 0, 0])
     np.testing.assert_allclose(got, want[[2, 0, 1]].detach().numpy(), atol=1e-6)
+
+
+def test_a_shard_that_lost_its_experts_is_failed_over_and_reloaded(hf_checkpoint):
+    """A shard Ray restarted holds only its start-up experts until `recover` reloads the rest:
+    its rows go elsewhere (or wait for the reload), the step never fails."""
+    path, _ = hf_checkpoint("mixtral")
+    single = load_model(path)
+    config = read_config(path)
+    ep = in_process_model(path, spread_routes(config, replicate_every=1000))  # no replicas
+    shard_b = ep.pool.shards["b"]  # type: ignore[attr-defined]
+    for layer, held in shard_b.experts().items():
+        shard_b.drop(layer, held[1:])  # keeps one: as if restarted with an older assignment
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (ep.model(ids) - single(ids)).abs().max().item() <= 1e-5
+    assert ep.dispatcher.stats.recoveries >= 1
