@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+JWKS_PATH = "/.well-known/jwks.json"
+"""Where the built-in issuer's public keys are served (relative to its origin)."""
+
+
 def origin_of(url: str) -> str:
     """scheme://host[:port] of `url`."""
     scheme, rest = url.split("://", 1)

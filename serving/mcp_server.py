@@ -47,7 +47,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from expertmesh.models.generate import SamplingParams
 from expertmesh.routing import RoutingError, SelectionRequest, Selector
 
-from .agent_auth import TOOL_SCOPES, AgentDirectory, JwtVerifier, TokenIssuer, origin_of
+from .agent_auth import (
+    JWKS_PATH,
+    TOOL_SCOPES,
+    AgentDirectory,
+    JwtVerifier,
+    TokenIssuer,
+    origin_of,
+)
 from .config import McpSpec, SqlSpec
 from .engine import Engine, EngineError, EngineRequest
 from .engine import Message as ChatMessage
@@ -59,7 +66,6 @@ from .sql_guard import SqlError, open_database
 log = logging.getLogger("expertmesh.serving.mcp")
 
 PRM_PATH = "/.well-known/oauth-protected-resource"
-JWKS_PATH = "/.well-known/jwks.json"
 MAX_BODY_BYTES = 4 * 1024 * 1024
 """Largest MCP request body the scope gate buffers (413 above it)."""
 
@@ -109,8 +115,7 @@ class ToolScopeGate:
         self.verifier = verifier
         self.mcp_path = mcp_path
         self.issuer = issuer
-        base = settings.resource_url.split("://", 1)
-        origin = base[0] + "://" + base[1].split("/", 1)[0]
+        origin = origin_of(settings.resource_url)
         self.metadata_url = origin + PRM_PATH + mcp_path
         self.metadata = {
             "resource": settings.resource_url,

@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from expertmesh.policies.keys import hash_api_key
 
-from .agent_auth import TOOL_SCOPES, TokenIssuer
+from .agent_auth import JWKS_PATH, TOOL_SCOPES, TokenIssuer
 
 TOKEN_PATH = "/oauth/token"
 AS_METADATA_PATH = "/.well-known/oauth-authorization-server"
@@ -113,7 +113,7 @@ def token_app(
             {
                 "issuer": origin,
                 "token_endpoint": origin + TOKEN_PATH,
-                "jwks_uri": origin + "/.well-known/jwks.json",
+                "jwks_uri": origin + JWKS_PATH,
                 "grant_types_supported": ["client_credentials"],
                 "token_endpoint_auth_methods_supported": [
                     "client_secret_basic",

@@ -98,6 +98,22 @@ CREATE TABLE scenes (id INTEGER PRIMARY KEY, play_id INTEGER NOT NULL REFERENCES
 """
 
 
+def sample_rows() -> list[tuple[str, list[tuple[object, ...]]]]:
+    """(INSERT statement with `%s` placeholders, rows) per table: the sample data for any
+    database (SQLite swaps the placeholders for `?`)."""
+    return [
+        ("INSERT INTO plays VALUES (%s, %s, %s, %s)", list(PLAYS)),
+        (
+            "INSERT INTO characters (play_id, name) VALUES (%s, %s)",
+            [(pid, name) for pid, names in CHARACTERS.items() for name in names],
+        ),
+        (
+            "INSERT INTO scenes (play_id, act, scene, setting) VALUES (%s, 1, %s, %s)",
+            [(pid, i + 1, s) for pid, settings in SCENES.items() for i, s in enumerate(settings)],
+        ),
+    ]
+
+
 def build_sample_db(path: Path = SAMPLE_DB) -> Path:
     """Write the sample database at `path` (replacing it). Deterministic."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,15 +121,8 @@ def build_sample_db(path: Path = SAMPLE_DB) -> Path:
     conn = sqlite3.connect(path)
     try:
         conn.executescript(SCHEMA)
-        conn.executemany("INSERT INTO plays VALUES (?, ?, ?, ?)", PLAYS)
-        conn.executemany(
-            "INSERT INTO characters (play_id, name) VALUES (?, ?)",
-            [(pid, name) for pid, names in CHARACTERS.items() for name in names],
-        )
-        conn.executemany(
-            "INSERT INTO scenes (play_id, act, scene, setting) VALUES (?, 1, ?, ?)",
-            [(pid, i + 1, s) for pid, settings in SCENES.items() for i, s in enumerate(settings)],
-        )
+        for insert, rows in sample_rows():
+            conn.executemany(insert.replace("%s", "?"), rows)
         conn.commit()
     finally:
         conn.close()

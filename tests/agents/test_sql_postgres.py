@@ -16,7 +16,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from expertmesh.serving.sql import FixedModel, SqlScope, TextToSql
-from expertmesh.serving.sql_demo import CHARACTERS, PLAYS, SCENES, SCHEMA, build_sample_db
+from expertmesh.serving.sql_demo import SCHEMA, build_sample_db, sample_rows
 from expertmesh.serving.sql_guard import (
     DatabaseUnreachable,
     DatabaseUnsupported,
@@ -66,19 +66,8 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         with psycopg.connect(owner) as conn:  # commits when the block ends
             conn.execute(PG_SCHEMA)
             with conn.cursor() as cur:
-                cur.executemany("INSERT INTO plays VALUES (%s, %s, %s, %s)", PLAYS)
-                cur.executemany(
-                    "INSERT INTO characters (play_id, name) VALUES (%s, %s)",
-                    [(pid, name) for pid, names in CHARACTERS.items() for name in names],
-                )
-                cur.executemany(
-                    "INSERT INTO scenes (play_id, act, scene, setting) VALUES (%s, 1, %s, %s)",
-                    [
-                        (p, i + 1, s)
-                        for p, settings in SCENES.items()
-                        for i, s in enumerate(settings)
-                    ],
-                )
+                for insert, rows in sample_rows():
+                    cur.executemany(insert, rows)
             conn.execute(READER_GRANTS)
         socket_dir = conninfo_to_dict(owner)["host"]
         yield Server(owner, f"postgresql://reader@/shakespeare?host={socket_dir}")
