@@ -3,6 +3,7 @@ node lost without warning; requests lost and outputs compared with a fault-free 
 
     .venv/bin/python benchmarks/bench_recovery.py [--kills 20] [--min-replicas 1]
         [--out benchmarks/out/bench_recovery.json]
+        [--events benchmarks/out/bench_recovery.events.jsonl]
 
 "Serving again" = the supervisor's recovered event for that shard or node (the shard answers
 its heartbeat and holds its experts, or its experts are live elsewhere). The baseline is the
@@ -32,6 +33,7 @@ from expertmesh.cluster.topology import load_topology
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.generate import Generator, SamplingParams
 from expertmesh.models.tokenizer import Tokenizer
+from expertmesh.observability.events import EventLog
 from expertmesh.paths import DEMO_MODEL_DIR
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -69,6 +71,9 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_recovery.json"))
+    parser.add_argument(
+        "--events", type=Path, default=Path("benchmarks/out/bench_recovery.events.jsonl")
+    )
     args = parser.parse_args()
     console = make_console(120)
     topology = load_topology(REPO_ROOT / "examples" / "topologies" / "mixed.yaml")
@@ -77,7 +82,10 @@ def main() -> None:
         c.text for c in Generator(load_model(DEMO_MODEL_DIR), tok).generate(["ROMEO:"], PARAMS)
     ]
     ep = ExpertParallelModel.launch(DEMO_MODEL_DIR, topology, min_replicas=args.min_replicas)
-    sup = Supervisor(ep, topology, SupervisorConfig()).start()
+    args.events.parent.mkdir(parents=True, exist_ok=True)
+    args.events.unlink(missing_ok=True)
+    events = EventLog(args.events, scenario="bench_recovery")  # for `expertmesh fmea`
+    sup = Supervisor(ep, topology, SupervisorConfig(), events=events).start()
     load = Load(Generator(ep.model, tok), expected)
     load.start()
     try:
@@ -108,6 +116,7 @@ def main() -> None:
         load.halt.set()
         load.join(60)
         sup.stop()
+        events.close()
         ep.shutdown()
     rows = [
         ["shard killed", len(kills), pct(kills, 50), pct(kills, 95), max(kills), 2.0],

@@ -152,14 +152,44 @@ def _layer_caps(
     cost: CostModel,
     used: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(L, N) slots each node may use in each layer: `used` (already held) plus its free slots
-    spread over layers, never more than one per expert."""
+    """(L, N) slots each node may use in each layer: `used` (already held) plus its free slots,
+    never more than one per expert. Without `used` the slots are spread evenly over layers;
+    with it they are poured into the layers with the most room first (water-filling), so a
+    node that already holds most of one layer's experts gives its free slots to the others
+    instead of losing them to the one-per-expert cap."""
     L, E = shape.num_layers, shape.num_experts
     slots = np.array([n.expert_slots for n in nodes], dtype=np.int64)
     if used is None:
-        used = np.zeros((L, len(nodes)), dtype=np.int64)
+        return _spread_over_layers(np.minimum(slots, L * E), L)
+    room = np.maximum(E - used, 0)
     free = np.maximum(np.minimum(slots, L * E) - used.sum(axis=0), 0)
-    return np.minimum(used + _spread_over_layers(free, L), E)
+    return used + _water_fill(room, np.minimum(free, room.sum(axis=0)))
+
+
+def _water_fill(room: np.ndarray, amount: np.ndarray) -> np.ndarray:
+    """(L, N) integer fill of each column's `room` with `amount[n]` units in total (amount <=
+    room.sum(axis=0)): the level rises evenly over the layers that still have room; the last
+    units go one each to open layers in an order staggered by node, like `_spread_over_layers`."""
+    L, N = room.shape
+    give = np.zeros_like(room)
+    left = amount.copy()
+    order = (np.arange(L)[:, None] + np.arange(N)[None, :]) % L  # stagger remainders by node
+    while True:  # every round places at least one unit, or stops
+        open_ = give < room
+        k = open_.sum(axis=0)
+        if not ((left > 0) & (k > 0)).any():
+            break
+        per = np.where(k > 0, left // np.maximum(k, 1), 0)
+        add = np.where(open_, np.minimum(per[None, :], room - give), 0)
+        if not add.any():  # fewer units than open layers: one each, staggered
+            rolled = np.take_along_axis(open_, order, axis=0)
+            rank = np.cumsum(rolled, axis=0) - 1
+            pick = rolled & (rank < left[None, :])
+            add = np.zeros_like(room)
+            np.put_along_axis(add, order, pick.astype(room.dtype), axis=0)
+        give += add
+        left -= add.sum(axis=0)
+    return give
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ call):
   not is *lost*: the supervisor asks Ray's restarted actor to reload its experts (`recover`:
   restart and reload). The dispatcher meanwhile sends the shard's tokens to other replicas,
   or holds the step until the shard is back; it never skips an expert.
-- **node loss**: a shard that is not back `node_lost_after_s` after it died, or whose Ray node
-  is reported dead, had its node taken away. Its experts are re-placed on the surviving nodes
+- **node loss**: a shard whose Ray node is reported dead (no live Ray node offers the node's
+  pinning resource: GCS health checks noticed, in about 2 s on the embedded cluster), or that
+  is not back `node_lost_after_s` after it died, had its node taken away. Its experts are re-placed on the surviving nodes
   (`placement.plan_increment` without that node: the fewest bytes move), loaded there, and the
   routing table swapped; a step waiting on the lost shard adopts the new table at once.
 - **drain** (`drain(node)`, planned): the same re-placement before the node goes, then the
@@ -24,6 +25,7 @@ Every detection and action is a `FaultEvent` (for `expertmesh fmea`) and a span.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -42,8 +44,11 @@ from expertmesh.observability.events import (
 from .dispatch import RoutingTable, ShardLost
 from .placement import PlacementOptions, plan_increment
 from .planning import expert_shape, node_capacities
+from .pool import node_resource
 from .runtime import ExpertParallelModel, routes_from_placement
 from .topology import Topology
+
+log = logging.getLogger("expertmesh.supervisor")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class SupervisorConfig:
 class _Shard:
     failing_since: float | None = None
     incident: int = 0
+    node_lost_reported: bool = False
+    """This incident's node loss was reported (a re-placement that fails is retried each round,
+    reported once)."""
 
 
 @dataclass
@@ -131,6 +139,7 @@ class Supervisor:
         self._wake.set()  # check now, not at the next tick
 
     def _loop(self) -> None:
+        last_error: str | None = None
         while not self._stop.is_set():
             self._wake.wait(self.config.check_interval_s)
             self._wake.clear()
@@ -138,8 +147,12 @@ class Supervisor:
                 break
             try:
                 self.check()
+                last_error = None
             except Exception as e:  # the supervisor must outlive what it supervises
-                self._emit("detected", EXPERT_SHARD_LOST, "supervisor", f"check failed: {e!r}")
+                if repr(e) != last_error:  # retried every round, reported once
+                    last_error = repr(e)
+                    log.exception("supervisor check failed; retrying every round")
+                    self._emit("detected", EXPERT_SHARD_LOST, "supervisor", f"check failed: {e!r}")
 
     # ----------------------------------------------------------------- checks
 
@@ -165,8 +178,16 @@ class Supervisor:
             state.failing_since = now
             state.incident += 1
             self._emit("detected", EXPERT_SHARD_LOST, node, "shard does not answer", state)
-        if self._node_dead(node) or now - state.failing_since > self.config.node_lost_after_s:
-            self._emit("detected", NODE_LOST, node, "shard not back; node presumed lost", state)
+        if self._node_dead(node):
+            why = "Ray reports its node dead"
+        elif now - state.failing_since > self.config.node_lost_after_s:
+            why = f"shard not back after {self.config.node_lost_after_s:g} s; node presumed lost"
+        else:
+            why = ""
+        if why:
+            if not state.node_lost_reported:
+                state.node_lost_reported = True
+                self._emit("detected", NODE_LOST, node, why, state)
             self.replace_node(node, NODE_LOST)
             self._recovered(node, state, NODE_LOST, "experts re-placed on surviving nodes")
             return
@@ -195,21 +216,27 @@ class Supervisor:
             return False
 
     def _node_dead(self, node: str) -> bool:
-        cluster = self.ep.cluster
-        ray_node = getattr(cluster, "ray_nodes", {}).get(node) if cluster is not None else None
-        if ray_node is None:
+        """Ray reports no live node offering `node`'s pinning resource (its raylet failed the
+        GCS health checks, or its pod is gone). Works the same on the embedded cluster and on
+        KubeRay, where each worker group offers its topology node's resource."""
+        if not getattr(self.ep.pool, "handles", None):  # an in-process pool has no Ray nodes
             return False
         import ray
 
-        for info in ray.nodes():
-            if info.get("NodeID") == getattr(ray_node, "node_id", None):
-                return not info.get("Alive", True)
-        return True
+        resource = node_resource(node)
+        try:
+            nodes = ray.nodes()
+        except Exception:  # the GCS itself unreachable: not evidence against this node
+            return False
+        return not any(
+            info.get("Alive") and resource in info.get("Resources", {}) for info in nodes
+        )
 
     def _recovered(self, node: str, state: _Shard, mode: str, detail: str) -> None:
         if state.failing_since is not None:
             self.stats.recovery_s.append(time.monotonic() - state.failing_since)
         state.failing_since = None
+        state.node_lost_reported = False
         self._emit("recovered", mode, node, detail, state)
 
     def _check_engine(self) -> None:

@@ -278,7 +278,7 @@ class Runner:
             injector.start()
             asyncio.run(self._load(platform))
             injector.join(60)
-            time.sleep(0.5)  # let the supervisor report the last recovery
+            self._settle(platform)
         finally:
             platform.close()
         return self._report()
@@ -464,6 +464,29 @@ class Runner:
         p.events.emit(
             FaultEvent("recovered", BUDGET_DB_LOCKED, target=p.ledger.name, detail="unlocked")
         )
+
+    def _settle(self, platform: Platform) -> None:
+        """Keep the platform up until every injected fault has recovered, or until the
+        scenario's recovery bound (10 s without one) has passed since the last fault: the load
+        may end before a slow recovery does, and stopping then would report it as never
+        recovered."""
+        bound = self.scenario.expect.recovery_s or 10.0
+        last_fault = max(
+            self._t0 + f.at_s + (f.repeat - 1) * f.every_s for f in self.scenario.faults
+        )
+        deadline = max(time.monotonic() + 0.5, last_fault + bound + 0.5)
+        while time.monotonic() < deadline:
+            events = read_events(self.out / "events.jsonl")
+            pending: dict[str, int] = {}
+            for e in events:
+                if e.kind == "fault":
+                    pending[e.failure_mode] = pending.get(e.failure_mode, 0) + 1
+                elif e.kind == "recovered" and pending.get(e.failure_mode):
+                    pending[e.failure_mode] -= 1
+            if not any(pending.values()):
+                time.sleep(0.5)  # let the supervisor finish reporting
+                return
+            time.sleep(0.2)
 
     # ----------------------------------------------------------------- verdict
 

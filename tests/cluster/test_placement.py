@@ -219,3 +219,39 @@ def test_increment_replaces_replicas_of_a_lost_node():
     new, moves = plan_increment(p, survivors, SHAPE, None, PlacementOptions(min_replicas=2))
     check_invariants(new, survivors, SHAPE, 2)
     assert all(m.dst in {"n0", "n1"} for m in moves if m.dst)
+
+
+def test_last_node_standing_takes_every_expert_it_has_room_for():
+    # Seen in bench_recovery: after a drain and a node loss one node must hold every expert.
+    # Here it holds 2 of layer 0's experts and 4 of each other layer's; its 14 free slots went
+    # evenly to the layers (5 each, 1 wasted on each full layer) and layer 0 stayed short.
+    shape = ExpertShape(num_layers=3, num_experts=8, top_k=2, hidden_size=64, expert_bytes=1)
+    nodes = nodes_with([4.0, 1.0], 24)
+    load = np.ones((3, 8))
+    load[0, 0] = 50.0
+    current = plan_placement(nodes, shape, load)
+    held = [layer for layer, _ in current.experts_on("n0")]
+    assert [held.count(layer) for layer in range(3)] == [2, 4, 4]
+    new, moves = plan_increment(current, nodes[:1], shape, load)
+    check_invariants(new, nodes[:1], shape, 1)
+    assert len([m for m in moves if m.dst == "n0"]) == 14
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    speeds=st.lists(st.sampled_from([0.5, 1.0, 4.0]), min_size=2, max_size=5),
+    layers=st.integers(1, 4),
+    experts=st.integers(2, 16),
+    seeds=st.tuples(st.integers(0, 1000), st.integers(0, 1000)),
+)
+def test_nodes_lost_one_by_one_are_always_re_placed_while_the_survivors_have_room(
+    speeds, layers, experts, seeds
+):
+    # Every survivor can hold every expert: losing any node but the last must never fail.
+    shape = ExpertShape(layers, experts, min(2, experts), 64, 1)
+    nodes = nodes_with(speeds, layers * experts)
+    p = plan_placement(nodes, shape, skewed_load(shape, seeds[0]))
+    for lost in range(len(nodes) - 1):
+        survivors = nodes[lost + 1 :]
+        p, _ = plan_increment(p, survivors, shape, skewed_load(shape, seeds[1] + lost))
+        check_invariants(p, survivors, shape, 1)
