@@ -112,6 +112,14 @@ def main() -> None:
             time.sleep(0.01)
         node_lost = time.monotonic() - t0
         time.sleep(1.0)
+        t0 = time.monotonic()
+        ep.cluster.add_node("cpu-slow")  # the node comes back (KubeRay recreating the pod)
+        node_added = time.monotonic() - t0
+        while sup.stats.rejoins == 0 and time.monotonic() - t0 < 120:
+            time.sleep(0.01)
+        rejoin = time.monotonic() - t0
+        experts_back = len(ep.placement.experts_on("cpu-slow"))
+        time.sleep(1.0)
     finally:
         load.halt.set()
         load.join(60)
@@ -122,12 +130,17 @@ def main() -> None:
         ["shard killed", len(kills), pct(kills, 50), pct(kills, 95), max(kills), 2.0],
         ["node drained", 1, drain, drain, drain, 2.0],
         ["node lost (no warning)", 1, node_lost, node_lost, node_lost, 8.0],
+        ["lost node back (rejoin)", 1, rejoin, rejoin, rejoin, float("nan")],
     ]
     print_table(
         f"Recovery under load, mixed topology, min_replicas {args.min_replicas} (seconds)",
         ["event", "n", "p50", "p95", "max", "target"],
         rows,
         console,
+    )
+    console.print(
+        f"rejoin: {rejoin:.2f} s from adding the Ray node ({node_added:.2f} s of it for the node "
+        f"to register); {experts_back} experts moved back onto it"
     )
     console.print(
         f"requests: {len(load.latencies)} served, {load.lost} lost, {load.wrong} with a "
@@ -142,6 +155,9 @@ def main() -> None:
             "presumed_lost_during_kills": presumed_lost,
             "drain_s": drain,
             "node_lost_s": node_lost,
+            "node_added_s": node_added,
+            "rejoin_s": rejoin,
+            "experts_back_on_rejoined_node": experts_back,
             "requests": len(load.latencies),
             "lost": load.lost,
             "wrong": load.wrong,

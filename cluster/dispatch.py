@@ -124,6 +124,9 @@ class InProcessShardPool:
         self.dead.discard(node)
         self.shards[node].ensure(experts)
 
+    def add_node(self, node: str, timeout_s: float) -> None:
+        self.dead.discard(node)
+
     def load_many(self, adds: Mapping[str, Mapping[int, Sequence[int]]]) -> None:
         for node, per_layer in adds.items():
             for layer, ids in per_layer.items():

@@ -151,6 +151,28 @@ class RayShardPool:
         self.promotions += 1
         self.standbys[node] = self._spawn(node, {})  # ready for the next failure
 
+    def add_node(self, node: str, timeout_s: float) -> None:
+        """Start a fresh shard (and standby) on `node`, holding no experts yet: a node that was
+        lost or drained has a Ray node offering its resource again. ShardLost when they do not
+        answer within `timeout_s` (the actors are killed, nothing changes)."""
+        fresh = [self._spawn(node, {})]
+        if self._standby:
+            fresh.append(self._spawn(node, {}))
+        try:
+            self._ray.get([h.ping.remote() for h in fresh], timeout=timeout_s)
+        except (
+            self._ray.exceptions.GetTimeoutError,
+            self._ray.exceptions.RayActorError,
+            self._ray.exceptions.ActorUnavailableError,
+        ) as e:
+            for handle in fresh:
+                self._ray.kill(handle, no_restart=True)
+            raise ShardLost(node, f"a new shard did not start within {timeout_s:g} s") from e
+        with self._lock:
+            self.handles[node] = fresh[0]
+            if self._standby:
+                self.standbys[node] = fresh[1]
+
     def load_many(self, adds: Mapping[str, Mapping[int, Sequence[int]]]) -> None:
         """Load experts on several shards in parallel; returns when all are in memory."""
         self._ray.get(

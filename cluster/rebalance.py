@@ -12,6 +12,7 @@ without making any request wait on a missing expert:
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from expertmesh.models.config import ModelConfig
 
 from .dispatch import RoutingTable
 from .placement import PlacementOptions, evaluate, plan_increment
+from .placement_model import NodeCapacity
 from .planning import expert_shape, node_capacities
 from .runtime import ExpertParallelModel, routes_from_placement
 from .topology import Topology
@@ -79,33 +81,39 @@ class Rebalancer:
             ]
         ).astype(float)
 
-    def check(self) -> RebalanceReport:
-        """Rebalance if the observed load makes the current placement too imbalanced."""
+    def check(self, exclude: Collection[str] = ()) -> RebalanceReport:
+        """Rebalance if the observed load makes the current placement too imbalanced.
+        exclude: nodes out of service (lost or drained): the plan never uses them."""
+        nodes = [n for n in self.nodes if n.name not in exclude]
         load = self.observed_load()
-        current = self._evaluate(self.ep.placement, load)
+        current = self._evaluate(self.ep.placement, load, nodes)
         before = current["balancedness"]
         if load.sum() < self.min_tokens or before <= self.threshold:
             return RebalanceReport(
                 False, before, before, current["step_time_s"], current["step_time_s"]
             )
-        return self.apply(load, current)
+        return self.apply(load, current, nodes)
 
-    def _evaluate(self, placement: Any, load: np.ndarray) -> dict[str, Any]:
+    def _evaluate(
+        self, placement: Any, load: np.ndarray, nodes: Sequence[NodeCapacity]
+    ) -> dict[str, Any]:
         return evaluate(
-            placement.by_index(self.config.moe_layer_ids),
-            self.nodes,
-            self.shape,
-            load,
-            self.options,
+            placement.by_index(self.config.moe_layer_ids), nodes, self.shape, load, self.options
         )
 
-    def apply(self, load: np.ndarray, current: dict[str, Any]) -> RebalanceReport:
+    def apply(
+        self,
+        load: np.ndarray,
+        current: dict[str, Any],
+        nodes: Sequence[NodeCapacity] | None = None,
+    ) -> RebalanceReport:
+        nodes = self.nodes if nodes is None else nodes
         before = current["balancedness"]
         t_plan = time.perf_counter()
         old = self.ep.placement.by_index(self.config.moe_layer_ids)
-        new, moves = plan_increment(old, self.nodes, self.shape, load, self.options)
+        new, moves = plan_increment(old, nodes, self.shape, load, self.options)
         new = new.with_layer_ids(self.config.moe_layer_ids)
-        predicted = self._evaluate(new, load)
+        predicted = self._evaluate(new, load, nodes)
         if predicted["step_time_s"] >= current["step_time_s"]:  # nothing to gain: keep it
             return RebalanceReport(
                 True, before, before, current["step_time_s"], current["step_time_s"]

@@ -59,6 +59,13 @@ class SupervisorConfig:
     """A shard not back this long after it died: treat its node as lost and re-place."""
     rebalance_every_s: float = 0.0
     """0 disables periodic rebalancing."""
+    rejoin_lost_nodes: bool = True
+    """Take a lost node back when a new Ray node offers its resource (KubeRay recreated the
+    pod, or the machine came back)."""
+    rejoin_timeout_s: float = 60.0
+    """How long a returning node's new shard may take to start (a process importing torch)."""
+    rejoin_retry_s: float = 5.0
+    """Wait this long before trying a failed rejoin again."""
 
 
 @dataclass
@@ -75,6 +82,7 @@ class SupervisorStats:
     restarts: int = 0
     nodes_replaced: int = 0
     drains: int = 0
+    rejoins: int = 0
     rebalances: int = 0
     recovery_s: list[float] = field(default_factory=list)
     """Seconds from detection to serving again, per recovered shard or node."""
@@ -102,6 +110,12 @@ class Supervisor:
         self.stats = SupervisorStats()
         self.shape = expert_shape(ep.config)
         self.removed: set[str] = set()
+        """Nodes whose experts were moved away (lost or drained); `rejoin` takes one back."""
+        self.lost: dict[str, frozenset[str]] = {}
+        """Lost nodes -> the Ray node ids that still offered their resource when they were
+        declared lost (empty when Ray reported them dead). Only a *new* Ray node offering the
+        resource brings a node back, so a raylet whose shard keeps failing does not flap."""
+        self._next_rejoin: dict[str, float] = {}
         self._shards: dict[str, _Shard] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -162,6 +176,7 @@ class Supervisor:
             for node in list(self.ep.dispatcher.table.nodes):
                 if node not in self.removed:
                     self._check_shard(node)
+            self._check_rejoins()
             self._check_engine()
             self._maybe_rebalance()
 
@@ -189,6 +204,7 @@ class Supervisor:
                 state.node_lost_reported = True
                 self._emit("detected", NODE_LOST, node, why, state)
             self.replace_node(node, NODE_LOST)
+            self.lost[node] = frozenset(self._offering(node) or ())
             self._recovered(node, state, NODE_LOST, "experts re-placed on surviving nodes")
             return
         experts = self.ep.dispatcher.table.node_experts().get(node, {})
@@ -215,22 +231,46 @@ class Supervisor:
         except ray.exceptions.ActorUnavailableError:
             return False
 
-    def _node_dead(self, node: str) -> bool:
-        """Ray reports no live node offering `node`'s pinning resource (its raylet failed the
-        GCS health checks, or its pod is gone). Works the same on the embedded cluster and on
-        KubeRay, where each worker group offers its topology node's resource."""
-        if not getattr(self.ep.pool, "handles", None):  # an in-process pool has no Ray nodes
-            return False
+    def _offering(self, node: str) -> set[str] | None:
+        """Ids of the live Ray nodes offering `node`'s pinning resource; None when there is no
+        Ray cluster to ask (an in-process pool) or the GCS does not answer."""
+        if not getattr(self.ep.pool, "handles", None):
+            return None
         import ray
 
         resource = node_resource(node)
         try:
             nodes = ray.nodes()
         except Exception:  # the GCS itself unreachable: not evidence against this node
-            return False
-        return not any(
-            info.get("Alive") and resource in info.get("Resources", {}) for info in nodes
-        )
+            return None
+        return {
+            str(info["NodeID"])
+            for info in nodes
+            if info.get("Alive") and resource in info.get("Resources", {})
+        }
+
+    def _node_dead(self, node: str) -> bool:
+        """Ray reports no live node offering `node`'s pinning resource (its raylet failed the
+        GCS health checks, or its pod is gone). Works the same on the embedded cluster and on
+        KubeRay, where each worker group offers its topology node's resource."""
+        return self._offering(node) == set()
+
+    def _check_rejoins(self) -> None:
+        if not self.config.rejoin_lost_nodes:
+            return
+        now = time.monotonic()
+        for node, gone in list(self.lost.items()):
+            if now < self._next_rejoin.get(node, 0.0):
+                continue
+            offering = self._offering(node)
+            if not offering or offering <= gone:
+                continue
+            try:
+                self._rejoin(node, NODE_LOST)
+            except Exception as e:
+                self._next_rejoin[node] = now + self.config.rejoin_retry_s
+                log.warning("node %s is back but could not rejoin: %r", node, e)
+                self._emit("detected", NODE_LOST, node, f"rejoin failed: {e!r}"[:200])
 
     def _recovered(self, node: str, state: _Shard, mode: str, detail: str) -> None:
         if state.failing_since is not None:
@@ -254,7 +294,7 @@ class Supervisor:
         if self.rebalancer is None or every <= 0 or time.monotonic() - self._last_rebalance < every:
             return
         self._last_rebalance = time.monotonic()
-        report = self.rebalancer.check()
+        report = self.rebalancer.check(exclude=self.removed)
         if report.triggered:
             self._emit(
                 "detected",
@@ -272,27 +312,53 @@ class Supervisor:
     def replace_node(self, node: str, mode: str = NODE_LOST) -> None:
         """Re-place `node`'s experts on the other nodes (fewest bytes), then swap the table."""
         with self._span("expertmesh.supervisor.replace_node", node):
-            survivors = [
-                n for n in self.topology.nodes if n.name != node and n.name not in self.removed
-            ]
-            keep = {n.name for n in survivors}
-            layer_ids = self.ep.config.moe_layer_ids
-            nodes = [c for c in node_capacities(self.topology, self.shape) if c.name in keep]
-            options = getattr(self.ep, "plan_options", None) or PlacementOptions()
-            current = self.ep.placement.by_index(layer_ids)
-            load = self._load()
-            new, moves = plan_increment(current, nodes, self.shape, load, options)
-            new = new.with_layer_ids(layer_ids)
-            adds: dict[str, dict[int, list[int]]] = {}
-            for m in moves:
-                if m.dst is not None:
-                    adds.setdefault(m.dst, {}).setdefault(layer_ids[m.layer], []).append(m.expert)
-            self.ep.pool.load_many(adds)  # type: ignore[attr-defined]
-            self.ep.dispatcher.swap_table(RoutingTable(routes_from_placement(new)))
-            self.ep.placement = new
+            members = {n.name for n in self.topology.nodes} - self.removed - {node}
+            moves, adds = self._replan(members)
             self.removed.add(node)
             self.stats.nodes_replaced += 1
             self._emit("action", mode, node, f"re-placed {len(moves)} replicas on {sorted(adds)}")
+
+    def rejoin(self, node: str) -> float:
+        """Take back a drained or lost node whose Ray node is up again: start its shard, plan
+        an increment that may move experts onto it (fewest bytes), load them, swap the table.
+        Seconds taken. Lost nodes rejoin on their own (`rejoin_lost_nodes`)."""
+        if node not in self.removed:
+            raise ValueError(f"node {node!r} is serving; only a drained or lost node can rejoin")
+        t0 = time.monotonic()
+        with self._lock:
+            self._rejoin(node, NODE_LOST if node in self.lost else NODE_DRAINED)
+        return time.monotonic() - t0
+
+    def _rejoin(self, node: str, mode: str) -> None:
+        with self._span("expertmesh.supervisor.rejoin_node", node):
+            self.ep.pool.add_node(node, self.config.rejoin_timeout_s)  # type: ignore[attr-defined]
+            members = {n.name for n in self.topology.nodes} - self.removed | {node}
+            moves, _ = self._replan(members)
+            self.removed.discard(node)
+            self.lost.pop(node, None)
+            self._next_rejoin.pop(node, None)
+            self._shards[node] = _Shard()
+            self.ep.dispatcher.dead.discard(node)
+            self.stats.rejoins += 1
+            onto = sum(1 for m in moves if m.dst == node)
+            self._emit("action", mode, node, f"rejoined; {onto} replicas moved onto it")
+
+    def _replan(self, members: set[str]) -> tuple[list[Any], dict[str, dict[int, list[int]]]]:
+        """Plan an increment over `members`, load what moves, swap the routing table."""
+        layer_ids = self.ep.config.moe_layer_ids
+        nodes = [c for c in node_capacities(self.topology, self.shape) if c.name in members]
+        options = getattr(self.ep, "plan_options", None) or PlacementOptions()
+        current = self.ep.placement.by_index(layer_ids)
+        new, moves = plan_increment(current, nodes, self.shape, self._load(), options)
+        new = new.with_layer_ids(layer_ids)
+        adds: dict[str, dict[int, list[int]]] = {}
+        for m in moves:
+            if m.dst is not None:
+                adds.setdefault(m.dst, {}).setdefault(layer_ids[m.layer], []).append(m.expert)
+        self.ep.pool.load_many(adds)  # type: ignore[attr-defined]
+        self.ep.dispatcher.swap_table(RoutingTable(routes_from_placement(new)))
+        self.ep.placement = new
+        return moves, adds
 
     def drain(self, node: str) -> float:
         """Planned removal of a node: move its experts, then stop its shard. Seconds taken."""

@@ -244,10 +244,16 @@ def _print_placement(url: str, console: Console) -> None:
     import httpx
 
     with contextlib.suppress(httpx.HTTPError, ValueError):
-        experts = httpx.get(f"{url}/health", timeout=10).json().get("experts_per_node")
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        experts = health.get("experts_per_node")
         if experts:
             held = ", ".join(f"{node}: {n}" for node, n in experts.items())
             console.print(f"expert shards (experts held per node): {held}")
+        if health.get("supervisor") is not None:
+            console.print(
+                "supervisor: on (shard restarts, node loss and rejoin, rebalancing; "
+                "fault events in the log directory's events.jsonl)"
+            )
 
 
 def _dev_key(config: Any) -> str:

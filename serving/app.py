@@ -41,6 +41,8 @@ def build_engine(config: ServingConfig, telemetry: Any = None) -> Engine:
             embedded=config.embedded,
             telemetry=telemetry,
             telemetry_config=config.telemetry,
+            supervisor=config.supervisor,
+            log_dir=config.log_dir,
         )
     if config.engine == "remote":
         from .remote_engine import RemoteOpenAIEngine

@@ -126,6 +126,29 @@ class SqlSpec(_Spec):
     question names (`sql.ground_literals`); every replacement is reported in the answer."""
 
 
+class SupervisorSpec(_Spec):
+    """The supervisor of the expert-parallel cluster (engine expertmesh with a topology):
+    restarts lost shards, re-places a lost node's experts, takes a returning node back and
+    rebalances when routing drifts (docs/observability.md). Its fault events go to
+    `<log_dir>/events.jsonl` for `expertmesh fmea`."""
+
+    enabled: bool = True
+    check_interval_s: Annotated[float, Field(gt=0)] = 0.2
+    """Heartbeat round (a failed dispatch wakes it at once)."""
+    ping_timeout_s: Annotated[float, Field(gt=0)] = 0.5
+    node_lost_after_s: Annotated[float, Field(gt=0)] = 5.0
+    """A shard down this long has lost its node even if Ray still lists the node alive."""
+    rejoin_lost_nodes: bool = True
+    """Take a lost node back when a new Ray node offers its resource (KubeRay recreated the
+    pod)."""
+    rebalance_every_s: Annotated[float, Field(ge=0)] = 30.0
+    """How often observed expert load is checked for drift; 0 turns rebalancing off."""
+    rebalance_threshold: Annotated[float, Field(ge=1.0)] = 1.2
+    """Rebalance when predicted balancedness (max/mean node time) passes this."""
+    rebalance_min_tokens: Annotated[int, Field(ge=1)] = 512
+    """Token assignments observed before the load is trusted."""
+
+
 class ServingConfig(_Spec):
     engine: Literal["expertmesh", "vllm", "remote"] = "expertmesh"
     """Which engine serves: our MoE engine, vLLM (extra `expertmesh[vllm]`), or a remote
@@ -167,6 +190,8 @@ class ServingConfig(_Spec):
     """Serve MCP on /mcp beside the API (needs a policy: agents map to its tenants)."""
     sql: SqlSpec = SqlSpec()
     """Text-to-SQL (served when a policy is set: the selector picks the model, task `sql`)."""
+    supervisor: SupervisorSpec = SupervisorSpec()
+    """Recovery of the expert-parallel cluster (only with a `topology`)."""
     log_dir: str | None = None
     """Directory of the JSON log files every process writes (`expertmesh logs --request ID`
     reads them); default `$EXPERTMESH_HOME/logs`, else `~/.expertmesh/logs`."""

@@ -16,6 +16,7 @@ from expertmesh.models.generate import SamplingParams, StreamEvent
 from expertmesh.models.model import MoEModel
 from expertmesh.models.tokenizer import Tokenizer
 
+from .config import SupervisorSpec
 from .engine import (
     DeadlineExceeded,
     EngineDead,
@@ -63,6 +64,8 @@ class ExpertMeshEngine:
             dispatcher = getattr(owner, "dispatcher", None)
             self.batcher.observer = EngineMetrics(meter, self.batcher, dispatcher)
         self._counter = 0
+        self.supervisor: Any = None
+        self._events: Any = None
         self.batcher.start()
 
     @classmethod
@@ -77,6 +80,8 @@ class ExpertMeshEngine:
         embedded: bool = False,
         telemetry: Any = None,
         telemetry_config: dict[str, Any] | None = None,
+        supervisor: SupervisorSpec | None = None,
+        log_dir: str | Path | None = None,
     ) -> ExpertMeshEngine:
         """Load a checkpoint in this process, or (with `topology`) place its experts on an
         expert-parallel cluster: a running Ray cluster with the topology's node resources, or
@@ -102,7 +107,51 @@ class ExpertMeshEngine:
             tracer=tracer,
             telemetry_config=telemetry_config,
         )
-        return cls(name, ep.model, tokenizer, scheduler, kv_mode, ep, tracer, meter)
+        engine = cls(name, ep.model, tokenizer, scheduler, kv_mode, ep, tracer, meter)
+        if supervisor is not None and supervisor.enabled:
+            engine.supervise(ep, load_topology(topology), supervisor, log_dir, tracer)
+        return engine
+
+    def supervise(
+        self,
+        ep: Any,
+        topology: Any,
+        spec: SupervisorSpec,
+        log_dir: str | Path | None = None,
+        tracer: Any = None,
+    ) -> Any:
+        """Start the cluster's supervisor (recovery, rejoin, rebalancing); its fault events go
+        to `<log_dir>/events.jsonl`. `shutdown` stops it."""
+        from expertmesh.cluster.rebalance import Rebalancer
+        from expertmesh.cluster.supervisor import Supervisor, SupervisorConfig
+        from expertmesh.observability.events import EventLog
+        from expertmesh.observability.logs import default_log_dir
+
+        directory = Path(log_dir) if log_dir is not None else default_log_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        self._events = EventLog(directory / "events.jsonl")
+        rebalancer = None
+        if spec.rebalance_every_s > 0:
+            rebalancer = Rebalancer(
+                ep, topology, spec.rebalance_threshold, spec.rebalance_min_tokens
+            )
+        config = SupervisorConfig(
+            check_interval_s=spec.check_interval_s,
+            ping_timeout_s=spec.ping_timeout_s,
+            node_lost_after_s=spec.node_lost_after_s,
+            rebalance_every_s=spec.rebalance_every_s,
+            rejoin_lost_nodes=spec.rejoin_lost_nodes,
+        )
+        self.supervisor = Supervisor(
+            ep,
+            topology,
+            config,
+            events=self._events,
+            tracer=tracer,
+            rebalancer=rebalancer,
+            engine_health=lambda: self.health().healthy,
+        ).start()
+        return self.supervisor
 
     def models(self) -> Sequence[ModelCard]:
         return [ModelCard(self.name, self.batcher.context_window)]
@@ -212,9 +261,23 @@ class ExpertMeshEngine:
         placement = getattr(self.owner, "placement", None)
         if placement is not None:
             extra["experts_per_node"] = {n: len(placement.experts_on(n)) for n in placement.nodes}
+        if self.supervisor is not None:
+            stats = self.supervisor.stats
+            extra["supervisor"] = {
+                "restarts": stats.restarts,
+                "nodes_replaced": stats.nodes_replaced,
+                "rejoins": stats.rejoins,
+                "rebalances": stats.rebalances,
+                "out_of_service": sorted(self.supervisor.removed),
+            }
         return EngineHealth(True, "ok", running, waiting, age, extra)
 
     async def shutdown(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
+        if self._events is not None:
+            self._events.close()
         self.batcher.stop()
         if self.owner is not None:
             with contextlib.suppress(Exception):

@@ -262,6 +262,7 @@ def test_up_on_the_mixed_topology_serves_one_request_and_exits(tmp_path):
     # the trained demo may end before max_tokens: "[stop; N prompt + M completion tokens]"
     assert re.search(r"\[(stop|length); \d+ prompt \+ [1-8] completion tokens\]", r.stdout)
     assert "gpu-0" in r.stderr and "cpu-slow" in r.stderr  # experts held per node
+    assert "supervisor: on" in r.stderr  # the cluster's recovery runs in the serving replica
     assert not (tmp_path / "up.json").exists()
 
 
