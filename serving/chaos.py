@@ -10,8 +10,9 @@ lost (accepted but not answered correctly), outputs equal to a fault-free run, t
 fault to recovery (from the supervisor's events), which failure modes were detected. Spans,
 metrics and fault events land in `--out` for `expertmesh fmea`.
 
-Fault kinds: kill_actor, kill_node, drain_node, slow_node, link_latency, skew_router,
-corrupt_weights, fill_kv_cache, break_policy, lock_budget_db.
+Fault kinds: kill_actor, kill_node (with `restore_after_s`, the node comes back and must
+rejoin), drain_node, slow_node, link_latency, skew_router, corrupt_weights, fill_kv_cache,
+break_policy, lock_budget_db.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from expertmesh.observability.events import (
     BAD_POLICY,
@@ -91,6 +92,14 @@ class FaultSpec(_Spec):
     """How long a transient fault lasts (slow node, link latency, lock, skew)."""
     factor: Annotated[float, Field(gt=0)] = 4.0
     """slow_node: compute slowdown factor; link_latency: added latency in ms."""
+    restore_after_s: Annotated[float, Field(gt=0)] | None = None
+    """kill_node: the node comes back this long after (KubeRay recreating its pod)."""
+
+    @model_validator(mode="after")
+    def _restore_only_for_kill_node(self) -> FaultSpec:
+        if self.restore_after_s is not None and self.kind != "kill_node":
+            raise ValueError(f"restore_after_s is for kill_node faults, not {self.kind}")
+        return self
 
 
 class LoadSpec(_Spec):
@@ -107,6 +116,8 @@ class ExpectSpec(_Spec):
     """Failure modes that must appear as `detected` events."""
     rejected_ok: bool = False
     """429 answers (bounded queue, budgets) are expected and are not lost requests."""
+    rejoined: list[str] = []
+    """Nodes that must be back in service by the end (the supervisor's `rejoined` action)."""
 
 
 class Scenario(_Spec):
@@ -171,9 +182,7 @@ class Platform:
     """The embedded platform in this process: cluster, engine, selector, API, supervisor."""
 
     def __init__(self, scenario: Scenario, out: Path, root: Path) -> None:
-        from expertmesh.cluster.rebalance import Rebalancer
         from expertmesh.cluster.runtime import ExpertParallelModel
-        from expertmesh.cluster.supervisor import Supervisor, SupervisorConfig
         from expertmesh.cluster.topology import load_topology
         from expertmesh.models.tokenizer import Tokenizer
         from expertmesh.observability import TelemetryConfig, configure_telemetry
@@ -182,6 +191,7 @@ class Platform:
         from expertmesh.routing import BudgetLedger, Selector
 
         from .api import make_api
+        from .config import SupervisorSpec
         from .gate import SelectorGate
         from .local_engine import ExpertMeshEngine
         from .scheduler import SchedulerConfig
@@ -233,16 +243,12 @@ class Platform:
         )
         self.gate = SelectorGate(selector, self.engine)
         self.app = make_api(self.engine, gate=self.gate, meter=self.telemetry.meter, tracer=tracer)
-        self.rebalancer = Rebalancer(self.ep, self.topology, threshold=1.1, min_tokens=64)
-        self.supervisor = Supervisor(
-            self.ep,
-            self.topology,
-            SupervisorConfig(rebalance_every_s=1.0),
-            events=self.events,
-            tracer=tracer,
-            rebalancer=self.rebalancer,
-            engine_health=lambda: self.engine.health().healthy,
-        ).start()
+        spec = SupervisorSpec(
+            rebalance_every_s=1.0, rebalance_threshold=1.1, rebalance_min_tokens=64
+        )
+        self.supervisor = self.engine.supervise(
+            self.ep, self.topology, spec, tracer=tracer, events=self.events
+        )
 
     def close(self) -> None:
         self.supervisor.stop()
@@ -272,12 +278,15 @@ class Runner:
         self.expected = gen.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS))[0].text
         platform = Platform(self.scenario, self.out, self.root)
         try:
-            injector = threading.Thread(target=self._inject, args=(platform,), daemon=True)
-            t0 = time.monotonic()
-            self._t0 = t0
-            injector.start()
-            asyncio.run(self._load(platform))
-            injector.join(60)
+            # Load on a thread, faults on this one: starting a Ray node (a node coming back)
+            # installs signal handlers, which only the main thread may do.
+            load = threading.Thread(
+                target=lambda: asyncio.run(self._load(platform)), name="chaos-load", daemon=True
+            )
+            self._t0 = time.monotonic()
+            load.start()
+            self._inject(platform)
+            load.join(self.scenario.load.duration_s + 120)
             self._settle(platform)
         finally:
             platform.close()
@@ -349,7 +358,11 @@ class Runner:
         p.ep.pool.kill(f.target or "gpu-0")  # type: ignore[attr-defined]
 
     def _fault_kill_node(self, p: Platform, f: FaultSpec) -> None:
-        p.ep.cluster.remove_node(f.target or "cpu-slow")
+        node = f.target or "cpu-slow"
+        p.ep.cluster.remove_node(node)
+        if f.restore_after_s is not None:
+            time.sleep(f.restore_after_s)
+            p.ep.cluster.add_node(node)
 
     def _fault_drain_node(self, p: Platform, f: FaultSpec) -> None:
         p.supervisor.drain(f.target or "cpu-fast")
@@ -469,10 +482,13 @@ class Runner:
         """Keep the platform up until every injected fault has recovered, or until the
         scenario's recovery bound (10 s without one) has passed since the last fault: the load
         may end before a slow recovery does, and stopping then would report it as never
-        recovered."""
-        bound = self.scenario.expect.recovery_s or 10.0
+        recovered. A node expected to rejoin gets 30 s from its return (a new shard process
+        starts)."""
+        expect = self.scenario.expect
+        bound = max(expect.recovery_s or 10.0, 30.0 if expect.rejoined else 0.0)
         last_fault = max(
-            self._t0 + f.at_s + (f.repeat - 1) * f.every_s for f in self.scenario.faults
+            self._t0 + f.at_s + (f.repeat - 1) * f.every_s + (f.restore_after_s or 0.0)
+            for f in self.scenario.faults
         )
         deadline = max(time.monotonic() + 0.5, last_fault + bound + 0.5)
         while time.monotonic() < deadline:
@@ -483,7 +499,7 @@ class Runner:
                     pending[e.failure_mode] = pending.get(e.failure_mode, 0) + 1
                 elif e.kind == "recovered" and pending.get(e.failure_mode):
                     pending[e.failure_mode] -= 1
-            if not any(pending.values()):
+            if not any(pending.values()) and set(expect.rejoined) <= _rejoined(events):
                 time.sleep(0.5)  # let the supervisor finish reporting
                 return
             time.sleep(0.2)
@@ -527,6 +543,8 @@ class Runner:
         for mode in expect.detected:
             if mode not in detected:
                 report.failures.append(f"failure mode {mode} was never detected")
+        for node in sorted(set(expect.rejoined) - _rejoined(events)):
+            report.failures.append(f"node {node} never rejoined")
         if expect.recovery_s is not None:
             for mode, times in recovery.items():
                 if max(times) > expect.recovery_s:
@@ -538,3 +556,7 @@ class Runner:
                 report.failures.append(f"never recovered: {sorted(unrecovered)}")
         (self.out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
         return report
+
+
+def _rejoined(events: list[FaultEvent]) -> set[str]:
+    return {e.target for e in events if e.kind == "action" and e.detail.startswith("rejoined")}

@@ -119,17 +119,20 @@ class ExpertMeshEngine:
         spec: SupervisorSpec,
         log_dir: str | Path | None = None,
         tracer: Any = None,
+        events: Any = None,
     ) -> Any:
         """Start the cluster's supervisor (recovery, rejoin, rebalancing); its fault events go
-        to `<log_dir>/events.jsonl`. `shutdown` stops it."""
+        to `events` (an `EventLog`, the caller's to close), else to `<log_dir>/events.jsonl`.
+        `shutdown` stops it."""
         from expertmesh.cluster.rebalance import Rebalancer
         from expertmesh.cluster.supervisor import Supervisor, SupervisorConfig
         from expertmesh.observability.events import EventLog
         from expertmesh.observability.logs import default_log_dir
 
-        directory = Path(log_dir) if log_dir is not None else default_log_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        self._events = EventLog(directory / "events.jsonl")
+        if events is None:
+            directory = Path(log_dir) if log_dir is not None else default_log_dir()
+            directory.mkdir(parents=True, exist_ok=True)
+            events = self._events = EventLog(directory / "events.jsonl")
         rebalancer = None
         if spec.rebalance_every_s > 0:
             rebalancer = Rebalancer(
@@ -146,7 +149,7 @@ class ExpertMeshEngine:
             ep,
             topology,
             config,
-            events=self._events,
+            events=events,
             tracer=tracer,
             rebalancer=rebalancer,
             engine_health=lambda: self.health().healthy,

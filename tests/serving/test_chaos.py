@@ -51,3 +51,10 @@ def test_bad_scenario_names_the_field(tmp_path):
     bad.write_text("name: x\nfaults: [{kind: melt_cpu}]\n")
     with pytest.raises(ChaosError, match=r"faults\.0\.kind"):
         load_scenario(bad)
+
+
+def test_only_a_killed_node_can_be_restored(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nfaults: [{kind: drain_node, restore_after_s: 2}]\n")
+    with pytest.raises(ChaosError, match=r"faults\.0: .*restore_after_s is for kill_node"):
+        load_scenario(bad)
