@@ -14,7 +14,11 @@ call):
   (`placement.plan_increment` without that node: the fewest bytes move), loaded there, and the
   routing table swapped; a step waiting on the lost shard adopts the new table at once.
 - **drain** (`drain(node)`, planned): the same re-placement before the node goes, then the
-  shard is stopped; no request ever waits.
+  shard is stopped; no request ever waits. A node Ray marks draining (`ray drain-node`,
+  KubeRay's autoscaler before a scale-down or preemption) is drained the same way, unasked.
+- **rejoin**: a lost or Ray-drained node whose resource a *new* Ray node offers (KubeRay
+  recreated the pod) gets a fresh shard, and the increment planner may move experts back;
+  `rejoin(node)` does it on request for a node drained by `drain`.
 - **load drift**: every `rebalance_every_s` the rebalancer checks the observed expert load
   and moves experts when the predicted imbalance passes its threshold.
 - **engine stall**: an optional `engine_health()` callback (the serving scheduler's progress
@@ -59,6 +63,10 @@ class SupervisorConfig:
     """A shard not back this long after it died: treat its node as lost and re-place."""
     rebalance_every_s: float = 0.0
     """0 disables periodic rebalancing."""
+    drain_when_ray_drains: bool = True
+    """Move a node's experts off as soon as Ray marks its node draining (`ray drain-node`, or
+    KubeRay's autoscaler before a scale-down or a preemption): every replica's supervisor sees
+    it, and the node rejoins when a new Ray node offers its resource."""
     rejoin_lost_nodes: bool = True
     """Take a lost node back when a new Ray node offers its resource (KubeRay recreated the
     pod, or the machine came back)."""
@@ -116,6 +124,8 @@ class Supervisor:
         declared lost (empty when Ray reported them dead). Only a *new* Ray node offering the
         resource brings a node back, so a raylet whose shard keeps failing does not flap."""
         self._next_rejoin: dict[str, float] = {}
+        self._draining_unreadable = False
+        self._removed_as: dict[str, str] = {}
         self._shards: dict[str, _Shard] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -176,6 +186,7 @@ class Supervisor:
             for node in list(self.ep.dispatcher.table.nodes):
                 if node not in self.removed:
                     self._check_shard(node)
+            self._check_draining()
             self._check_rejoins()
             self._check_engine()
             self._maybe_rebalance()
@@ -255,6 +266,35 @@ class Supervisor:
         KubeRay, where each worker group offers its topology node's resource."""
         return self._offering(node) == set()
 
+    def _draining(self) -> dict[str, int]:
+        """Ray node id -> drain deadline (Unix ms, 0 for none) of the nodes Ray is draining."""
+        if not self.config.drain_when_ray_drains or not getattr(self.ep.pool, "handles", None):
+            return {}
+        try:  # Ray's own accessor (what `ray drain-node` feeds); no public API lists them yet
+            from ray._private.state import state
+
+            return dict(state.get_draining_nodes())
+        except Exception as e:
+            if not self._draining_unreadable:
+                self._draining_unreadable = True
+                log.warning("cannot read the nodes Ray is draining: %r", e)
+            return {}
+
+    def _check_draining(self) -> None:
+        draining = self._draining()
+        if not draining:
+            return
+        for node in sorted({n.name for n in self.topology.nodes} - self.removed):
+            offering = self._offering(node)
+            if not offering or not offering <= draining.keys():
+                continue
+            deadline_ms = max(draining[i] for i in offering)
+            why = "Ray is draining its node"
+            if deadline_ms:
+                why += f" (deadline in {deadline_ms / 1000 - time.time():.0f} s)"
+            self._drain(node, why)
+            self.lost[node] = frozenset(offering)  # back when a new Ray node offers it
+
     def _check_rejoins(self) -> None:
         if not self.config.rejoin_lost_nodes:
             return
@@ -266,7 +306,7 @@ class Supervisor:
             if not offering or offering <= gone:
                 continue
             try:
-                self._rejoin(node, NODE_LOST)
+                self._rejoin(node)
             except Exception as e:
                 self._next_rejoin[node] = now + self.config.rejoin_retry_s
                 log.warning("node %s is back but could not rejoin: %r", node, e)
@@ -315,6 +355,7 @@ class Supervisor:
             members = {n.name for n in self.topology.nodes} - self.removed - {node}
             moves, adds = self._replan(members)
             self.removed.add(node)
+            self._removed_as[node] = mode
             self.stats.nodes_replaced += 1
             self._emit("action", mode, node, f"re-placed {len(moves)} replicas on {sorted(adds)}")
 
@@ -326,16 +367,18 @@ class Supervisor:
             raise ValueError(f"node {node!r} is serving; only a drained or lost node can rejoin")
         t0 = time.monotonic()
         with self._lock:
-            self._rejoin(node, NODE_LOST if node in self.lost else NODE_DRAINED)
+            self._rejoin(node)
         return time.monotonic() - t0
 
-    def _rejoin(self, node: str, mode: str) -> None:
+    def _rejoin(self, node: str) -> None:
+        mode = self._removed_as.get(node, NODE_LOST)
         with self._span("expertmesh.supervisor.rejoin_node", node):
             self.ep.pool.add_node(node, self.config.rejoin_timeout_s)  # type: ignore[attr-defined]
             members = {n.name for n in self.topology.nodes} - self.removed | {node}
             moves, _ = self._replan(members)
             self.removed.discard(node)
             self.lost.pop(node, None)
+            self._removed_as.pop(node, None)
             self._next_rejoin.pop(node, None)
             self._shards[node] = _Shard()
             self.ep.dispatcher.dead.discard(node)
@@ -364,19 +407,22 @@ class Supervisor:
         """Planned removal of a node: move its experts, then stop its shard. Seconds taken."""
         t0 = time.monotonic()
         with self._lock:
-            self._emit("detected", NODE_DRAINED, node, "drain requested")
-            self.replace_node(node, NODE_DRAINED)
-            pool: Any = self.ep.pool
-            handles = [getattr(pool, "handles", {}).get(node)]
-            handles.append(getattr(pool, "standbys", {}).pop(node, None))
-            for handle in handles:
-                if handle is not None:
-                    import ray
-
-                    ray.kill(handle, no_restart=True)
-            self.stats.drains += 1
-            self._emit("recovered", NODE_DRAINED, node, "drained")
+            self._drain(node, "drain requested")
         return time.monotonic() - t0
+
+    def _drain(self, node: str, why: str) -> None:
+        self._emit("detected", NODE_DRAINED, node, why)
+        self.replace_node(node, NODE_DRAINED)
+        pool: Any = self.ep.pool
+        handles = [getattr(pool, "handles", {}).get(node)]
+        handles.append(getattr(pool, "standbys", {}).pop(node, None))
+        for handle in handles:
+            if handle is not None:
+                import ray
+
+                ray.kill(handle, no_restart=True)
+        self.stats.drains += 1
+        self._emit("recovered", NODE_DRAINED, node, "drained")
 
     def _load(self) -> Any:
         import numpy as np

@@ -138,9 +138,12 @@ class SupervisorSpec(_Spec):
     ping_timeout_s: Annotated[float, Field(gt=0)] = 0.5
     node_lost_after_s: Annotated[float, Field(gt=0)] = 5.0
     """A shard down this long has lost its node even if Ray still lists the node alive."""
+    drain_when_ray_drains: bool = True
+    """Move a node's experts off when Ray marks its node draining (`ray drain-node`, KubeRay's
+    autoscaler before a scale-down or a preemption)."""
     rejoin_lost_nodes: bool = True
-    """Take a lost node back when a new Ray node offers its resource (KubeRay recreated the
-    pod)."""
+    """Take a lost or Ray-drained node back when a new Ray node offers its resource (KubeRay
+    recreated the pod)."""
     rebalance_every_s: Annotated[float, Field(ge=0)] = 30.0
     """How often observed expert load is checked for drift; 0 turns rebalancing off."""
     rebalance_threshold: Annotated[float, Field(ge=1.0)] = 1.2

@@ -143,6 +143,7 @@ class ExpertMeshEngine:
             ping_timeout_s=spec.ping_timeout_s,
             node_lost_after_s=spec.node_lost_after_s,
             rebalance_every_s=spec.rebalance_every_s,
+            drain_when_ray_drains=spec.drain_when_ray_drains,
             rejoin_lost_nodes=spec.rejoin_lost_nodes,
         )
         self.supervisor = Supervisor(

@@ -4,6 +4,8 @@ lost and greedy outputs equal a fault-free run; every step is a fault event."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -137,3 +139,47 @@ def test_drained_node_leaves_in_under_two_seconds(supervised, expected):
     assert took < 2.0
     assert load.wrong == []
     assert "cpu-fast" not in ep.dispatcher.table.nodes
+
+
+def test_a_node_ray_drains_is_emptied_first_then_rejoins_as_a_new_pod(supervised, expected):
+    ep, sup, events_path = supervised
+    gen = Generator(ep.model, Tokenizer.from_dir(DEMO_MODEL_DIR))
+    ray_cli = Path(sys.executable).with_name("ray")
+    with Load(gen, expected) as load:
+        drain = subprocess.run(  # what an operator, or KubeRay's autoscaler, asks of Ray
+            [
+                str(ray_cli),
+                "drain-node",
+                "--address",
+                ep.cluster.cluster.address,
+                "--node-id",
+                ep.cluster.ray_nodes["cpu-fast"].node_id,
+                "--reason",
+                "DRAIN_NODE_REASON_PREEMPTION",
+                "--reason-message",
+                "maintenance",
+                "--deadline-remaining-seconds",
+                "120",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert drain.returncode == 0, drain.stderr
+        took = wait_for(lambda: sup.stats.drains == 1, 20)
+        assert ep.placement.experts_on("cpu-fast") == []
+        done_before = load.done
+        wait_for(lambda: load.done > done_before + 1, 30)
+        ep.cluster.remove_node("cpu-fast")  # the pod goes: nobody waits on it
+        ep.cluster.add_node("cpu-fast")  # and comes back as a new Ray node
+        wait_for(lambda: sup.stats.rejoins == 1, 90)
+        done_before = load.done
+        wait_for(lambda: load.done > done_before + 1, 30)
+    assert took < 3.0
+    assert load.wrong == []
+    assert sup.stats.nodes_replaced == 1  # the drain's re-placement only: no node loss
+    events = read_events(events_path)
+    drained = [e for e in events if e.failure_mode == "node_drained" and e.kind == "detected"]
+    assert drained and drained[0].detail.startswith("Ray is draining its node (deadline in")
+    assert not any(e.failure_mode == "node_lost" for e in events)
+    assert any(e.kind == "action" and e.detail.startswith("rejoined") for e in events)
