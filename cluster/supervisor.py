@@ -10,9 +10,10 @@ call):
   or holds the step until the shard is back; it never skips an expert.
 - **node loss**: a shard whose Ray node is reported dead (no live Ray node offers the node's
   pinning resource: GCS health checks noticed, in about 2 s on the embedded cluster), or that
-  is not back `node_lost_after_s` after it died, had its node taken away. Its experts are re-placed on the surviving nodes
-  (`placement.plan_increment` without that node: the fewest bytes move), loaded there, and the
-  routing table swapped; a step waiting on the lost shard adopts the new table at once.
+  is not back `node_lost_after_s` after it died, had its node taken away. Its experts are
+  re-placed on the surviving nodes (`placement.plan_increment` without that node: the fewest
+  bytes move), loaded there, and the routing table swapped; a step waiting on the lost shard
+  adopts the new table at once.
 - **drain** (`drain(node)`, planned): the same re-placement before the node goes, then the
   shard is stopped; no request ever waits. A node Ray marks draining (`ray drain-node`,
   KubeRay's autoscaler before a scale-down or preemption) is drained the same way, unasked.
@@ -126,6 +127,7 @@ class Supervisor:
         self._next_rejoin: dict[str, float] = {}
         self._draining_unreadable = False
         self._removed_as: dict[str, str] = {}
+        self._rejoin_failed: set[str] = set()
         self._shards: dict[str, _Shard] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -242,23 +244,30 @@ class Supervisor:
         except ray.exceptions.ActorUnavailableError:
             return False
 
-    def _offering(self, node: str) -> set[str] | None:
-        """Ids of the live Ray nodes offering `node`'s pinning resource; None when there is no
-        Ray cluster to ask (an in-process pool) or the GCS does not answer."""
+    def _offering_all(self) -> dict[str, set[str]] | None:
+        """Topology node -> ids of the live Ray nodes offering its pinning resource (one GCS
+        call); None when there is no Ray cluster to ask (an in-process pool) or the GCS does
+        not answer."""
         if not getattr(self.ep.pool, "handles", None):
             return None
         import ray
 
-        resource = node_resource(node)
         try:
-            nodes = ray.nodes()
-        except Exception:  # the GCS itself unreachable: not evidence against this node
+            infos = ray.nodes()
+        except Exception:  # the GCS itself unreachable: not evidence against any node
             return None
-        return {
-            str(info["NodeID"])
-            for info in nodes
-            if info.get("Alive") and resource in info.get("Resources", {})
-        }
+        out: dict[str, set[str]] = {n.name: set() for n in self.topology.nodes}
+        for info in infos:
+            if info.get("Alive"):
+                offered = info.get("Resources", {})
+                for name, ids in out.items():
+                    if node_resource(name) in offered:
+                        ids.add(str(info["NodeID"]))
+        return out
+
+    def _offering(self, node: str) -> set[str] | None:
+        offering = self._offering_all()
+        return None if offering is None else offering.get(node, set())
 
     def _node_dead(self, node: str) -> bool:
         """Ray reports no live node offering `node`'s pinning resource (its raylet failed the
@@ -284,8 +293,9 @@ class Supervisor:
         draining = self._draining()
         if not draining:
             return
+        offering_all = self._offering_all() or {}
         for node in sorted({n.name for n in self.topology.nodes} - self.removed):
-            offering = self._offering(node)
+            offering = offering_all.get(node)
             if not offering or not offering <= draining.keys():
                 continue
             deadline_ms = max(draining[i] for i in offering)
@@ -299,18 +309,20 @@ class Supervisor:
         if not self.config.rejoin_lost_nodes:
             return
         now = time.monotonic()
-        for node, gone in list(self.lost.items()):
-            if now < self._next_rejoin.get(node, 0.0):
-                continue
-            offering = self._offering(node)
-            if not offering or offering <= gone:
+        due = [n for n in self.lost if now >= self._next_rejoin.get(n, 0.0)]
+        offering_all = self._offering_all() if due else None
+        for node in due:
+            offering = (offering_all or {}).get(node)
+            if not offering or offering <= self.lost[node]:
                 continue
             try:
                 self._rejoin(node)
-            except Exception as e:
+            except Exception as e:  # retried every rejoin_retry_s, reported once
                 self._next_rejoin[node] = now + self.config.rejoin_retry_s
                 log.warning("node %s is back but could not rejoin: %r", node, e)
-                self._emit("detected", NODE_LOST, node, f"rejoin failed: {e!r}"[:200])
+                if node not in self._rejoin_failed:
+                    self._rejoin_failed.add(node)
+                    self._emit("detected", NODE_LOST, node, f"rejoin failed: {e!r}"[:200])
 
     def _recovered(self, node: str, state: _Shard, mode: str, detail: str) -> None:
         if state.failing_since is not None:
@@ -380,6 +392,7 @@ class Supervisor:
             self.lost.pop(node, None)
             self._removed_as.pop(node, None)
             self._next_rejoin.pop(node, None)
+            self._rejoin_failed.discard(node)
             self._shards[node] = _Shard()
             self.ep.dispatcher.dead.discard(node)
             self.stats.rejoins += 1

@@ -493,13 +493,7 @@ class Runner:
         deadline = max(time.monotonic() + 0.5, last_fault + bound + 0.5)
         while time.monotonic() < deadline:
             events = read_events(self.out / "events.jsonl")
-            pending: dict[str, int] = {}
-            for e in events:
-                if e.kind == "fault":
-                    pending[e.failure_mode] = pending.get(e.failure_mode, 0) + 1
-                elif e.kind == "recovered" and pending.get(e.failure_mode):
-                    pending[e.failure_mode] -= 1
-            if not any(pending.values()) and set(expect.rejoined) <= _rejoined(events):
+            if not _recoveries(events)[1] and set(expect.rejoined) <= _rejoined(events):
                 time.sleep(0.5)  # let the supervisor finish reporting
                 return
             time.sleep(0.2)
@@ -515,14 +509,7 @@ class Runner:
             lost += rejected
         wrong = sum(1 for r in ok if r.text != self.expected)
         events = read_events(self.out / "events.jsonl")
-        faults: dict[str, list[int]] = {}
-        recovery: dict[str, list[float]] = {}
-        for e in events:
-            if e.kind == "fault":
-                faults.setdefault(e.failure_mode, []).append(e.time_unix_nano)
-            elif e.kind == "recovered" and faults.get(e.failure_mode):
-                start = faults[e.failure_mode].pop(0)
-                recovery.setdefault(e.failure_mode, []).append((e.time_unix_nano - start) / 1e9)
+        recovery, unrecovered = _recoveries(events)
         detected = sorted({e.failure_mode for e in events if e.kind == "detected"})
         report = ChaosReport(
             self.scenario.name,
@@ -551,11 +538,24 @@ class Runner:
                     report.failures.append(
                         f"{mode}: recovery took {max(times):.2f} s > {expect.recovery_s} s"
                     )
-            unrecovered = {m for m, starts in faults.items() if starts}
             if unrecovered:
                 report.failures.append(f"never recovered: {sorted(unrecovered)}")
         (self.out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
         return report
+
+
+def _recoveries(events: list[FaultEvent]) -> tuple[dict[str, list[float]], set[str]]:
+    """Seconds from each fault to the next recovery of its mode, and the modes with a fault
+    not recovered yet."""
+    faults: dict[str, list[int]] = {}
+    recovery: dict[str, list[float]] = {}
+    for e in events:
+        if e.kind == "fault":
+            faults.setdefault(e.failure_mode, []).append(e.time_unix_nano)
+        elif e.kind == "recovered" and faults.get(e.failure_mode):
+            start = faults[e.failure_mode].pop(0)
+            recovery.setdefault(e.failure_mode, []).append((e.time_unix_nano - start) / 1e9)
+    return recovery, {m for m, starts in faults.items() if starts}
 
 
 def _rejoined(events: list[FaultEvent]) -> set[str]:
