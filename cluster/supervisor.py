@@ -46,10 +46,10 @@ from expertmesh.observability.events import (
     FaultEvent,
 )
 
+from . import ray_nodes
 from .dispatch import RoutingTable, ShardLost
 from .placement import PlacementOptions, plan_increment
 from .planning import expert_shape, node_capacities
-from .pool import node_resource
 from .runtime import ExpertParallelModel, routes_from_placement
 from .topology import Topology
 
@@ -256,14 +256,7 @@ class Supervisor:
             infos = ray.nodes()
         except Exception:  # the GCS itself unreachable: not evidence against any node
             return None
-        out: dict[str, set[str]] = {n.name: set() for n in self.topology.nodes}
-        for info in infos:
-            if info.get("Alive"):
-                offered = info.get("Resources", {})
-                for name, ids in out.items():
-                    if node_resource(name) in offered:
-                        ids.add(str(info["NodeID"]))
-        return out
+        return ray_nodes.offering([n.name for n in self.topology.nodes], infos)
 
     def _offering(self, node: str) -> set[str] | None:
         offering = self._offering_all()
@@ -279,10 +272,8 @@ class Supervisor:
         """Ray node id -> drain deadline (Unix ms, 0 for none) of the nodes Ray is draining."""
         if not self.config.drain_when_ray_drains or not getattr(self.ep.pool, "handles", None):
             return {}
-        try:  # Ray's own accessor (what `ray drain-node` feeds); no public API lists them yet
-            from ray._private.state import state
-
-            return dict(state.get_draining_nodes())
+        try:
+            return ray_nodes.draining_ray_nodes()
         except Exception as e:
             if not self._draining_unreadable:
                 self._draining_unreadable = True
@@ -298,10 +289,10 @@ class Supervisor:
             offering = offering_all.get(node)
             if not offering or not offering <= draining.keys():
                 continue
-            deadline_ms = max(draining[i] for i in offering)
+            left = ray_nodes.deadline_in_s(max(draining[i] for i in offering))
             why = "Ray is draining its node"
-            if deadline_ms:
-                why += f" (deadline in {deadline_ms / 1000 - time.time():.0f} s)"
+            if left is not None:
+                why += f" (deadline in {left:.0f} s)"
             self._drain(node, why)
             self.lost[node] = frozenset(offering)  # back when a new Ray node offers it
 

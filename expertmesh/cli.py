@@ -50,9 +50,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from expertmesh.cluster.dispatch import ShardLost
     from expertmesh.cluster.placement import PlacementError
     from expertmesh.cluster.planning import TraceError
+    from expertmesh.cluster.ray_nodes import DrainRefused
     from expertmesh.cluster.topology import TopologyError
 
-    errors += [TopologyError, PlacementError, TraceError, ShardLost]
+    errors += [TopologyError, PlacementError, TraceError, ShardLost, DrainRefused]
     from expertmesh.policies import PolicyError
     from expertmesh.routing import DecisionLogError
 

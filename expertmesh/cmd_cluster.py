@@ -1,4 +1,5 @@
-"""`expertmesh cluster plan|up`: placement on a topology, and the embedded expert-parallel cluster."""
+"""`expertmesh cluster plan|up|nodes|drain`: placement on a topology, the embedded
+expert-parallel cluster, and the topology nodes' Ray nodes (listing them, draining one)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,43 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--max-tokens", type=int, default=16)
     up.add_argument("--exit-after-ready", action="store_true", help="stop after the first request")
     up.set_defaults(func=run_up)
+
+    nodes = csub.add_parser(
+        "nodes", help="the Ray node standing for each topology node, and whether Ray drains it"
+    )
+    _address(nodes)
+    nodes.set_defaults(func=run_nodes)
+
+    drain = csub.add_parser(
+        "drain",
+        help="ask Ray to drain a topology node's Ray node: every serving replica moves its "
+        "experts off first (before maintenance; the worker pods' preStop hook runs it)",
+    )
+    drain.add_argument("node", help="topology node name (a worker pod's expertmesh.io/node)")
+    _address(drain)
+    drain.add_argument(
+        "--deadline-s",
+        type=float,
+        default=600.0,
+        help="tell Ray the node goes this many seconds from now (default 600)",
+    )
+    drain.add_argument("--message", default="expertmesh cluster drain", help="the drain reason")
+    drain.add_argument(
+        "--wait-s",
+        type=float,
+        default=0.0,
+        help="then wait this long (a preStop hook: let the supervisors move the experts)",
+    )
+    drain.set_defaults(func=run_drain)
+
+
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster (GCS) address; default $RAY_ADDRESS, else the running `expertmesh up`'s, "
+        "else this machine's Ray node ('auto')",
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -152,4 +190,85 @@ def run_up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+    return 0
+
+
+def _connect(args: argparse.Namespace) -> str:
+    """Connect a driver to the Ray cluster; returns its GCS address."""
+    import logging
+    import os
+
+    import ray
+
+    from .cmd_serve import read_state
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        state = read_state()
+        address = (state or {}).get("ray_address") or "auto"
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    except ConnectionError as e:
+        raise FileNotFoundError(f"no Ray cluster at {address!r}: {e}; pass --address") from e
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def run_nodes(args: argparse.Namespace) -> int:
+    import ray
+
+    from expertmesh.cluster import ray_nodes
+
+    _connect(args)
+    try:
+        infos = ray.nodes()
+        draining = ray_nodes.draining_ray_nodes()
+    finally:
+        ray.shutdown()
+    table = Table(title="topology nodes on this Ray cluster", title_justify="left")
+    for column in ("node", "Ray node id", "state"):
+        table.add_column(column)
+    names = ray_nodes.nodes_offered(infos)
+    for name, ids in ray_nodes.offering(names, infos).items():
+        for ray_id in sorted(ids):
+            state = "alive"
+            if ray_id in draining:
+                left = ray_nodes.deadline_in_s(draining[ray_id])
+                state = "draining" + (f" (deadline in {left:.0f} s)" if left is not None else "")
+            table.add_row(name, ray_id, state)
+    console = Console()
+    if not names:
+        console.print("no live Ray node offers an expertmesh_node_* resource")
+        return 1
+    console.print(table)
+    return 0
+
+
+def run_drain(args: argparse.Namespace) -> int:
+    import time
+
+    import ray
+
+    from expertmesh.cluster import ray_nodes
+
+    gcs = _connect(args)
+    try:
+        infos = ray.nodes()
+    finally:
+        ray.shutdown()
+    ids = ray_nodes.offering([args.node], infos)[args.node]
+    if not ids:
+        known = ", ".join(ray_nodes.nodes_offered(infos)) or "none"
+        raise ray_nodes.DrainRefused(
+            f"no live Ray node offers {args.node!r}'s resource (topology nodes here: {known})"
+        )
+    console = Console()
+    for ray_id in sorted(ids):
+        ray_nodes.request_drain(ray_id, args.message, args.deadline_s, address=gcs)
+        console.print(
+            f"Ray is draining node {ray_id} ({args.node}); serving replicas move its experts "
+            "off within a supervisor round (`expertmesh cluster nodes`, /health "
+            "supervisor.out_of_service)"
+        )
+    if args.wait_s > 0:
+        time.sleep(args.wait_s)
     return 0

@@ -202,6 +202,7 @@ def _serve_foreground(args: argparse.Namespace, config: Any, console: Console) -
                 "mcp": mcp.resource_url if mcp else None,
                 "mcp_issuer": mcp_issuer(mcp) if mcp and not mcp.jwks_url else None,
                 "mcp_key_file": mcp.key_file if mcp and not mcp.jwks_url else None,
+                "ray_address": ray.get_runtime_context().gcs_address,
             }
         )
         console.print(f"[bold]expertmesh is up[/bold]: {url}/v1  (model {config.model_name!r})")

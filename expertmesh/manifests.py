@@ -25,7 +25,9 @@ memory and labels, `node_classes`) get identical templates apart from that resou
 the class in the `expertmesh.io/node-class` pod label.
 
 Per node: CPU and memory requests and limits from `memory_bytes` and `speed`, one GPU for a
-gpu node, a nodeSelector and tolerations from the kind and the `rack`/`zone`/`region` labels.
+gpu node, a nodeSelector and tolerations from the kind and the `rack`/`zone`/`region` labels,
+and a preStop hook that drains the pod's Ray node (`drain_command`) so an eviction is a planned
+drain, not a node loss.
 Everything is plain dicts dumped with PyYAML; nothing here talks to a cluster.
 """
 
@@ -70,6 +72,10 @@ NAMESPACE = "expertmesh"
 """The namespace of the base; the overlay puts its own resources there too."""
 CONFIG_MOUNT = "/etc/expertmesh"
 STATE_MOUNT = "/var/lib/expertmesh"
+DRAIN_WAIT_S = 10
+"""A terminating worker pod asks Ray to drain its node, then waits this long so every serving
+replica's supervisor moves the node's experts off before the shard processes stop."""
+TERMINATION_GRACE_S = 60
 OVERHEAD_BYTES = 2 * 1024**3
 """Memory a Ray worker needs beyond the topology's `memory_gb` (Python, torch, Ray's object
 store floor)."""
@@ -186,6 +192,19 @@ def ray_start_resources(resources: Mapping[str, float]) -> str:
     return f'"{escaped}"'
 
 
+def drain_command() -> list[str]:
+    """The worker pods' preStop hook: an evicted or deleted pod announces itself to Ray as
+    draining (`expertmesh cluster drain`), so no request waits on its shards while they stop.
+    A failure never blocks the pod's termination."""
+    return [
+        "/bin/sh",
+        "-c",
+        f'expertmesh cluster drain "$EXPERTMESH_NODE" --address auto '
+        f"--deadline-s {TERMINATION_GRACE_S} --wait-s {DRAIN_WAIT_S} "
+        f'--message "pod $HOSTNAME terminating" || true',
+    ]
+
+
 def worker_group(node: Node, node_class: NodeClass, cluster: str) -> dict[str, Any]:
     """The worker group (one replica) that stands for topology node `node` in Ray cluster
     `cluster` (a value of the `expertmesh.io/cluster` label)."""
@@ -206,6 +225,7 @@ def worker_group(node: Node, node_class: NodeClass, cluster: str) -> dict[str, A
                 "image": IMAGE_NAME,
                 "env": [{"name": "EXPERTMESH_NODE", "value": node.name}],
                 "resources": {"requests": dict(limits), "limits": dict(limits)},
+                "lifecycle": {"preStop": {"exec": {"command": drain_command()}}},
                 "volumeMounts": [
                     {"name": "expertmesh-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
                     {"name": "expertmesh-state", "mountPath": STATE_MOUNT},
@@ -217,6 +237,7 @@ def worker_group(node: Node, node_class: NodeClass, cluster: str) -> dict[str, A
             {"name": "expertmesh-state", "emptyDir": {}},
         ],
     }
+    pod_spec["terminationGracePeriodSeconds"] = TERMINATION_GRACE_S
     selector = _node_selector(node)
     if selector:
         pod_spec["nodeSelector"] = selector

@@ -141,31 +141,21 @@ def test_drained_node_leaves_in_under_two_seconds(supervised, expected):
     assert "cpu-fast" not in ep.dispatcher.table.nodes
 
 
+def expertmesh_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "expertmesh.cli", *argv], capture_output=True, text=True, timeout=120
+    )
+
+
 def test_a_node_ray_drains_is_emptied_first_then_rejoins_as_a_new_pod(supervised, expected):
     ep, sup, events_path = supervised
     gen = Generator(ep.model, Tokenizer.from_dir(DEMO_MODEL_DIR))
-    ray_cli = Path(sys.executable).with_name("ray")
+    address = ep.cluster.cluster.address
     with Load(gen, expected) as load:
-        drain = subprocess.run(  # what an operator, or KubeRay's autoscaler, asks of Ray
-            [
-                str(ray_cli),
-                "drain-node",
-                "--address",
-                ep.cluster.cluster.address,
-                "--node-id",
-                ep.cluster.ray_nodes["cpu-fast"].node_id,
-                "--reason",
-                "DRAIN_NODE_REASON_PREEMPTION",
-                "--reason-message",
-                "maintenance",
-                "--deadline-remaining-seconds",
-                "120",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert drain.returncode == 0, drain.stderr
+        # what an operator runs before maintenance, and the worker pods' preStop hook
+        drain = expertmesh_cli("cluster", "drain", "cpu-fast", "--address", address)
+        assert drain.returncode == 0, drain.stdout + drain.stderr
+        assert ep.cluster.ray_nodes["cpu-fast"].node_id in drain.stdout
         took = wait_for(lambda: sup.stats.drains == 1, 20)
         assert ep.placement.experts_on("cpu-fast") == []
         done_before = load.done
@@ -175,7 +165,12 @@ def test_a_node_ray_drains_is_emptied_first_then_rejoins_as_a_new_pod(supervised
         wait_for(lambda: sup.stats.rejoins == 1, 90)
         done_before = load.done
         wait_for(lambda: load.done > done_before + 1, 30)
-    assert took < 3.0
+    listing = expertmesh_cli("cluster", "nodes", "--address", address)
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    assert "cpu-fast" in listing.stdout and "gpu-0" in listing.stdout
+    unknown = expertmesh_cli("cluster", "drain", "gpu-9", "--address", address)
+    assert unknown.returncode == 2 and "no live Ray node offers 'gpu-9'" in unknown.stderr
+    assert took < 6.0  # from the CLI's return: a supervisor round plus the re-placement
     assert load.wrong == []
     assert sup.stats.nodes_replaced == 1  # the drain's re-placement only: no node loss
     events = read_events(events_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from expertmesh.cli import main
+from expertmesh.cli import build_parser, main
 from expertmesh.cluster.pool import node_resource
 from expertmesh.cluster.topology import load_topology, parse_topology
 from expertmesh.manifests import node_classes, render_overlay
@@ -282,6 +283,24 @@ def test_a_rayjob_template_for_every_pipeline_runs_an_existing_module_and_config
         assert m is not None and m.group(1) == job
         assert (REPO / "training" / f"{job}.py").is_file()
         assert (REPO / m.group(2)).is_file()
+
+
+def test_a_terminating_worker_pod_drains_its_ray_node_first(tmp_path, build):
+    """The preStop hook runs `expertmesh cluster drain` for the pod's own topology node (an
+    eviction becomes a planned drain), and the grace period outlasts its wait."""
+    objects = build(render_example(tmp_path, REPO / "examples" / "topologies" / "mixed.yaml"))
+    parser = build_parser()
+    for group in ray_cluster_specs(objects)["RayService/expertmesh"]["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["EXPERTMESH_NODE"] == group["groupName"]
+        shell, flag, script = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert (shell, flag) == ("/bin/sh", "-c") and script.endswith("|| true")
+        script = script.removesuffix("|| true").replace("$EXPERTMESH_NODE", env["EXPERTMESH_NODE"])
+        args = parser.parse_args(shlex.split(script.replace("$HOSTNAME", "pod-0"))[1:])
+        assert args.func.__name__ == "run_drain" and args.node == group["groupName"]
+        assert spec["terminationGracePeriodSeconds"] > args.wait_s > 0
 
 
 def test_pdb_selects_the_serving_workers(build):
