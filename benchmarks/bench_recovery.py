@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -120,6 +121,31 @@ def main() -> None:
         rejoin = time.monotonic() - t0
         experts_back = len(ep.placement.experts_on("cpu-slow"))
         time.sleep(1.0)
+        drains = sup.stats.drains
+        t0 = time.monotonic()
+        address = ep.cluster.cluster.address
+        ray_drain = subprocess.run(  # what a terminating worker pod's preStop hook runs
+            [
+                sys.executable,
+                "-m",
+                "expertmesh.cli",
+                "cluster",
+                "drain",
+                "cpu-slow",
+                "--address",
+                address,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        cli_s = time.monotonic() - t0
+        if ray_drain.returncode != 0:
+            raise SystemExit(f"expertmesh cluster drain failed: {ray_drain.stderr}")
+        t1 = time.monotonic()
+        while sup.stats.drains == drains and time.monotonic() - t1 < 30:
+            time.sleep(0.005)
+        ray_drained = time.monotonic() - t1
+        time.sleep(1.0)
     finally:
         load.halt.set()
         load.join(60)
@@ -131,6 +157,7 @@ def main() -> None:
         ["node drained", 1, drain, drain, drain, 2.0],
         ["node lost (no warning)", 1, node_lost, node_lost, node_lost, 8.0],
         ["lost node back (rejoin)", 1, rejoin, rejoin, rejoin, float("nan")],
+        ["node drained by Ray (cluster drain)", 1, ray_drained, ray_drained, ray_drained, 2.0],
     ]
     print_table(
         f"Recovery under load, mixed topology, min_replicas {args.min_replicas} (seconds)",
@@ -141,6 +168,10 @@ def main() -> None:
     console.print(
         f"rejoin: {rejoin:.2f} s from adding the Ray node ({node_added:.2f} s of it for the node "
         f"to register); {experts_back} experts moved back onto it"
+    )
+    console.print(
+        f"Ray drain: `expertmesh cluster drain` took {cli_s:.2f} s (a driver connecting); the "
+        f"experts were off the node {ray_drained:.2f} s after it returned"
     )
     console.print(
         f"requests: {len(load.latencies)} served, {load.lost} lost, {load.wrong} with a "
@@ -158,6 +189,8 @@ def main() -> None:
             "node_added_s": node_added,
             "rejoin_s": rejoin,
             "experts_back_on_rejoined_node": experts_back,
+            "ray_drain_cli_s": cli_s,
+            "ray_drain_s": ray_drained,
             "requests": len(load.latencies),
             "lost": load.lost,
             "wrong": load.wrong,
