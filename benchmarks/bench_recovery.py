@@ -122,9 +122,9 @@ def main() -> None:
         experts_back = len(ep.placement.experts_on("cpu-slow"))
         time.sleep(1.0)
         drains = sup.stats.drains
-        t0 = time.monotonic()
         address = ep.cluster.cluster.address
-        ray_drain = subprocess.run(  # what a terminating worker pod's preStop hook runs
+        t0 = time.monotonic()
+        ray_drain = subprocess.Popen(  # what a terminating worker pod's preStop hook runs
             [
                 sys.executable,
                 "-m",
@@ -135,16 +135,20 @@ def main() -> None:
                 "--address",
                 address,
             ],
-            capture_output=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
         )
-        cli_s = time.monotonic() - t0
-        if ray_drain.returncode != 0:
-            raise SystemExit(f"expertmesh cluster drain failed: {ray_drain.stderr}")
-        t1 = time.monotonic()
-        while sup.stats.drains == drains and time.monotonic() - t1 < 30:
+        drained_at = cli_s = None
+        while (drained_at is None or cli_s is None) and time.monotonic() - t0 < 60:
+            if drained_at is None and sup.stats.drains > drains:
+                drained_at = time.monotonic() - t0
+            if cli_s is None and ray_drain.poll() is not None:
+                cli_s = time.monotonic() - t0
             time.sleep(0.005)
-        ray_drained = time.monotonic() - t1
+        if ray_drain.wait() != 0 or drained_at is None or cli_s is None:
+            raise SystemExit(f"expertmesh cluster drain failed: {ray_drain.communicate()[1]}")
+        ray_drained = drained_at
         time.sleep(1.0)
     finally:
         load.halt.set()
@@ -157,7 +161,14 @@ def main() -> None:
         ["node drained", 1, drain, drain, drain, 2.0],
         ["node lost (no warning)", 1, node_lost, node_lost, node_lost, 8.0],
         ["lost node back (rejoin)", 1, rejoin, rejoin, rejoin, float("nan")],
-        ["node drained by Ray (cluster drain)", 1, ray_drained, ray_drained, ray_drained, 2.0],
+        [
+            "node drained by Ray (cluster drain)",
+            1,
+            ray_drained,
+            ray_drained,
+            ray_drained,
+            float("nan"),
+        ],
     ]
     print_table(
         f"Recovery under load, mixed topology, min_replicas {args.min_replicas} (seconds)",
@@ -170,8 +181,8 @@ def main() -> None:
         f"to register); {experts_back} experts moved back onto it"
     )
     console.print(
-        f"Ray drain: `expertmesh cluster drain` took {cli_s:.2f} s (a driver connecting); the "
-        f"experts were off the node {ray_drained:.2f} s after it returned"
+        f"Ray drain: experts off the node {ray_drained:.2f} s after `expertmesh cluster drain` "
+        f"started; the command took {cli_s:.2f} s (most of it a Ray driver connecting)"
     )
     console.print(
         f"requests: {len(load.latencies)} served, {load.lost} lost, {load.wrong} with a "
