@@ -12,6 +12,7 @@ Prometheus on /metrics when telemetry.metrics_exporter is "prometheus"):
 | `expertmesh.engine.steps` | counter | kind | scheduler steps that ran prefill or decode |
 | `expertmesh.link.bytes` | counter | node | bytes sent to and from each expert node (expert-parallel) |
 | `expertmesh.actor.restarts` | counter | node | expert shards restarted and reloaded |
+| `expertmesh.nodes.out_of_service` | gauge | | topology nodes the supervisor moved experts away from (lost or drained, not rejoined) |
 
 Gauges are computed when the reader collects (a Prometheus scrape), over the window since
 the previous collection.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +34,13 @@ from expertmesh.models.router_stats import RouterStats
 class EngineMetrics:
     """Observes each scheduler step (router choices, KV use) and exposes the metrics above."""
 
-    def __init__(self, meter: Any, batcher: Any, dispatcher: Any = None) -> None:
+    def __init__(
+        self,
+        meter: Any,
+        batcher: Any,
+        dispatcher: Any = None,
+        out_of_service: Callable[[], int] | None = None,
+    ) -> None:
         from opentelemetry.metrics import CallbackOptions, Observation
 
         self.batcher = batcher
@@ -86,6 +94,12 @@ class EngineMetrics:
         meter.create_observable_gauge(
             "expertmesh.kv_cache.compression_ratio",
             callbacks=[lambda _: [Observation(self.compression, {"mode": batcher.cache.mode})]],
+        )
+        meter.create_observable_gauge(
+            "expertmesh.nodes.out_of_service",
+            unit="{node}",
+            description="Topology nodes whose experts were moved away (lost or drained)",
+            callbacks=[lambda _: [Observation(out_of_service() if out_of_service else 0)]],
         )
 
     # ----------------------------------------------------------------- engine thread

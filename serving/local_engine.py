@@ -62,7 +62,9 @@ class ExpertMeshEngine:
             from .engine_metrics import EngineMetrics
 
             dispatcher = getattr(owner, "dispatcher", None)
-            self.batcher.observer = EngineMetrics(meter, self.batcher, dispatcher)
+            self.batcher.observer = EngineMetrics(
+                meter, self.batcher, dispatcher, out_of_service=self._out_of_service
+            )
         self._counter = 0
         self.supervisor: Any = None
         self._events: Any = None
@@ -156,6 +158,9 @@ class ExpertMeshEngine:
             engine_health=lambda: self.health().healthy,
         ).start()
         return self.supervisor
+
+    def _out_of_service(self) -> int:
+        return len(self.supervisor.removed) if self.supervisor is not None else 0
 
     def models(self) -> Sequence[ModelCard]:
         return [ModelCard(self.name, self.batcher.context_window)]

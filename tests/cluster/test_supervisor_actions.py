@@ -107,3 +107,45 @@ def test_only_a_node_out_of_service_can_rejoin(cluster):
     _, sup, _ = cluster
     with pytest.raises(ValueError, match="'node-a' is serving"):
         sup.rejoin("node-a")
+
+
+def test_the_serving_engine_reports_nodes_out_of_service(cluster, tmp_path):
+    import asyncio
+
+    from prometheus_client import generate_latest
+
+    from expertmesh.models.tokenizer import Tokenizer
+    from expertmesh.observability import TelemetryConfig, configure_telemetry
+    from expertmesh.serving.config import SupervisorSpec
+    from expertmesh.serving.local_engine import ExpertMeshEngine
+
+    ep, _, _ = cluster
+    telemetry = configure_telemetry(TelemetryConfig(metrics_exporter="prometheus"))
+    engine = ExpertMeshEngine(
+        "demo", ep.model, Tokenizer.from_dir(DEMO_MODEL_DIR), owner=ep, meter=telemetry.meter
+    )
+
+    def out_of_service() -> float:
+        text = generate_latest(telemetry.prometheus_registry).decode()
+        (line,) = [x for x in text.splitlines() if x.startswith("expertmesh_nodes_out_of_service")]
+        return float(line.rsplit(" ", 1)[1])
+
+    try:
+        topology = load_topology(tmp_path / "topology.yaml")
+        logs = tmp_path / "logs"
+        sup = engine.supervise(ep, topology, SupervisorSpec(rebalance_every_s=0), log_dir=logs)
+        assert out_of_service() == 0
+        sup.drain("node-b")
+        assert out_of_service() == 1
+        assert engine.health().extra["supervisor"]["out_of_service"] == ["node-b"]
+        sup.rejoin("node-b")
+        assert out_of_service() == 0
+        assert engine.health().extra["supervisor"]["rejoins"] == 1
+        events = read_events(logs / "events.jsonl")  # the replica's fault events file
+        assert [e.kind for e in events if e.failure_mode == "node_drained"][:2] == [
+            "detected",
+            "action",
+        ]
+    finally:
+        asyncio.run(engine.shutdown())
+    assert engine.supervisor is None  # stopped with the engine
