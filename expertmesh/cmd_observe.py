@@ -2,6 +2,7 @@
 (one request's path through every process's JSON log).
 
     expertmesh fmea --spans spans.jsonl --metrics metrics.jsonl --events events.jsonl --out report/
+    expertmesh fmea --out report/      # the running platform's fault events (supervisor)
     expertmesh logs --request req-17 --spans spans.jsonl
 """
 
@@ -26,7 +27,13 @@ def add_fmea(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--spans", type=Path, default=None, help="spans JSONL (JsonlSpanExporter)")
     p.add_argument("--metrics", type=Path, default=None, help="metrics JSONL (JsonlMetricExporter)")
-    p.add_argument("--events", type=Path, default=None, help="fault events JSONL (EventLog)")
+    p.add_argument(
+        "--events",
+        type=Path,
+        default=None,
+        help="fault events JSONL (EventLog); with no file given at all, the platform's own: "
+        "the serving replicas' supervisor writes $EXPERTMESH_HOME/logs/events.jsonl",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -61,6 +68,11 @@ def run_fmea(args: argparse.Namespace) -> int:
     from expertmesh.observability.fmea_report import write_report
 
     console = Console()
+    if args.spans is None and args.metrics is None and args.events is None:
+        from expertmesh.observability.logs import default_log_dir
+
+        args.events = default_log_dir() / "events.jsonl"
+        console.print(f"reading the platform's fault events: {escape(str(args.events))}")
     inputs = FmeaInputs.load(spans=args.spans, metrics=args.metrics, events=args.events)
     for note in inputs.missing:
         console.print(f"[yellow]note[/yellow]: {escape(note)}", highlight=False)

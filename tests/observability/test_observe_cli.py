@@ -35,6 +35,22 @@ def test_fmea_with_a_missing_file_notes_it_and_still_reports(recorded_run, tmp_p
     assert (tmp_path / "fmea.html").exists()
 
 
+def test_fmea_alone_reads_the_platforms_fault_events(tmp_path, monkeypatch, capsys):
+    from expertmesh.observability.events import EventLog, FaultEvent
+
+    monkeypatch.setenv("EXPERTMESH_HOME", str(tmp_path))
+    (tmp_path / "logs").mkdir()
+    with EventLog(tmp_path / "logs" / "events.jsonl") as events:  # what a replica writes
+        events.emit(FaultEvent("detected", "node_lost", target="cpu-slow"))
+        events.emit(FaultEvent("recovered", "node_lost", target="cpu-slow"))
+    assert main(["fmea", "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    assert "reading the platform's fault events" in printed
+    table = (tmp_path / "report" / "fmea.md").read_text()
+    row = next(line for line in table.splitlines() if "node_lost" in line)
+    assert "| 1 |" in row  # one incident observed
+
+
 def test_fmea_on_a_corrupt_file_is_one_clear_error(tmp_path: Path, capsys):
     spans = tmp_path / "spans.jsonl"
     spans.write_text("{not json\n")
