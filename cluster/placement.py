@@ -8,7 +8,8 @@ Unlike EPLB (`cluster/eplb.py`: identical GPUs, equal slots per GPU, links ignor
 knows each node's compute speed, its expert memory (slots) and its link to the attention node.
 
 The inputs, the `Placement` result and the cost model the planner minimises are in
-`cluster/placement_model.py`.
+`cluster/placement_model.py`; `evaluate` (any placement under that model) and
+`placement_from_eplb` are in `cluster/placement_scoring.py` and re-exported here.
 
 Algorithm (per layer, vectorised over layers with numpy; like EPLB it costs a few dozen numpy
 operations per slot of a node, with no Python loop over experts outside the rare fix-ups in 3):
@@ -47,7 +48,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
@@ -60,9 +60,11 @@ from .placement_model import (
     PlacementError,
     PlacementOptions,
     ReplicaAssignment,
+    build_placement,
     bytes_moved,
+    check_nodes,
+    check_shape,
     cost_model,
-    placement_metrics,
     token_load,
     tokens_per_node,
 )
@@ -75,6 +77,7 @@ from .placement_ops import (
     piece_offsets,
     split_surplus,
 )
+from .placement_scoring import evaluate, placement_from_eplb
 
 __all__ = [
     "ExpertShape",
@@ -93,15 +96,6 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 # Feasibility and slots per layer
-
-
-def _check_nodes(nodes: Sequence[NodeCapacity]) -> None:
-    if not nodes:
-        raise PlacementError("no nodes to place experts on")
-    names = [n.name for n in nodes]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise PlacementError(f"node names must be unique; repeated: {dup}")
 
 
 def _check_feasible(
@@ -281,41 +275,6 @@ def _repair(
             (np.full(E * m, layer), np.repeat(np.arange(E), m), nodes.ravel(), share.ravel())
         )
     return tuple(np.concatenate(x) for x in zip(*out))  # type: ignore[return-value]
-
-
-def _placement(
-    nodes: Sequence[NodeCapacity],
-    shape: ExpertShape,
-    options: PlacementOptions,
-    cost: CostModel,
-    a: np.ndarray,
-    layer: np.ndarray,
-    expert: np.ndarray,
-    node: np.ndarray,
-    share: np.ndarray,
-    node_tokens: np.ndarray | None = None,
-) -> Placement:
-    """The Placement of these replicas; node_tokens: their (L, N) tokens if known."""
-    if node_tokens is None:
-        node_tokens = tokens_per_node(a, layer, expert, node, share, len(nodes))
-    m = placement_metrics(node_tokens, cost, options)
-    names = tuple(n.name for n in nodes)
-    return Placement(
-        nodes=names,
-        layer_ids=tuple(range(shape.num_layers)),
-        num_experts=shape.num_experts,
-        replica_layer=np.asarray(layer, dtype=np.int64),
-        replica_expert=np.asarray(expert, dtype=np.int64),
-        replica_node=np.asarray(node, dtype=np.int64),
-        replica_share=np.asarray(share, dtype=np.float64),
-        node_time=dict(zip(names, m["node_time_s"].tolist())),
-        node_tokens=dict(zip(names, m["node_tokens"].tolist())),
-        balancedness=m["balancedness"],
-        balancedness_equal_speed=m["balancedness_equal_speed"],
-        step_balancedness=m["step_balancedness"],
-        cross_node_bytes_per_token=m["cross_node_bytes_per_token"],
-        step_time_s=m["step_time_s"],
-    )
 
 
 def _with_kept(counts: np.ndarray, n_held: np.ndarray, caps: np.ndarray, m: int) -> np.ndarray:
@@ -524,7 +483,7 @@ def _plan(
         )
     layer = np.repeat(np.arange(L), count.reshape(L, E).sum(axis=1))
     expert = np.repeat(_expert_ids(L, E), count)
-    return _placement(nodes, shape, options, cost, a, layer, expert, node, share, node_tokens)
+    return build_placement(nodes, shape, options, cost, a, layer, expert, node, share, node_tokens)
 
 
 def plan_placement(
@@ -540,7 +499,7 @@ def plan_placement(
     expert on distinct nodes.
     """
     options = options or PlacementOptions()
-    _check_nodes(nodes)
+    check_nodes(nodes)
     budget = _check_feasible(nodes, shape, options)
     a = token_load(load, shape, options)
     cost = cost_model(nodes, shape, options)
@@ -548,109 +507,7 @@ def plan_placement(
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring, EPLB conversion, incremental plans
-
-
-def _node_index(placement: Placement, nodes: Sequence[NodeCapacity]) -> np.ndarray:
-    """(P,) index into `nodes` of each replica's node; PlacementError for an unknown node."""
-    index = {n.name: i for i, n in enumerate(nodes)}
-    missing = sorted(set(placement.nodes) - set(index))
-    used = set(np.unique(placement.replica_node).tolist())
-    missing = [m for m in missing if placement.nodes.index(m) in used]
-    if missing:
-        raise PlacementError(f"placement uses nodes that are not given: {missing}")
-    lookup = np.array([index.get(n, -1) for n in placement.nodes], dtype=np.int64)
-    return lookup[placement.replica_node]
-
-
-def _check_shape(placement: Placement, shape: ExpertShape) -> None:
-    if placement.num_layers != shape.num_layers or placement.num_experts != shape.num_experts:
-        raise PlacementError(
-            f"placement has {placement.num_layers} layers x {placement.num_experts} experts; "
-            f"the shape has {shape.num_layers} x {shape.num_experts}"
-        )
-
-
-def evaluate(
-    placement: Placement,
-    nodes: Sequence[NodeCapacity],
-    shape: ExpertShape,
-    load: np.ndarray | None = None,
-    options: PlacementOptions | None = None,
-) -> dict[str, Any]:
-    """Score any placement (ours, or EPLB's via `placement_from_eplb`) under `load` with the
-    cost model of the module docstring. Keys: balancedness, balancedness_equal_speed,
-    step_balancedness, step_time_s, max_node_time_s, cross_node_bytes_per_token, node_time_s,
-    node_tokens, slots_used, slots_over (nodes holding more replicas than they have slots)."""
-    options = options or PlacementOptions()
-    _check_nodes(nodes)
-    _check_shape(placement, shape)
-    a = token_load(load, shape, options)
-    cost = cost_model(nodes, shape, options)
-    node = _node_index(placement, nodes)
-    tokens = tokens_per_node(
-        a,
-        placement.replica_layer,
-        placement.replica_expert,
-        node,
-        placement.replica_share,
-        len(nodes),
-    )
-    m = placement_metrics(tokens, cost, options)
-    names = [n.name for n in nodes]
-    used = np.bincount(node, minlength=len(nodes))
-    return {
-        "balancedness": m["balancedness"],
-        "balancedness_equal_speed": m["balancedness_equal_speed"],
-        "step_balancedness": m["step_balancedness"],
-        "step_time_s": m["step_time_s"],
-        "max_node_time_s": float(m["node_time_s"].max()),
-        "cross_node_bytes_per_token": m["cross_node_bytes_per_token"],
-        "node_time_s": dict(zip(names, m["node_time_s"].tolist())),
-        "node_tokens": dict(zip(names, m["node_tokens"].tolist())),
-        "slots_used": dict(zip(names, used.tolist())),
-        "slots_over": {
-            n.name: int(u) - n.expert_slots
-            for n, u in zip(nodes, used.tolist())
-            if u > n.expert_slots
-        },
-    }
-
-
-def placement_from_eplb(
-    result: Any,
-    nodes: Sequence[NodeCapacity],
-    shape: ExpertShape,
-    load: np.ndarray | None = None,
-    options: PlacementOptions | None = None,
-) -> Placement:
-    """EPLB's mapping (`cluster.eplb.EplbResult`) as a Placement: GPU g is `nodes[g]` (one GPU
-    per node) and an expert's tokens are split evenly over its replicas, as EPLB and vLLM do.
-    Two replicas of one expert on one GPU (EPLB allows it) become one with both shares.
-    Metrics are scored under `load` (uniform if None)."""
-    options = options or PlacementOptions()
-    _check_nodes(nodes)
-    phy2log = np.asarray(result.phy2log)
-    L, R = phy2log.shape
-    if shape.num_layers != L:
-        raise PlacementError(f"EPLB result has {L} layers; the shape has {shape.num_layers}")
-    if result.num_gpus != len(nodes):
-        raise PlacementError(f"EPLB planned {result.num_gpus} GPUs for {len(nodes)} nodes")
-    E = shape.num_experts
-    gpu = np.asarray(result.gpu_of_slot)
-    layer = np.repeat(np.arange(L), R)
-    expert = phy2log.reshape(-1)
-    node = np.tile(gpu, L)
-    share = 1.0 / np.asarray(result.logcnt)[layer, expert]
-    # Merge duplicates (same layer, expert, node), keep (layer, expert, node) order.
-    key = (layer * E + expert) * len(nodes) + node
-    uniq, inverse = np.unique(key, return_inverse=True)
-    merged = np.bincount(inverse, weights=share)
-    node_u = uniq % len(nodes)
-    le = uniq // len(nodes)
-    a = token_load(load, shape, options)
-    cost = cost_model(nodes, shape, options)
-    return _placement(nodes, shape, options, cost, a, le // E, le % E, node_u, merged)
+# Incremental plans
 
 
 def plan_increment(
@@ -671,8 +528,8 @@ def plan_increment(
     (layers keyed as in `current`); `bytes_moved(moves)` is what nodes must load.
     """
     options = options or PlacementOptions()
-    _check_nodes(nodes)
-    _check_shape(current, shape)
+    check_nodes(nodes)
+    check_shape(current, shape)
     budget = _check_feasible(nodes, shape, options)
     L, E, N = shape.num_layers, shape.num_experts, len(nodes)
     a = token_load(new_load, shape, options)

@@ -415,3 +415,58 @@ def placement_metrics(
         "step_time_s": float(layer_max.sum()),
         "cross_node_bytes_per_token": remote * cost.token_link_bytes / options.tokens_per_step,
     }
+
+
+def check_nodes(nodes: Sequence[NodeCapacity]) -> None:
+    """PlacementError unless there are nodes and their names are unique."""
+    if not nodes:
+        raise PlacementError("no nodes to place experts on")
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise PlacementError(f"node names must be unique; repeated: {dup}")
+
+
+def check_shape(placement: Placement, shape: ExpertShape) -> None:
+    """PlacementError unless `placement` has `shape`'s layers and experts."""
+    if placement.num_layers != shape.num_layers or placement.num_experts != shape.num_experts:
+        raise PlacementError(
+            f"placement has {placement.num_layers} layers x {placement.num_experts} experts; "
+            f"the shape has {shape.num_layers} x {shape.num_experts}"
+        )
+
+
+def build_placement(
+    nodes: Sequence[NodeCapacity],
+    shape: ExpertShape,
+    options: PlacementOptions,
+    cost: CostModel,
+    a: np.ndarray,
+    layer: np.ndarray,
+    expert: np.ndarray,
+    node: np.ndarray,
+    share: np.ndarray,
+    node_tokens: np.ndarray | None = None,
+) -> Placement:
+    """The Placement of these replicas (layer, expert, node index, share), scored under the
+    cost model; node_tokens: their (L, N) tokens if known."""
+    if node_tokens is None:
+        node_tokens = tokens_per_node(a, layer, expert, node, share, len(nodes))
+    m = placement_metrics(node_tokens, cost, options)
+    names = tuple(n.name for n in nodes)
+    return Placement(
+        nodes=names,
+        layer_ids=tuple(range(shape.num_layers)),
+        num_experts=shape.num_experts,
+        replica_layer=np.asarray(layer, dtype=np.int64),
+        replica_expert=np.asarray(expert, dtype=np.int64),
+        replica_node=np.asarray(node, dtype=np.int64),
+        replica_share=np.asarray(share, dtype=np.float64),
+        node_time=dict(zip(names, m["node_time_s"].tolist())),
+        node_tokens=dict(zip(names, m["node_tokens"].tolist())),
+        balancedness=m["balancedness"],
+        balancedness_equal_speed=m["balancedness_equal_speed"],
+        step_balancedness=m["step_balancedness"],
+        cross_node_bytes_per_token=m["cross_node_bytes_per_token"],
+        step_time_s=m["step_time_s"],
+    )
