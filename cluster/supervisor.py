@@ -206,7 +206,8 @@ class Supervisor:
             state.failing_since = now
             state.incident += 1
             self._emit("detected", EXPERT_SHARD_LOST, node, "shard does not answer", state)
-        if self._node_dead(node):
+        offering = self._offering(node)  # None: no Ray to ask; empty: no live Ray node has it
+        if offering == set():
             why = "Ray reports its node dead"
         elif now - state.failing_since > self.config.node_lost_after_s:
             why = f"shard not back after {self.config.node_lost_after_s:g} s; node presumed lost"
@@ -217,7 +218,7 @@ class Supervisor:
                 state.node_lost_reported = True
                 self._emit("detected", NODE_LOST, node, why, state)
             self.replace_node(node, NODE_LOST)
-            self.lost[node] = frozenset(self._offering(node) or ())
+            self.lost[node] = frozenset(offering or ())
             self._recovered(node, state, NODE_LOST, "experts re-placed on surviving nodes")
             return
         experts = self.ep.dispatcher.table.node_experts().get(node, {})
@@ -261,12 +262,6 @@ class Supervisor:
     def _offering(self, node: str) -> set[str] | None:
         offering = self._offering_all()
         return None if offering is None else offering.get(node, set())
-
-    def _node_dead(self, node: str) -> bool:
-        """Ray reports no live node offering `node`'s pinning resource (its raylet failed the
-        GCS health checks, or its pod is gone). Works the same on the embedded cluster and on
-        KubeRay, where each worker group offers its topology node's resource."""
-        return self._offering(node) == set()
 
     def _draining(self) -> dict[str, int]:
         """Ray node id -> drain deadline (Unix ms, 0 for none) of the nodes Ray is draining."""

@@ -100,9 +100,10 @@ class ExpertMeshEngine:
         from expertmesh.cluster.topology import load_topology
 
         local = not ray.is_initialized()
+        layout = load_topology(topology)
         ep = ExpertParallelModel.launch(
             checkpoint,
-            load_topology(topology),
+            layout,
             dtype=dtype,
             local=local,
             emulate=local or embedded,
@@ -111,7 +112,7 @@ class ExpertMeshEngine:
         )
         engine = cls(name, ep.model, tokenizer, scheduler, kv_mode, ep, tracer, meter)
         if supervisor is not None and supervisor.enabled:
-            engine.supervise(ep, load_topology(topology), supervisor, log_dir, tracer)
+            engine.supervise(ep, layout, supervisor, log_dir, tracer)
         return engine
 
     def supervise(
