@@ -33,10 +33,12 @@ import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+
+from expertmesh.observability.validation import Loc, Problem, describe_error, problem_lines
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -379,92 +381,21 @@ class TopologySpec(_Spec):
 # Validation errors -> `<field path>: <message>` lines.
 # ---------------------------------------------------------------------------------------------
 
-_Problem = tuple[tuple[int | str, ...], str]
-"""(location as pydantic reports it, e.g. ("nodes", 2, "name"); message with the fix)"""
+
+def _override(kind: str, loc: Loc, value: Any) -> str | None:
+    """Topology wording where the shared messages would be vaguer."""
+    if kind == "too_short" and loc == ("nodes",):
+        return "needs at least one node; add an entry under `nodes:`"
+    if kind in ("too_short", "too_long") and loc[-1:] == ("nodes",):
+        return f"must name exactly two nodes, e.g. [a, b]; got {value!r}"
+    if kind == "int_type":
+        return f"must be a finite number; got {value!r}"
+    return None
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top level>"
-
-
-def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """The schema model that validates the value at `loc`, if that value is a model."""
-
-    def unwrap(tp: Any) -> Any:
-        if get_origin(tp) in (Union, types.UnionType):
-            args = [a for a in get_args(tp) if a is not type(None)]
-            return args[0] if len(args) == 1 else tp
-        return tp
-
-    tp: Any = TopologySpec
-    for part in loc:
-        tp = unwrap(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            if not isinstance(part, str) or part not in tp.model_fields:
-                return None
-            tp = tp.model_fields[part].annotation
-        elif get_origin(tp) is list and isinstance(part, int):
-            tp = get_args(tp)[0]
-        else:
-            return None
-    tp = unwrap(tp)
-    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
-
-
-def _describe(error: Mapping[str, Any]) -> _Problem:
-    """One validation error as (loc, message with the fix)."""
-    loc: tuple[int | str, ...] = tuple(error["loc"])
-    kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
-    got = f"got {value!r}"
-    if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        allowed = f"; allowed keys: {', '.join(model.model_fields)}" if model else ""
-        message = f"unknown key {loc[-1]!r}{allowed}"
-    elif kind == "missing" and loc == ("version",):
-        message = f"required key 'version' is missing; add `version: {SCHEMA_VERSION}`"
-    elif kind == "missing":
-        message = f"required key {loc[-1]!r} is missing; add it"
-    elif kind in ("model_type", "dict_type"):
-        model = _model_at(loc)
-        keys = f" with keys: {', '.join(model.model_fields)}" if model else ""
-        message = f"must be a mapping{keys}; {got}"
-    elif kind == "literal_error" and loc == ("version",):
-        message = f"unsupported version {value!r}; this release reads `version: {SCHEMA_VERSION}`"
-    elif kind == "literal_error":
-        message = f"must be one of {ctx['expected']}; {got}"
-    elif kind == "greater_than":
-        message = f"must be > {ctx['gt']:g}; {got}"
-    elif kind == "greater_than_equal":
-        message = f"must be >= {ctx['ge']:g}; {got}"
-    elif kind == "less_than_equal":
-        message = f"must be <= {ctx['le']:g}; {got}"
-    elif kind in ("float_type", "int_type", "finite_number"):
-        message = f"must be a finite number; {got}"
-    elif kind == "string_type":
-        message = f"must be a string; {got} (quote it in YAML)"
-    elif kind == "string_too_short":
-        message = "must not be empty"
-    elif kind == "bool_type":
-        message = f"must be true or false; {got}"
-    elif kind == "list_type":
-        message = f"must be a list; {got}"
-    elif kind == "too_short" and loc == ("nodes",):
-        message = "needs at least one node; add an entry under `nodes:`"
-    elif kind in ("too_short", "too_long") and loc[-1:] == ("nodes",):
-        message = f"must name exactly two nodes, e.g. [a, b]; {got}"
-    elif kind == "value_error":
-        message = str(ctx.get("error", error["msg"]))
-    else:
-        message = f"{error['msg']}; {got}"
-    return loc, message
-
-
-def _cross_check(spec: TopologySpec) -> list[_Problem]:
+def _cross_check(spec: TopologySpec) -> list[Problem]:
     """Problems that span fields: duplicate names, pairs naming unknown or repeated nodes."""
-    problems: list[_Problem] = []
+    problems: list[Problem] = []
     first_use: dict[str, int] = {}
     for i, node in enumerate(spec.nodes):
         if node.name in first_use:
@@ -545,24 +476,8 @@ def _build(spec: TopologySpec) -> Topology:
     )
 
 
-def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
-    """1-based line of the deepest YAML node along `loc` (None without a YAML document)."""
-    node, line = root, None
-    for part in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            node = node.value[part] if 0 <= part < len(node.value) else None
-        else:
-            node = None
-    return node.start_mark.line + 1 if node is not None else line
-
-
 def _validate(data: object, source: str | None, root: yaml.Node | None = None) -> Topology:
-    problems: list[_Problem]
+    problems: list[Problem]
     if not isinstance(data, Mapping):
         keys = ", ".join(TopologySpec.model_fields)
         problems = [((), f"must be a mapping with keys: {keys}; got {type(data).__name__}")]
@@ -570,16 +485,15 @@ def _validate(data: object, source: str | None, root: yaml.Node | None = None) -
         try:
             spec = TopologySpec.model_validate(data)
         except ValidationError as exc:
-            problems = [_describe(e) for e in exc.errors()]
+            problems = [
+                describe_error(e, TopologySpec, schema_version=SCHEMA_VERSION, override=_override)
+                for e in exc.errors()
+            ]
         else:
             problems = _cross_check(spec)
             if not problems:
                 return _build(spec)
-    lines = []
-    for loc, message in problems:
-        line = _line_of(root, loc)
-        lines.append(f"{_path(loc)}: {message}" + (f" [line {line}]" if line else ""))
-    raise TopologyError(lines, source)
+    raise TopologyError(problem_lines(problems, root), source)
 
 
 def parse_topology(data: Mapping[str, Any]) -> Topology:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import types
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
+
+from expertmesh.observability.validation import Loc as _Loc
+from expertmesh.observability.validation import Problem as _Problem
+from expertmesh.observability.validation import describe_error, problem_lines
 
 from .errors import PolicyError
 from .policy import (
@@ -38,9 +41,6 @@ __all__ = ["load_policy", "parse_policy", "policy_from_text"]
 
 AUTO = "auto"
 """The requested-model value that leaves the choice to the policy."""
-
-_Loc = tuple[int | str, ...]
-_Problem = tuple[_Loc, str]
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -77,11 +77,13 @@ def parse_policy(data: object, source: str | None = None, _root: yaml.Node | Non
     try:
         spec = PolicySpec.model_validate(data)
     except ValidationError as e:
-        problems = [_describe(err) for err in e.errors()]
-        raise PolicyError(_lines(problems, _root), source) from None
+        problems = [
+            describe_error(err, PolicySpec, schema_version=SCHEMA_VERSION) for err in e.errors()
+        ]
+        raise PolicyError(problem_lines(problems, _root), source) from None
     problems = _cross_check(spec)
     if problems:
-        raise PolicyError(_lines(problems, _root), source)
+        raise PolicyError(problem_lines(problems, _root), source)
     return _build(spec, source)
 
 
@@ -89,117 +91,6 @@ def policy_version(spec: PolicySpec) -> str:
     """SHA-256 of the validated spec in canonical JSON (sorted keys, defaults filled in)."""
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# pydantic errors -> `<field path>: <message>` lines
-# ---------------------------------------------------------------------------------------------
-
-
-def _path(loc: _Loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top level>"
-
-
-def _model_at(loc: _Loc) -> type[BaseModel] | None:
-    """The schema model that validates the value at `loc`, if that value is a model."""
-
-    def unwrap(tp: Any) -> Any:
-        if get_origin(tp) in (Union, types.UnionType):
-            args = [a for a in get_args(tp) if a is not type(None)]
-            return args[0] if len(args) == 1 else tp
-        return tp
-
-    tp: Any = PolicySpec
-    for part in loc:
-        tp = unwrap(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            if not isinstance(part, str) or part not in tp.model_fields:
-                return None
-            tp = tp.model_fields[part].annotation
-        elif get_origin(tp) is list and isinstance(part, int):
-            tp = get_args(tp)[0]
-        else:
-            return None
-    tp = unwrap(tp)
-    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
-
-
-def _strip_union_tags(loc: _Loc) -> _Loc:
-    """pydantic puts the union member it tried into `loc` (e.g. 'list[...]', 'literal[...]')."""
-    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "bool"))))
-
-
-def _describe(error: Mapping[str, Any]) -> _Problem:
-    loc = _strip_union_tags(tuple(error["loc"]))
-    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
-    got = f"got {value!r}"
-    field = loc[-1] if loc else None
-    if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        allowed = f"; allowed keys: {', '.join(model.model_fields)}" if model else ""
-        message = f"unknown key {field!r}{allowed}"
-    elif kind == "missing" and loc == ("version",):
-        message = f"required key 'version' is missing; add `version: {SCHEMA_VERSION}`"
-    elif kind == "missing":
-        message = f"required key {field!r} is missing; add it"
-    elif kind in ("model_type", "dict_type", "model_attributes_type"):
-        model = _model_at(loc)
-        keys = f" with keys: {', '.join(model.model_fields)}" if model else ""
-        message = f"must be a mapping{keys}; {got}"
-    elif kind == "literal_error" and loc == ("version",):
-        message = f"unsupported version {value!r}; this release reads `version: {SCHEMA_VERSION}`"
-    elif kind == "literal_error":
-        message = f"must be one of {ctx.get('expected')}; {got}"
-    elif kind == "greater_than":
-        message = f"must be > {ctx['gt']}; {got}"
-    elif kind == "greater_than_equal":
-        message = f"must be >= {ctx['ge']}; {got}"
-    elif kind in ("int_type", "int_parsing", "int_from_float"):
-        message = f"must be a whole number; {got}"
-    elif kind in ("float_type", "float_parsing", "finite_number"):
-        message = f"must be a finite number; {got}"
-    elif kind == "string_type":
-        message = f"must be a string; {got} (quote it in YAML)"
-    elif kind == "string_too_short":
-        message = "must not be empty"
-    elif kind == "bool_type":
-        message = f"must be true or false; {got}"
-    elif kind == "list_type":
-        message = f"must be a list, e.g. [a, b]; {got}"
-    elif kind == "too_short":
-        message = f"must not be empty; give at least one entry or leave the key out; {got}"
-    elif kind == "value_error":
-        message = str(ctx.get("error", error["msg"]))
-    else:
-        message = f"{error['msg']}; {got}"
-    return loc, message
-
-
-def _line_of(root: yaml.Node | None, loc: _Loc) -> int | None:
-    node, line = root, None
-    for part in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            node = node.value[part] if 0 <= part < len(node.value) else None
-        else:
-            node = None
-    return node.start_mark.line + 1 if node is not None else line
-
-
-def _lines(problems: list[_Problem], root: yaml.Node | None) -> list[str]:
-    out = []
-    for loc, message in problems:
-        line = _line_of(root, loc) if root is not None else None
-        where = f"{_path(loc)} (line {line})" if line else _path(loc)
-        out.append(f"{where}: {message}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -314,7 +314,7 @@ def test_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
     [problem] = info.value.problems
     line = path.read_text().splitlines().index("  memory_gb: 0") + 1
-    assert problem == f"nodes[1].memory_gb: must be > 0; got 0 [line {line}]"
+    assert problem == f"nodes[1].memory_gb (line {line}): must be > 0; got 0"
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
