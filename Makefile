@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy models observability expertmesh cluster training serving policies routing
+	$(BIN)/mypy models observability expertmesh cluster training serving policies routing agents chaos
 
 check: lint typecheck test
 

@@ -43,8 +43,8 @@ from expertmesh.cluster.runtime import ExpertParallelModel
 from expertmesh.cluster.topology import load_topology
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.generate import Generator, SamplingParams
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.models.tokenizer import Tokenizer
-from expertmesh.paths import DEMO_MODEL_DIR
 
 TOPOLOGY = REPO_ROOT / "examples" / "topologies" / "mixed.yaml"
 PROMPTS = [

@@ -28,8 +28,8 @@ from expertmesh.models.checkpoint import load_model
 from expertmesh.models.evaluate import perplexity
 from expertmesh.models.generate import Generator, SamplingParams
 from expertmesh.models.kv_cache import kv_bytes_per_token
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.models.tokenizer import Tokenizer
-from expertmesh.paths import DEMO_MODEL_DIR
 from expertmesh.training.corpus import fetch_shakespeare, train_val_split
 
 

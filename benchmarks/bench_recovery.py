@@ -33,9 +33,9 @@ from expertmesh.cluster.supervisor import Supervisor, SupervisorConfig
 from expertmesh.cluster.topology import load_topology
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.generate import Generator, SamplingParams
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.models.tokenizer import Tokenizer
 from expertmesh.observability.events import EventLog
-from expertmesh.paths import DEMO_MODEL_DIR
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 

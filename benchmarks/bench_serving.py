@@ -36,7 +36,7 @@ from common import make_console, print_table, write_json
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from expertmesh.paths import DEMO_MODEL_DIR
+from expertmesh.models.paths import DEMO_MODEL_DIR
 
 PROMPTS = [
     "ROMEO:",

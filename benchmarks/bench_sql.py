@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_sql.py [--quick] [--model DIR] [--out benchmarks/out/bench_sql.json]
 
-Every system goes through the same service (`serving/sql.py`: schema linking, prompt, SQL
+Every system goes through the same service (`agents/sql.py`: schema linking, prompt, SQL
 guard, read-only execution, one repair). A question counts as correct when the rows its SQL
 returns equal the gold SQL's rows (as a sorted multiset); `same_shape` counts first attempts
 equal to the gold SQL with every string literal masked (the query right up to the values it
@@ -40,11 +40,11 @@ import sqlglot
 from common import print_table, write_json
 from sqlglot import exp
 
-from expertmesh.paths import DEMO_MODEL_DIR
+from expertmesh.agents.sql import FixedModel, SqlScope, TextToSql
+from expertmesh.agents.sql_demo import TemplateEngine, build_sample_db, question_pairs
+from expertmesh.agents.sql_guard import SqlError, SQLiteDatabase, check_sql
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.serving.engine import Engine
-from expertmesh.serving.sql import FixedModel, SqlScope, TextToSql
-from expertmesh.serving.sql_demo import TemplateEngine, build_sample_db, question_pairs
-from expertmesh.serving.sql_guard import SqlError, SQLiteDatabase, check_sql
 
 HELD = "held-out plays"
 SEEN = "train plays"

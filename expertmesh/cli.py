@@ -61,7 +61,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from expertmesh.serving.config import ServingConfigError
 
     errors.append(ServingConfigError)
-    from expertmesh.serving.chaos import ChaosError
+    from expertmesh.chaos.runner import ChaosError
 
     errors.append(ChaosError)
     from .cmd_agents import expected_errors

@@ -116,11 +116,11 @@ def _remote_answer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _local_answer(args: argparse.Namespace) -> dict[str, Any]:
-    from expertmesh.paths import resolve_model
+    from expertmesh.agents.sql import FixedModel, SqlScope, TextToSql
+    from expertmesh.agents.sql_demo import SAMPLE_DB
+    from expertmesh.agents.sql_open import open_database
+    from expertmesh.models.paths import resolve_model
     from expertmesh.serving.local_engine import ExpertMeshEngine
-    from expertmesh.serving.sql import FixedModel, SqlScope, TextToSql
-    from expertmesh.serving.sql_demo import SAMPLE_DB
-    from expertmesh.serving.sql_guard import open_database
 
     db = open_database(args.db or SAMPLE_DB)
     name = "expertmesh-demo" if args.model == "demo" else Path(args.model).name
@@ -134,7 +134,7 @@ async def _local_answer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_mcp_token(args: argparse.Namespace) -> int:
-    from expertmesh.serving.agent_auth import TOOL_SCOPES, TokenIssuer, origin_of
+    from expertmesh.agents.agent_auth import TOOL_SCOPES, TokenIssuer, origin_of
 
     known = set(TOOL_SCOPES.values())
     unknown = [s for s in args.scope if s not in known]
@@ -161,7 +161,7 @@ def run_mcp_token(args: argparse.Namespace) -> int:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    from expertmesh.serving.agent_auth import AgentAuthError
-    from expertmesh.serving.sql_guard import SqlError
+    from expertmesh.agents.agent_auth import AgentAuthError
+    from expertmesh.agents.sql_guard import SqlError
 
     return CommandError, SqlError, AgentAuthError

@@ -1,4 +1,4 @@
-"""`expertmesh chaos run SCENARIO`: fault injection under load (see serving/chaos.py)."""
+"""`expertmesh chaos run SCENARIO`: fault injection under load (see chaos/runner.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def add_chaos(sub: argparse._SubParsersAction) -> None:
 
 
 def run_chaos(args: argparse.Namespace) -> int:
-    from expertmesh.serving.chaos import Runner, load_scenario
+    from expertmesh.chaos.runner import Runner, load_scenario
 
     console = Console()
     scenarios = [load_scenario(p) for p in args.scenarios]  # all valid before any starts

@@ -13,8 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from expertmesh.models.checkpoint import read_config
-
-from .paths import resolve_model
+from expertmesh.models.paths import resolve_model
 
 
 def add_cluster(sub: argparse._SubParsersAction) -> None:

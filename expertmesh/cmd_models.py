@@ -15,11 +15,10 @@ from expertmesh.models.checkpoint import load_model, read_config
 from expertmesh.models.config import KV_MODES
 from expertmesh.models.generate import Generator, SamplingParams, StreamEvent
 from expertmesh.models.model import MoEModel
+from expertmesh.models.paths import resolve_model
 from expertmesh.models.router_stats import RouterStats
 from expertmesh.models.summary import summarize
 from expertmesh.models.tokenizer import Tokenizer
-
-from .paths import resolve_model
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:

@@ -42,7 +42,12 @@ def state_file() -> Path:
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start the local cluster, the selector and the OpenAI API")
-    up.add_argument("--config", type=Path, default=None, help="serving config YAML (ServingConfig)")
+    up.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="platform config YAML (ServingConfig fields plus mcp, sql)",
+    )
     up.add_argument("--model", default=None, help="checkpoint directory or 'demo' (default)")
     up.add_argument("--topology", type=Path, default=None, help="run experts on this topology")
     up.add_argument("--policy", type=Path, default=None, help="selector policy YAML")
@@ -68,23 +73,25 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def serving_config(args: argparse.Namespace) -> Any:
-    from expertmesh.serving.config import load_serving_config, parse_serving_config
+    """The platform config (`agents.config.PlatformConfig`): `--config`'s file with the
+    command line's overrides."""
+    from expertmesh.agents.config import load_platform_config, parse_platform_config
 
-    config = load_serving_config(args.config) if args.config else parse_serving_config({})
-    updates: dict[str, Any] = {}
+    config = load_platform_config(args.config) if args.config else parse_platform_config({})
+    serving, updates = config.serving, {}
     if args.model is not None:
         updates["model"] = args.model
     if args.topology is not None:
         updates["topology"] = str(args.topology.resolve())
     if args.policy is not None:
         updates["policy"] = str(args.policy.resolve())
-    if updates.get("topology") or config.topology:
+    if updates.get("topology") or serving.topology:
         updates["embedded"] = True  # `up` runs the embedded cluster: emulate speeds and links
-    policy = updates.get("policy", config.policy)
-    if config.mcp is None and policy is not None and not args.no_mcp:
+    policy = updates.get("policy", serving.policy)
+    if config.agents.mcp is None and policy is not None and not args.no_mcp:
         updates["mcp"] = default_mcp(args.host, args.port, policy)
     if updates:
-        config = parse_serving_config({**config.model_dump(), **updates}, "command line")
+        config = parse_platform_config({**config.to_dict(), **updates}, "command line")
     return config
 
 
@@ -103,7 +110,7 @@ def default_mcp(host: str, port: int, policy: str) -> dict[str, Any]:
 
 
 def mcp_issuer(mcp: Any) -> str:
-    from expertmesh.serving.agent_auth import origin_of
+    from expertmesh.agents.agent_auth import origin_of
 
     return str(mcp.issuer_url or origin_of(mcp.resource_url))
 
@@ -130,18 +137,19 @@ def run_up(args: argparse.Namespace) -> int:
 def _check_config(config: Any) -> None:
     """What the replica would refuse, refused here, before anything starts: the policy, the
     text-to-SQL database files, agents mapped to tenants the policy lacks."""
-    from expertmesh.serving.app import sql_databases
+    from expertmesh.agents.app import sql_databases
 
-    sql_databases(config)
-    if config.policy is None:
+    sql_databases(config.agents.sql)
+    if config.serving.policy is None:
         return
     from expertmesh.policies import DEFAULT_POLICY, load_policy
 
-    policy = load_policy(DEFAULT_POLICY if config.policy == "default" else config.policy)
-    if config.mcp is not None:
-        from expertmesh.serving.mcp_server import check_agent_tenants
+    policy_path = config.serving.policy
+    policy = load_policy(DEFAULT_POLICY if policy_path == "default" else policy_path)
+    if config.agents.mcp is not None:
+        from expertmesh.agents.mcp_server import check_agent_tenants
 
-        check_agent_tenants(config.mcp, [t.name for t in policy.tenants])
+        check_agent_tenants(config.agents.mcp, [t.name for t in policy.tenants])
 
 
 def _detach(args: argparse.Namespace, console: Console) -> int:
@@ -169,11 +177,13 @@ def _detach(args: argparse.Namespace, console: Console) -> int:
     return 1
 
 
-def _serve_foreground(args: argparse.Namespace, config: Any, console: Console) -> int:
+def _serve_foreground(args: argparse.Namespace, platform: Any, console: Console) -> int:
     import ray
     from ray import serve
 
-    from expertmesh.serving.app import build_app
+    from expertmesh.agents.app import build_app
+
+    config = platform.serving
 
     cluster = None
     if config.topology is not None:
@@ -191,8 +201,8 @@ def _serve_foreground(args: argparse.Namespace, config: Any, console: Console) -
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         console.print("deploying the API on Ray Serve...")
-        serve.run(build_app(config), name="expertmesh", route_prefix=config.route_prefix)
-        mcp = config.mcp
+        serve.run(build_app(platform), name="expertmesh", route_prefix=config.route_prefix)
+        mcp = platform.agents.mcp
         _write_state(
             {
                 "pid": os.getpid(),

@@ -4,7 +4,7 @@
         --out manifests/overlays/prod-gpu --image registry.example.com/expertmesh:0.1.0
 
 `manifests/base/` holds what does not depend on the topology: the RayService (serveConfigV2
-naming `expertmesh.serving.app:build_app`), the RayCluster for ad-hoc work, the RayJob
+naming `expertmesh.agents.app:build_app`), the RayCluster for ad-hoc work, the RayJob
 templates, Redis for GCS fault tolerance, the PodDisruptionBudget, monitoring and the
 OpenTelemetry Collector. Its Ray objects have a head and no workers. `render_overlay` writes a
 kustomize overlay on top of it:

@@ -1,8 +1,8 @@
 """Declarative selection policies: the YAML schema (`schema.py`), validation into frozen
 dataclasses (`load.py` -> `policy.py`), static checks (`check.py`), reload on change
 (`source.py`), API-key hashing (`keys.py`) and the vocabularies rules are written in
-(`taxonomy.py`: Llama Guard 3 hazard codes, PII kinds, task types). Imports no other
-expertmesh package; `expertmesh.routing` applies policies to requests."""
+(`taxonomy.py`: Llama Guard 3 hazard codes, PII kinds, task types). Imports only
+`expertmesh.observability` (its config-file error lines); `expertmesh.routing` applies policies to requests."""
 
 from pathlib import Path
 

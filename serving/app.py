@@ -3,20 +3,28 @@
     serve run expertmesh.serving.app:build_app model=demo          # Serve CLI (args -> config)
     serve.run(build_app({"model": "demo"}))                       # Python
     # RayService serveConfigV2: import_path: expertmesh.serving.app:build_app, args: {...}
-    expertmesh up                                                 # our CLI (local cluster)
+    expertmesh up                                                 # our CLI (with agent routes)
 
 Each replica of the `ApiServer` deployment builds its engine from the config (our MoE engine,
 vLLM, or a remote API), the selector gate when a policy is configured, and telemetry, then
-serves `api.make_api(...)` (plus text-to-SQL, `sql_api.py`, when a policy is set, and MCP on
-`/mcp` when the config has an `mcp` section). Ray Serve calls `check_health` every
-`health_check_period_s`: a dead engine or a stalled engine loop (work held, no progress) fails
-it and Serve replaces the replica.
+serves `api.make_api(...)`. Ray Serve calls `check_health` every `health_check_period_s`: a
+dead engine or a stalled engine loop (work held, no progress) fails it and Serve replaces the
+replica.
+
+Extra routes come in through one hook, `build_app(config, mounts=[...])`: each `RouteMount` is
+called once per replica with the OpenAI app and the replica's parts (`Replica`: engine, gate,
+telemetry, config) and returns the ASGI app to serve (the same app with routes added, or a
+wrapper that routes some paths elsewhere). Mounts must pickle (Ray Serve ships them to the
+replicas). This package ships none: text-to-SQL and MCP are mounted by `expertmesh.agents.app`,
+which composes them (`serve run expertmesh.agents.app:build_app`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ray import serve
 
@@ -24,10 +32,15 @@ from .api import ApiSettings, Gate, make_api
 from .config import ServingConfig, parse_serving_config
 from .engine import Engine, EngineDead
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from expertmesh.observability import Telemetry
+
 
 def build_engine(config: ServingConfig, telemetry: Any = None) -> Engine:
     """The engine a config names (imports only that engine's dependencies)."""
-    from expertmesh.paths import resolve_model
+    from expertmesh.models.paths import resolve_model
 
     if config.engine == "expertmesh":
         from .local_engine import ExpertMeshEngine
@@ -65,38 +78,41 @@ def build_gate(config: ServingConfig, engine: Engine) -> Gate | None:
     return SelectorGate.from_policy_file(path, engine, config.budget_ledger, config.decision_log)
 
 
-def sql_databases(config: ServingConfig) -> dict[str, str]:
-    """The text-to-SQL databases by name; ServingConfigError naming a missing file (`expertmesh
-    up` calls it before starting anything, the replica again when it builds its app)."""
-    from .config import ServingConfigError
-    from .sql_demo import SAMPLE_DB
+@dataclass(frozen=True)
+class Replica:
+    """What a route mount may use of the API replica it is mounted on."""
 
-    databases = config.sql.databases or {"shakespeare": str(SAMPLE_DB)}
-    for name, target in databases.items():
-        local = target.removeprefix("sqlite:///")
-        if "://" not in local and not Path(local).expanduser().is_file():  # URLs: checked on use
-            raise ServingConfigError(
-                f"sql.databases.{name}: no SQLite file at {local}; fix the path or remove the entry"
-            )
-    return dict(databases)
+    engine: Engine
+    gate: Gate | None
+    """The selector gate (`gate.SelectorGate`) when the config has a policy, else None."""
+    telemetry: Telemetry
+    config: ServingConfig
+
+
+class RouteMount(Protocol):
+    """The hook for routes beyond the OpenAI API: called once per replica, after the OpenAI
+    routes are built, with that app and the replica's parts; returns the ASGI app to serve."""
+
+    def __call__(self, app: FastAPI, replica: Replica) -> Any: ...
 
 
 @serve.ingress()
 class ApiServer:
     """One API replica: engine + gate + telemetry behind the OpenAI routes."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], mounts: Sequence[RouteMount] = ()) -> None:
         from expertmesh.observability import TelemetryConfig, configure_telemetry
         from expertmesh.observability.logs import configure_json_logging
 
         self.config = parse_serving_config(config)
+        self.mounts = tuple(mounts)
         configure_json_logging(self.config.log_dir, "api")
         self.telemetry = configure_telemetry(TelemetryConfig(**self.config.telemetry))
         self.engine = build_engine(self.config, self.telemetry)
         self.gate = build_gate(self.config, self.engine)
 
     def __serve_build_asgi_app__(self) -> Any:
-        app = make_api(
+        app: Any = make_api(
             self.engine,
             ApiSettings(self.config.default_max_tokens, self.config.request_timeout_s),
             self.gate,
@@ -104,37 +120,9 @@ class ApiServer:
             prometheus_registry=self.telemetry.prometheus_registry,
             tracer=self.telemetry.tracer,
         )
-        from .gate import SelectorGate
-
-        if isinstance(self.gate, SelectorGate):  # text-to-SQL needs the selector (task sql)
-            from .sql import SelectorChooser, TextToSql
-            from .sql_api import sql_router
-
-            selector = self.gate.selector
-            sql = self.config.sql
-            databases = sql_databases(self.config)
-            service = TextToSql(
-                self.engine,
-                SelectorChooser(selector),
-                sql.max_tokens,
-                ground_values=sql.ground_values,
-            )
-            app.include_router(
-                sql_router(service, selector, databases, sql.row_limit, sql.timeout_s)
-            )
-            if self.config.mcp is not None:
-                from .mcp_server import WithMcp, build_mcp_from_spec
-
-                mcp = build_mcp_from_spec(
-                    self.config.mcp,
-                    self.engine,
-                    selector,
-                    self.telemetry.tracer,
-                    sql_service=service,
-                    databases=databases,
-                    sql=sql,
-                )
-                return WithMcp(app, mcp)
+        replica = Replica(self.engine, self.gate, self.telemetry, self.config)
+        for mount in self.mounts:
+            app = mount(app, replica)
         return app
 
     def check_health(self) -> None:
@@ -161,9 +149,12 @@ def deployment_options(config: ServingConfig) -> dict[str, Any]:
     return options
 
 
-def build_app(args: dict[str, Any] | ServingConfig | None = None) -> serve.Application:
-    """The API as a Ray Serve application; `args` are `ServingConfig` fields."""
+def build_app(
+    args: dict[str, Any] | ServingConfig | None = None, mounts: Sequence[RouteMount] = ()
+) -> serve.Application:
+    """The API as a Ray Serve application; `args` are `ServingConfig` fields, `mounts` the
+    extra routes each replica serves (see `RouteMount`)."""
     config = args if isinstance(args, ServingConfig) else parse_serving_config(args or {})
     deployment: Any = serve.deployment(ApiServer)
     deployment = deployment.options(**deployment_options(config))
-    return deployment.bind(config.model_dump())
+    return deployment.bind(config.model_dump(), tuple(mounts))

@@ -64,68 +64,6 @@ class AutoscalingSpec(_Spec):
         return self
 
 
-class McpClientSpec(_Spec):
-    """An agent of the built-in issuer's token endpoint (client credentials grant)."""
-
-    secret_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
-    """sha256 digest of the client secret (`expertmesh policy hash-key SECRET`)."""
-    scopes: list[Literal["chat:complete", "sql:query", "cluster:read"]] = Field(min_length=1)
-    """Scopes the client may be granted."""
-
-
-class McpSpec(_Spec):
-    """The MCP server beside the API (`serving/mcp_server.py`, docs/agents.md)."""
-
-    resource_url: str = Field(pattern=r"^https?://[^/]+/mcp$")
-    """This server's MCP endpoint as clients reach it (the token audience), e.g.
-    http://127.0.0.1:8000/mcp."""
-    issuer_url: str | None = None
-    """Token issuer (`iss`); default: the built-in issuer at resource_url's origin."""
-    jwks_url: str | None = None
-    """A standard issuer's JWKS; None: the built-in issuer's key in `key_file`."""
-    key_file: str = "~/.expertmesh/mcp-issuer.pem"
-    """The built-in issuer's Ed25519 key (PEM), created when missing; shared by replicas and
-    `python -m expertmesh.serving.agent_auth issue`."""
-    agents: dict[str, str] = {}
-    """Agent (token client_id) -> selector tenant."""
-    default_tenant: str | None = None
-    """Tenant of agents not in `agents`; None: unmapped agents are refused. `expertmesh up`
-    sets the policy's anonymous tenant, so a token adds no access anonymous HTTP lacks."""
-    sql_tables: dict[str, list[str]] = {}
-    """Agent -> tables text_to_sql may read (not listed: every table)."""
-    clients: dict[str, McpClientSpec] = {}
-    """Agents that get tokens from the built-in issuer's `POST /oauth/token` (OAuth client
-    credentials); empty: no token endpoint (tokens from `expertmesh mcp token`)."""
-    token_ttl_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
-    """Lifetime of tokens from the token endpoint."""
-
-    @model_validator(mode="after")
-    def _clients_need_the_builtin_issuer(self) -> McpSpec:
-        if self.clients and self.jwks_url is not None:
-            raise ValueError(
-                "`clients` configure the built-in issuer's token endpoint, but `jwks_url` names "
-                "an external issuer: register the clients there and remove `clients`"
-            )
-        return self
-
-
-class SqlSpec(_Spec):
-    """Text-to-SQL on `/v1/sql/answer` and the MCP `text_to_sql` tool (docs/agents.md)."""
-
-    databases: dict[str, str] | None = None
-    """Name -> SQLite file (or `sqlite:///` URL) clients may ask about; None: the bundled
-    sample as "shakespeare". Each file must exist when the server starts."""
-    row_limit: Annotated[int, Field(ge=1, le=100_000)] = 100
-    """Rows returned at most (the answer says when it was cut)."""
-    timeout_s: Annotated[float, Field(gt=0, le=300)] = 2.0
-    """A query running longer is interrupted."""
-    max_tokens: Annotated[int, Field(ge=16)] = 128
-    """Output cap of each model call (the query and its one repair)."""
-    ground_values: bool = True
-    """Replace a literal the model got wrong by the one stored value of that column the
-    question names (`sql.ground_literals`); every replacement is reported in the answer."""
-
-
 class SupervisorSpec(_Spec):
     """The supervisor of the expert-parallel cluster (engine expertmesh with a topology):
     restarts lost shards, re-places a lost node's experts, takes a returning node back and
@@ -189,10 +127,6 @@ class ServingConfig(_Spec):
     telemetry: dict[str, Any] = {"metrics_exporter": "prometheus"}
     """observability.TelemetryConfig fields."""
     route_prefix: str = "/"
-    mcp: McpSpec | None = None
-    """Serve MCP on /mcp beside the API (needs a policy: agents map to its tenants)."""
-    sql: SqlSpec = SqlSpec()
-    """Text-to-SQL (served when a policy is set: the selector picks the model, task `sql`)."""
     supervisor: SupervisorSpec = SupervisorSpec()
     """Recovery of the expert-parallel cluster (only with a `topology`)."""
     log_dir: str | None = None
@@ -207,11 +141,21 @@ class ServingConfig(_Spec):
             raise ValueError(
                 f"`remote` is only used with engine 'remote' (engine is {self.engine!r})"
             )
-        if self.mcp is not None and self.policy is None:
-            raise ValueError("`mcp` needs a `policy`: agents map to the policy's tenants")
         if self.topology is not None and self.engine != "expertmesh":
             raise ValueError("`topology` is only used with engine 'expertmesh'")
         return self
+
+
+def config_error(source: str, error: ValidationError, prefix: str = "") -> ServingConfigError:
+    """A ServingConfigError naming every bad field of `error` (under `prefix`, e.g. "mcp.")."""
+    lines = []
+    for err in error.errors():
+        loc = prefix + ".".join(str(p) for p in err["loc"]) if err["loc"] else "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; remove it or check its spelling"
+        lines.append(f"  {loc}: {msg}")
+    return ServingConfigError(f"{source} is invalid:\n" + "\n".join(lines))
 
 
 def parse_serving_config(data: Any, source: str = "serving config") -> ServingConfig:
@@ -225,22 +169,19 @@ def parse_serving_config(data: Any, source: str = "serving config") -> ServingCo
     try:
         return ServingConfig.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field; remove it or check its spelling"
-            lines.append(f"  {loc}: {msg}")
-        raise ServingConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+        raise config_error(source, e) from None
 
 
-def load_serving_config(path: str | Path) -> ServingConfig:
+def read_config_file(path: str | Path) -> Any:
+    """The parsed YAML of a config file; ServingConfigError when it cannot be read or parsed."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except OSError as e:
         raise ServingConfigError(f"cannot read serving config {path}: {e}") from e
     except yaml.YAMLError as e:
         raise ServingConfigError(f"serving config {path} is not valid YAML: {e}") from e
-    return parse_serving_config(data, str(path))
+
+
+def load_serving_config(path: str | Path) -> ServingConfig:
+    return parse_serving_config(read_config_file(path), str(path))

@@ -56,7 +56,7 @@ class ModelSection(_Section):
     checkpoint: PathStr | None = None
     """Start from this Hugging Face checkpoint directory (weights, config and tokenizer)."""
     preset: Literal["demo"] | None = None
-    """A fresh seeded model of a named shape: 'demo' is `training/demo.py: demo_config`."""
+    """A fresh seeded model of a named shape: 'demo' is `training/model_init.py: demo_config`."""
     config: dict[str, Any] | None = None
     """A fresh seeded model from these config.json fields (Hugging Face names); merged over
     `preset` when both are given, so a test can shrink the demo shape."""

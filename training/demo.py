@@ -8,7 +8,7 @@
 2. a short supervised fine-tune on the example chat data (`training/sft.py`), so a chat
    request such as the main job's "ROMEO:" is answered with a speech that ends at `<|end|>`;
 3. a text-to-SQL fine-tune (`sql_sft`, the same SFT pipeline) on question/SQL pairs over the
-   sample database (`serving/sql_demo.py --sft-data` writes them, with the service's exact
+   sample database (`agents/sql_demo.py --sft-data` writes them, with the service's exact
    prompts), rehearsing the chat data (`data.replay`) so stage 2 is kept;
 4. export to `expertmesh/demo` in bf16, measure validation perplexity on the held-out plays
    through the engine's KV-cache path (`models/evaluate.py`), generate a few samples, and write
@@ -33,44 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-
-
-def demo_config(vocab_size: int, bos_token_id: int | None, eos_token_id: int) -> dict[str, Any]:
-    """config.json of the demo model (Hugging Face DeepSeek-V3 field names)."""
-    return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
-        "vocab_size": vocab_size,
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "moe_intermediate_size": 192,
-        "num_hidden_layers": 4,
-        "first_k_dense_replace": 1,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-        "q_lora_rank": None,
-        # latent 40 + rope 16 = 56 values/token/layer vs 8 heads x (48 + 32) = 640 for MHA
-        "kv_lora_rank": 40,
-        "qk_rope_head_dim": 16,
-        "qk_nope_head_dim": 32,
-        "v_head_dim": 32,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "n_shared_experts": 1,
-        "n_group": 2,
-        "topk_group": 1,
-        "norm_topk_prob": True,
-        "routed_scaling_factor": 1.0,
-        "rope_interleave": True,
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "tie_word_embeddings": True,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "dtype": "bfloat16",
-    }
 
 
 class DemoPipelineConfig(BaseModel):

@@ -11,7 +11,44 @@ from expertmesh.models.model import MoEModel, init_random
 from expertmesh.models.tokenizer import Tokenizer
 
 from .config import ModelSection, TrainingConfigError
-from .demo import demo_config
+
+
+def demo_config(vocab_size: int, bos_token_id: int | None, eos_token_id: int) -> dict[str, Any]:
+    """config.json of the demo model (Hugging Face DeepSeek-V3 field names)."""
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": vocab_size,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 192,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "q_lora_rank": None,
+        # latent 40 + rope 16 = 56 values/token/layer vs 8 heads x (48 + 32) = 640 for MHA
+        "kv_lora_rank": 40,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "n_group": 2,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.0,
+        "rope_interleave": True,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "dtype": "bfloat16",
+    }
 
 
 def tokenizer_dir(section: ModelSection) -> Path:

@@ -25,12 +25,12 @@ import uvicorn
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from expertmesh.paths import DEMO_MODEL_DIR
+from expertmesh.agents.agent_auth import AgentDirectory, JwtVerifier, TokenIssuer
+from expertmesh.agents.mcp_server import McpSettings, build_mcp_app
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.policies import DEFAULT_POLICY, load_policy
 from expertmesh.routing import Selector
-from expertmesh.serving.agent_auth import AgentDirectory, JwtVerifier, TokenIssuer
 from expertmesh.serving.local_engine import ExpertMeshEngine
-from expertmesh.serving.mcp_server import McpSettings, build_mcp_app
 
 QUESTION = "List the characters in Macbeth."
 AGENTS = (("agent-analyst", ["sql:query"]), ("agent-chat", ["chat:complete"]))

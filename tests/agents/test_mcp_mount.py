@@ -1,5 +1,6 @@
-"""MCP beside the OpenAI API in the Ray Serve replica's app (`build_app` path, served here by
-uvicorn without Ray): a serving config's `mcp` section mounts it on /mcp, tokens come from the
+"""MCP beside the OpenAI API in the Ray Serve replica's app (`agents.app.build_app` path: serving's
+route-mount hook with `AgentMount`, served here by uvicorn without Ray): a platform config's
+`mcp` section mounts it on /mcp, tokens come from the
 built-in issuer's key file."""
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import uvicorn
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
+from expertmesh.agents.agent_auth import TokenIssuer
+from expertmesh.agents.app import AgentMount, sql_databases
+from expertmesh.agents.config import parse_platform_config
+from expertmesh.agents.sql_demo import TemplateEngine
 from expertmesh.policies.keys import hash_api_key
-from expertmesh.serving.agent_auth import TokenIssuer
 from expertmesh.serving.app import ApiServer, build_gate
-from expertmesh.serving.config import ServingConfigError, parse_serving_config
-from expertmesh.serving.sql_demo import TemplateEngine
+from expertmesh.serving.config import ServingConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 
@@ -39,7 +42,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     key_file = tmp_path_factory.mktemp("mcp") / "issuer.pem"
-    config = parse_serving_config(
+    platform = parse_platform_config(
         {
             "mcp": {
                 "resource_url": f"http://127.0.0.1:{port}/mcp",
@@ -54,8 +57,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
             }
         }
     )
+    config = platform.serving
     replica: Any = object.__new__(ApiServer)  # the replica without Ray: same app building
     replica.config = config
+    replica.mounts = (AgentMount(platform.agents),)
     replica.engine = TemplateEngine("expertmesh-demo")
     replica.gate = build_gate(config, replica.engine)
     replica.telemetry = _NoTelemetry()
@@ -97,37 +102,36 @@ def test_api_and_mcp_share_the_server(served: tuple[str, Path]) -> None:
 
 def test_mcp_without_a_policy_is_a_config_error() -> None:
     with pytest.raises(ServingConfigError, match="needs a `policy`"):
-        parse_serving_config({"policy": None, "mcp": {"resource_url": "http://h:8000/mcp"}})
+        parse_platform_config({"policy": None, "mcp": {"resource_url": "http://h:8000/mcp"}})
 
 
 def test_configured_databases_are_served_and_a_missing_file_is_named(tmp_path: Path) -> None:
-    from expertmesh.serving.app import sql_databases
-    from expertmesh.serving.sql_demo import build_sample_db
+    from expertmesh.agents.sql_demo import build_sample_db
 
     db = build_sample_db(tmp_path / "plays.sqlite")
-    config = parse_serving_config({"sql": {"databases": {"plays": f"sqlite:///{db}"}}})
-    assert sql_databases(config) == {"plays": f"sqlite:///{db}"}
-    assert "shakespeare" in sql_databases(parse_serving_config({}))
-    missing = parse_serving_config({"sql": {"databases": {"sales": str(tmp_path / "no.db")}}})
+    config = parse_platform_config({"sql": {"databases": {"plays": f"sqlite:///{db}"}}})
+    assert sql_databases(config.agents.sql) == {"plays": f"sqlite:///{db}"}
+    assert "shakespeare" in sql_databases(parse_platform_config({}).agents.sql)
+    missing = parse_platform_config({"sql": {"databases": {"sales": str(tmp_path / "no.db")}}})
     with pytest.raises(ServingConfigError, match=r"sql.databases.sales: no SQLite file"):
-        sql_databases(missing)
+        sql_databases(missing.agents.sql)
     with pytest.raises(ServingConfigError, match=r"sql.row_limit"):
-        parse_serving_config({"sql": {"row_limit": 0}})
+        parse_platform_config({"sql": {"row_limit": 0}})
 
 
 def test_an_agent_mapped_to_a_tenant_the_policy_lacks_is_a_config_error(tmp_path: Path) -> None:
+    from expertmesh.agents.mcp_server import build_mcp_from_spec
     from expertmesh.policies import DEFAULT_POLICY, load_policy
     from expertmesh.routing import Selector
-    from expertmesh.serving.mcp_server import build_mcp_from_spec
 
     selector = Selector(load_policy(DEFAULT_POLICY))
     for mcp, field in (
         ({"agents": {"agent-x": "finance"}}, "mcp.agents.agent-x: tenant 'finance'"),
         ({"default_tenant": "nobody"}, "mcp.default_tenant: tenant 'nobody'"),
     ):
-        spec = parse_serving_config(
+        spec = parse_platform_config(
             {"mcp": {"resource_url": "http://h:1/mcp", "key_file": str(tmp_path / "k"), **mcp}}
-        ).mcp
+        ).agents.mcp
         assert spec is not None
         with pytest.raises(ServingConfigError, match=field):
             build_mcp_from_spec(spec, TemplateEngine("expertmesh-demo"), selector)

@@ -22,12 +22,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from expertmesh.agents.agent_auth import AgentDirectory, JwtVerifier, TokenIssuer
+from expertmesh.agents.mcp_server import McpSettings, build_mcp_app
+from expertmesh.agents.sql_demo import TemplateEngine, build_sample_db
 from expertmesh.policies import DEFAULT_POLICY, load_policy
 from expertmesh.routing import Selector
-from expertmesh.serving.agent_auth import AgentDirectory, JwtVerifier, TokenIssuer
 from expertmesh.serving.engine import EngineOutput, EngineRequest
-from expertmesh.serving.mcp_server import McpSettings, build_mcp_app
-from expertmesh.serving.sql_demo import TemplateEngine, build_sample_db
 
 
 @dataclass

@@ -7,10 +7,11 @@ import base64
 import pytest
 from starlette.testclient import TestClient
 
+from expertmesh.agents.agent_auth import JwtVerifier, TokenIssuer
+from expertmesh.agents.config import parse_platform_config
+from expertmesh.agents.oauth_token import OAuthClient, token_app
 from expertmesh.policies.keys import hash_api_key
-from expertmesh.serving.agent_auth import JwtVerifier, TokenIssuer
-from expertmesh.serving.config import ServingConfigError, parse_serving_config
-from expertmesh.serving.oauth_token import OAuthClient, token_app
+from expertmesh.serving.config import ServingConfigError
 
 ORIGIN = "http://127.0.0.1:8000"
 RESOURCE = ORIGIN + "/mcp"
@@ -80,14 +81,14 @@ def test_authorization_server_metadata_names_the_token_endpoint(client):
     assert doc["grant_types_supported"] == ["client_credentials"]
 
 
-def test_clients_are_validated_in_the_serving_config():
+def test_clients_are_validated_in_the_platform_config():
     mcp = {"resource_url": RESOURCE}
     with pytest.raises(ServingConfigError, match=r"mcp.clients.a.secret_hash"):
-        parse_serving_config(
+        parse_platform_config(
             {"mcp": {**mcp, "clients": {"a": {"secret_hash": "s3cret", "scopes": ["sql:query"]}}}}
         )
     with pytest.raises(ServingConfigError, match=r"mcp.clients.a.scopes"):
-        parse_serving_config(
+        parse_platform_config(
             {
                 "mcp": {
                     **mcp,
@@ -96,7 +97,7 @@ def test_clients_are_validated_in_the_serving_config():
             }
         )
     with pytest.raises(ServingConfigError, match="external issuer"):
-        parse_serving_config(
+        parse_platform_config(
             {
                 "mcp": {
                     **mcp,

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from expertmesh.agents.sql import SelectorChooser, TextToSql
+from expertmesh.agents.sql_api import sql_router
+from expertmesh.agents.sql_demo import TemplateEngine, build_sample_db
 from expertmesh.policies import DEFAULT_POLICY, load_policy
 from expertmesh.routing import Selector
 from expertmesh.serving.api import make_api
-from expertmesh.serving.sql import SelectorChooser, TextToSql
-from expertmesh.serving.sql_api import sql_router
-from expertmesh.serving.sql_demo import TemplateEngine, build_sample_db
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from expertmesh.serving.sql import FixedModel, SqlScope, TextToSql
-from expertmesh.serving.sql_demo import (
+from expertmesh.agents.sql import FixedModel, SqlScope, TextToSql
+from expertmesh.agents.sql_demo import (
     HELD_OUT_ONLY,
     HELD_OUT_PLAYS,
     build_sample_db,
@@ -16,7 +16,7 @@ from expertmesh.serving.sql_demo import (
     synthetic_titles,
     write_sft_data,
 )
-from expertmesh.serving.sql_guard import SQLiteDatabase, check_sql
+from expertmesh.agents.sql_guard import SQLiteDatabase, check_sql
 
 
 def test_no_held_out_play_or_phrasing_is_in_the_fine_tuning_set():

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from expertmesh.serving.sql_demo import build_sample_db
-from expertmesh.serving.sql_guard import (
+from expertmesh.agents.sql_demo import build_sample_db
+from expertmesh.agents.sql_guard import (
     DatabaseUnsupported,
     SqlExecutionError,
     SQLiteDatabase,
     SqlRefused,
     SqlTimeout,
     check_sql,
-    open_database,
 )
+from expertmesh.agents.sql_open import open_database
 
 TABLES = ("plays", "characters", "scenes")
 
@@ -152,7 +152,7 @@ def test_open_database_takes_sqlite_urls_and_refuses_unknown_schemes(tmp_path: P
 
 
 def test_bundled_sample_database_is_what_the_generator_writes(tmp_path: Path) -> None:
-    from expertmesh.serving.sql_demo import SAMPLE_DB
+    from expertmesh.agents.sql_demo import SAMPLE_DB
 
     fresh = SQLiteDatabase(build_sample_db(tmp_path / "fresh.sqlite"))
     bundled = SQLiteDatabase(SAMPLE_DB)

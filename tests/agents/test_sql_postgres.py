@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from expertmesh.serving.sql import FixedModel, SqlScope, TextToSql
-from expertmesh.serving.sql_demo import SCHEMA, build_sample_db, sample_rows
-from expertmesh.serving.sql_guard import (
+from expertmesh.agents.sql import FixedModel, SqlScope, TextToSql
+from expertmesh.agents.sql_demo import SCHEMA, build_sample_db, sample_rows
+from expertmesh.agents.sql_guard import (
     DatabaseUnreachable,
     DatabaseUnsupported,
     GuardedQuery,
@@ -25,9 +25,9 @@ from expertmesh.serving.sql_guard import (
     SQLiteDatabase,
     SqlTimeout,
     check_sql,
-    open_database,
 )
-from expertmesh.serving.sql_postgres import PostgresDatabase
+from expertmesh.agents.sql_open import open_database
+from expertmesh.agents.sql_postgres import PostgresDatabase
 
 # SQLite's INTEGER PRIMARY KEY numbers rows by itself; PostgreSQL needs an identity for that.
 PG_SCHEMA = SCHEMA.replace(

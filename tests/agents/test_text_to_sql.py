@@ -7,9 +7,7 @@ import asyncio
 
 import pytest
 
-from expertmesh.policies import load_policy
-from expertmesh.routing import Selector
-from expertmesh.serving.sql import (
+from expertmesh.agents.sql import (
     FixedModel,
     SelectorChooser,
     SqlAnswerFailed,
@@ -18,8 +16,10 @@ from expertmesh.serving.sql import (
     extract_sql,
     link_schema,
 )
-from expertmesh.serving.sql_demo import TemplateEngine, build_sample_db
-from expertmesh.serving.sql_guard import SQLiteDatabase, SqlRefused
+from expertmesh.agents.sql_demo import TemplateEngine, build_sample_db
+from expertmesh.agents.sql_guard import SQLiteDatabase, SqlRefused
+from expertmesh.policies import load_policy
+from expertmesh.routing import Selector
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def test_selector_sees_the_request_as_task_sql(db: SQLiteDatabase) -> None:
 
 
 def test_value_linking_names_stored_literals_the_question_mentions(tmp_path, monkeypatch):
-    from expertmesh.serving import sql as sql_module
-    from expertmesh.serving.sql import link_values, prepare_prompt
+    from expertmesh.agents.sql import link_values, prepare_prompt
+    from expertmesh.agents import sql as sql_module
 
     db = SQLiteDatabase(build_sample_db(tmp_path / "s.sqlite"))
     rendered = [
@@ -158,7 +158,7 @@ def test_the_answer_reports_the_value_hints_its_prompt_carried(scripted, tmp_pat
 
 
 def test_value_grounding_replaces_only_an_unambiguous_wrong_literal():
-    from expertmesh.serving.sql import LinkedValue, ground_literals
+    from expertmesh.agents.sql import LinkedValue, ground_literals
 
     schema = {"plays": ("id", "title", "year"), "characters": ("id", "play_id", "name")}
     othello = [LinkedValue("plays", "title", "Othello")]

@@ -8,8 +8,8 @@ import json
 import jwt
 import pytest
 
+from expertmesh.agents.agent_auth import JwtVerifier, TokenIssuer
 from expertmesh.cli import main
-from expertmesh.serving.agent_auth import JwtVerifier, TokenIssuer
 
 
 @pytest.fixture(autouse=True)

@@ -34,8 +34,8 @@ def test_missing_config_file_is_reported(tmp_path, capsys):
 
 def test_quantize_job_runs_from_the_command_line(tmp_path, capsys):
     from expertmesh.models.checkpoint import save_model
+    from expertmesh.models.paths import DEMO_MODEL_DIR
     from expertmesh.models.tokenizer import Tokenizer
-    from expertmesh.paths import DEMO_MODEL_DIR
     from expertmesh.training.config import ModelSection
     from expertmesh.training.model_init import fresh_config, start_model
 

@@ -18,9 +18,9 @@ from expertmesh.cluster.supervisor import Supervisor, SupervisorConfig
 from expertmesh.cluster.topology import load_topology
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.generate import Generator, SamplingParams
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.models.tokenizer import Tokenizer
 from expertmesh.observability.events import EventLog, read_events
-from expertmesh.paths import DEMO_MODEL_DIR
 
 pytestmark = pytest.mark.e2e
 TOPOLOGY = Path(__file__).resolve().parents[2] / "examples" / "topologies" / "mixed.yaml"

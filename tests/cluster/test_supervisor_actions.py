@@ -16,8 +16,8 @@ from expertmesh.cluster.supervisor import Supervisor, SupervisorConfig
 from expertmesh.cluster.topology import load_topology
 from expertmesh.models.checkpoint import load_model, read_config
 from expertmesh.models.generate import Generator, SamplingParams
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.observability.events import EventLog, read_events
-from expertmesh.paths import DEMO_MODEL_DIR
 
 # Three equal nodes: a rebalance after a drain has every reason to use the drained one again.
 TOPOLOGY = """

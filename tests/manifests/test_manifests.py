@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import yaml
 
+from expertmesh.agents.config import parse_platform_config
 from expertmesh.cli import build_parser, main
 from expertmesh.cluster.pool import node_resource
 from expertmesh.cluster.topology import load_topology, parse_topology
 from expertmesh.manifests import node_classes, render_overlay
-from expertmesh.serving.config import parse_serving_config
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "manifests" / "base"
@@ -231,8 +231,8 @@ def test_rayservice_serves_build_app_with_a_valid_serving_config(overlay, build)
     objects = build(REPO / "manifests" / "overlays" / overlay)
     (service,) = find(objects, "RayService")
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-    assert app["import_path"] == "expertmesh.serving.app:build_app"
-    config = parse_serving_config(app["args"])
+    assert app["import_path"] == "expertmesh.agents.app:build_app"
+    config = parse_platform_config(app["args"]).serving
     (configmap,) = find(objects, "ConfigMap", "expertmesh-config")
     mount = "/etc/expertmesh/"
     assert config.topology == mount + "topology.yaml"
@@ -360,8 +360,8 @@ def emitted_metric_names() -> set[str]:
     from prometheus_client import generate_latest
 
     from expertmesh.models.checkpoint import read_config
+    from expertmesh.models.paths import DEMO_MODEL_DIR
     from expertmesh.observability import TelemetryConfig, configure_telemetry
-    from expertmesh.paths import DEMO_MODEL_DIR
     from expertmesh.serving.api import Metrics
     from expertmesh.serving.engine_metrics import EngineMetrics
 

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from expertmesh.paths import DEMO_MODEL_DIR
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.serving.api import make_api
 from expertmesh.serving.app import ApiServer
 from expertmesh.serving.engine import EngineDead

@@ -12,9 +12,9 @@ from expertmesh.cluster.dispatch import InProcessShardPool
 from expertmesh.cluster.runtime import ExpertParallelModel
 from expertmesh.cluster.shard import ExpertShard
 from expertmesh.models.checkpoint import read_config
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.models.tokenizer import Tokenizer
 from expertmesh.observability import TelemetryConfig, configure_telemetry
-from expertmesh.paths import DEMO_MODEL_DIR
 from expertmesh.serving.api import make_api
 from expertmesh.serving.local_engine import ExpertMeshEngine
 

@@ -10,8 +10,8 @@ import pytest
 
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.generate import Generator, SamplingParams
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.models.tokenizer import Tokenizer
-from expertmesh.paths import DEMO_MODEL_DIR
 from expertmesh.serving.engine import ContextTooLong, Overloaded
 from expertmesh.serving.scheduler import ContinuousBatcher, SchedulerConfig, SchedulerEvent
 

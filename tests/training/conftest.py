@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from expertmesh.models.checkpoint import save_model
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.models.tokenizer import Tokenizer
-from expertmesh.paths import DEMO_MODEL_DIR
 from expertmesh.training.config import ModelSection
 from expertmesh.training.model_init import fresh_config, start_model
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.models.tokenizer import Tokenizer
-from expertmesh.paths import DEMO_MODEL_DIR
 from expertmesh.training.data import (
     IGNORE,
     DatasetError,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.models.tokenizer import Tokenizer
-from expertmesh.paths import DEMO_MODEL_DIR
 from expertmesh.training.config import SFTConfig, TrainingConfigError, parse_config
 from expertmesh.training.data import EncodedChat, encode_chat
 from expertmesh.training.sft import SFTTask, encode_sft_file

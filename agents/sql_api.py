@@ -21,12 +21,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from expertmesh.routing import RoutingError, Selector
+from expertmesh.serving.engine import EngineError
+from expertmesh.serving.gate import _bearer
+from expertmesh.serving.protocol import error_body
 
-from .engine import EngineError
-from .gate import _bearer
-from .protocol import error_body
 from .sql import SqlAnswerFailed, SqlScope, TextToSql
-from .sql_guard import SqlError, open_database
+from .sql_guard import SqlError
+from .sql_open import open_database
 
 
 class SqlQuestion(BaseModel):

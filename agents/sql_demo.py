@@ -1,9 +1,9 @@
 """The bundled text-to-SQL sample: a small Shakespeare database, template questions with their
 SQL, and a rule-based baseline engine.
 
-    python -m expertmesh.serving.sql_demo --build          # writes examples/sql/shakespeare.sqlite
-    python -m expertmesh.serving.sql_demo --ask "How many characters are in Hamlet?"
-    python -m expertmesh.serving.sql_demo --sft-data examples/training/data   # fine-tuning data
+    python -m expertmesh.agents.sql_demo --build          # writes examples/sql/shakespeare.sqlite
+    python -m expertmesh.agents.sql_demo --ask "How many characters are in Hamlet?"
+    python -m expertmesh.agents.sql_demo --sft-data examples/training/data   # fine-tuning data
 
 Provenance: every row is written by this file (no download). Titles, First Folio genre and
 conventional approximate composition years of ten plays; principal characters as named in the
@@ -31,7 +31,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import EngineHealth, EngineOutput, EngineRequest, ModelCard, UnknownModel
+from expertmesh.serving.engine import (
+    EngineHealth,
+    EngineOutput,
+    EngineRequest,
+    ModelCard,
+    UnknownModel,
+)
 
 SAMPLE_DB = Path(__file__).resolve().parents[1] / "examples" / "sql" / "shakespeare.sqlite"
 """In the source tree (the package installs editable, as `make` does)."""

@@ -5,7 +5,7 @@
                         verifier, agents, engine, selector, issuer=issuer)
     uvicorn.run(app, port=8001)                     # MCP on /mcp
 
-    python -m expertmesh.serving.mcp_server --port 8001      # demo: built-in issuer, demo model
+    python -m expertmesh.agents.mcp_server --port 8001      # demo: built-in issuer, demo model
 
 Tools and the scope each needs (`agent_auth.TOOL_SCOPES`): `chat_completion` (chat:complete)
 through the selector and the engine, `text_to_sql` (sql:query) over the configured databases,
@@ -46,6 +46,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from expertmesh.models.generate import SamplingParams
 from expertmesh.routing import RoutingError, SelectionRequest, Selector
+from expertmesh.serving.engine import Engine, EngineError, EngineRequest
+from expertmesh.serving.engine import Message as ChatMessage
 
 from .agent_auth import (
     JWKS_PATH,
@@ -56,14 +58,13 @@ from .agent_auth import (
     origin_of,
 )
 from .config import McpSpec, SqlSpec
-from .engine import Engine, EngineError, EngineRequest
-from .engine import Message as ChatMessage
 from .oauth_token import AS_METADATA_PATH, TOKEN_PATH, OAuthClient, token_app
 from .sql import SelectorChooser, SqlScope, TextToSql
 from .sql_demo import SAMPLE_DB
-from .sql_guard import SqlError, open_database
+from .sql_guard import SqlError
+from .sql_open import open_database
 
-log = logging.getLogger("expertmesh.serving.mcp")
+log = logging.getLogger("expertmesh.agents.mcp")
 
 PRM_PATH = "/.well-known/oauth-protected-resource"
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -358,7 +359,7 @@ def build_mcp_app(
 
 def check_agent_tenants(spec: McpSpec, tenants: Sequence[str]) -> None:
     """ServingConfigError naming the field when an agent maps to a tenant not in `tenants`."""
-    from .config import ServingConfigError
+    from expertmesh.serving.config import ServingConfigError
 
     named = [(f"mcp.agents.{a}", t) for a, t in spec.agents.items()]
     if spec.default_tenant is not None:
@@ -453,10 +454,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from expertmesh.paths import DEMO_MODEL_DIR
+    from expertmesh.models.paths import DEMO_MODEL_DIR
     from expertmesh.policies import DEFAULT_POLICY, load_policy
-
-    from .local_engine import ExpertMeshEngine
+    from expertmesh.serving.local_engine import ExpertMeshEngine
 
     parser = argparse.ArgumentParser(description="expertmesh MCP server (demo)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -37,8 +37,8 @@ from sqlglot.errors import SqlglotError
 
 from expertmesh.models.generate import SamplingParams
 from expertmesh.routing import SelectionRequest, Selector, redact_pii
+from expertmesh.serving.engine import Engine, EngineRequest, Message
 
-from .engine import Engine, EngineRequest, Message
 from .sql_guard import (
     GuardedQuery,
     QueryResult,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from expertmesh.chaos.runner import ChaosError, Runner, load_scenario
 from expertmesh.cli import main
-from expertmesh.serving.chaos import ChaosError, Runner, load_scenario
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "examples" / "chaos").glob("*.yaml"))

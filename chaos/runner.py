@@ -184,17 +184,16 @@ class Platform:
     def __init__(self, scenario: Scenario, out: Path, root: Path) -> None:
         from expertmesh.cluster.runtime import ExpertParallelModel
         from expertmesh.cluster.topology import load_topology
+        from expertmesh.models.paths import DEMO_MODEL_DIR
         from expertmesh.models.tokenizer import Tokenizer
         from expertmesh.observability import TelemetryConfig, configure_telemetry
-        from expertmesh.paths import DEMO_MODEL_DIR
         from expertmesh.policies import PolicyFile
         from expertmesh.routing import BudgetLedger, Selector
-
-        from .api import make_api
-        from .config import SupervisorSpec
-        from .gate import SelectorGate
-        from .local_engine import ExpertMeshEngine
-        from .scheduler import SchedulerConfig
+        from expertmesh.serving.api import make_api
+        from expertmesh.serving.config import SupervisorSpec
+        from expertmesh.serving.gate import SelectorGate
+        from expertmesh.serving.local_engine import ExpertMeshEngine
+        from expertmesh.serving.scheduler import SchedulerConfig
 
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
@@ -268,8 +267,8 @@ class Runner:
     def run(self) -> ChaosReport:
         from expertmesh.models.checkpoint import load_model
         from expertmesh.models.generate import Generator, SamplingParams
+        from expertmesh.models.paths import DEMO_MODEL_DIR
         from expertmesh.models.tokenizer import Tokenizer
-        from expertmesh.paths import DEMO_MODEL_DIR
 
         gen = Generator(load_model(DEMO_MODEL_DIR), Tokenizer.from_dir(DEMO_MODEL_DIR))
         prompt = Tokenizer.from_dir(DEMO_MODEL_DIR).apply_chat_template(

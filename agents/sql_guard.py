@@ -15,7 +15,8 @@ The runner does not trust the guard alone: the SQLite file is opened read-only
 progress handler interrupts the query at its deadline (a recursive CTE that never ends is
 stopped with `SqlTimeout`).
 
-PostgreSQL: `sql_postgres.PostgresDatabase` (the same protocol, read-only by the server too).
+PostgreSQL: `sql_postgres.PostgresDatabase` (the same protocol, read-only by the server too);
+`sql_open.open_database` picks the runner from a path or URL.
 """
 
 from __future__ import annotations
@@ -25,14 +26,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
-
-if TYPE_CHECKING:
-    pass
 
 
 class SqlError(Exception):
@@ -245,7 +243,7 @@ class SQLiteDatabase:
         if not self.path.is_file():
             raise DatabaseNotFound(
                 f"no SQLite database at {self.path} (the sample one: python -m "
-                "expertmesh.serving.sql_demo --build)"
+                "expertmesh.agents.sql_demo --build)"
             )
         self._schema: dict[str, tuple[str, ...]] | None = None
 
@@ -321,24 +319,3 @@ class SQLiteDatabase:
             truncated,
             time.monotonic() - started,
         )
-
-
-def open_database(url_or_path: str | Path) -> SqlDatabase:
-    """A database from a path or URL: a SQLite file (`path`, `sqlite:///path`) or PostgreSQL
-    (`postgresql://`, `postgres://`, `postgresql+psycopg://`; needs the `postgres` extra). Other
-    schemes raise `DatabaseUnsupported`."""
-    text = str(url_or_path)
-    if text.startswith(("postgresql:", "postgres:", "postgresql+")):
-        scheme, _, rest = text.partition("://")
-        if scheme not in ("postgresql", "postgres", "postgresql+psycopg") or not rest:
-            raise DatabaseUnsupported(
-                f"unsupported PostgreSQL URL scheme {scheme!r}: use postgresql://user@host:port/db"
-            )
-        from .sql_postgres import PostgresDatabase
-
-        return PostgresDatabase(f"postgresql://{rest}")
-    if text.startswith("sqlite:///"):
-        text = text[len("sqlite:///") :]
-    elif "://" in text:
-        raise DatabaseUnsupported(f"unsupported database URL scheme in {text.split('://')[0]!r}")
-    return SQLiteDatabase(text)
