@@ -22,7 +22,7 @@ from .compiled import CompiledPolicy, CompiledRule, effect_reason
 from .decision_log import LOG_SCHEMA
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 HEADER_MODEL = "x-expertmesh-model"
 HEADER_POLICY = "x-expertmesh-policy"
@@ -50,6 +50,10 @@ class SelectionRequest:
     """Exact prompt token count when the server tokenised it; else estimated (high)."""
     classification: Classification | None = None
     """Precomputed classification (replay, or a classifier run elsewhere); else classified."""
+    count_tokens: Callable[[frozenset[str]], int | None] | None = None
+    """Exact prompt tokens of the text the engine will see, given the PII kinds the decision
+    redacts (the serving gate asks its engine); `decide` calls it once the plan knows the
+    kinds, and reserves on the result. None, or a call returning None: `prompt_tokens`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from opentelemetry.trace import NoOpTracer, Tracer
 
@@ -149,10 +150,11 @@ class Selector:
                 if entry is None:
                     raise _unknown_tenant(request.tenant, compiled.policy)
                 tenant = entry[0]
+                request, planned = self._plan_counted(compiled, request, c, decision_id)
                 prompt_tokens = request.prompt_tokens or c.prompt_tokens
                 max_tokens = request.max_tokens or compiled.policy.default_max_tokens
                 self._rate.admit(tenant.name, tenant.rate_limit, prompt_tokens + max_tokens)
-                decision = self._reserve_first(self._plan(compiled, request, c, decision_id))
+                decision = self._reserve_first(planned)
             except RoutingError as e:
                 record = request_record(
                     decision_id,
@@ -192,6 +194,36 @@ class Selector:
                     }
                 )
             return decision
+
+    def _plan_counted(
+        self,
+        compiled: CompiledPolicy,
+        request: SelectionRequest,
+        c: Classification,
+        decision_id: str,
+    ) -> tuple[SelectionRequest, Decision]:
+        """The plan, on the engine's exact count of the text it will see when the request
+        offers one: plan on the estimate, count the prompt with the plan's PII kinds redacted,
+        plan again on that count. A rule whose token bounds flip the redaction on the exact
+        count is followed to its kinds (counted once each); if they never settle, the largest
+        count is kept, so the reservation stays an upper bound."""
+        planned = self._plan(compiled, request, c, decision_id)
+        if request.count_tokens is None:
+            return request, planned
+        counts: dict[frozenset[str], int | None] = {}
+        while planned.redact_pii not in counts and len(counts) < 3:
+            counts[planned.redact_pii] = request.count_tokens(planned.redact_pii)
+            exact = counts[planned.redact_pii]
+            if exact is None:
+                return replace(request, count_tokens=None), planned
+            counted = replace(request, prompt_tokens=exact, count_tokens=None)
+            planned = self._plan(compiled, counted, c, decision_id)
+        exact = counts.get(planned.redact_pii)
+        if exact is None:  # the kinds did not settle: the largest count bounds every text
+            exact = max(n for n in counts.values() if n is not None)
+            counted = replace(request, prompt_tokens=exact, count_tokens=None)
+            planned = self._plan(compiled, counted, c, decision_id)
+        return replace(request, prompt_tokens=exact, count_tokens=None), planned
 
     def fallback(self, decision: Decision, reason: str = "error") -> Decision:
         """Release `decision`'s reservation and move to its next fallback (reserving for it).

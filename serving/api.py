@@ -137,28 +137,137 @@ def _validation_error(e: ValidationError, request_id: str) -> JSONResponse:
     )
 
 
-def make_api(
-    engine: Engine,
-    settings: ApiSettings | None = None,
-    gate: Gate | None = None,
-    meter: Any = None,
-    prometheus_registry: Any = None,
-    tracer: Any = None,
-) -> FastAPI:
-    settings = settings or ApiSettings()
-    app = FastAPI(title="expertmesh", version="0.1.0")
-    if meter is None:
-        from opentelemetry.metrics import NoOpMeter
+def engine_request(
+    rid: str,
+    model: str,
+    body: ChatCompletionRequest | CompletionRequest,
+    params: SamplingParams,
+    rewrite: Callable[[str], str] | None = None,
+    deadline_s: float | None = None,
+) -> EngineRequest:
+    """The request the engine gets for `body`: its messages (chat) or prompt (completion), every
+    text passed through `rewrite` (the gate's PII redaction). The gate counts prompt tokens on
+    exactly this request, so what it reserves for is what the engine runs."""
+    rewrite = rewrite or (lambda text: text)
+    if isinstance(body, ChatCompletionRequest):
+        messages = tuple(Message(m.role, rewrite(m.text())) for m in body.messages)
+        return EngineRequest(rid, model, params, messages=messages, deadline_s=deadline_s)
+    return EngineRequest(
+        rid, model, params, prompt=rewrite(body.prompt_text()), deadline_s=deadline_s
+    )
 
-        meter = NoOpMeter("expertmesh.serving")
-    metrics = Metrics(meter, engine)
 
-    def sampling(
-        body: ChatCompletionRequest | CompletionRequest, limit: int | None
-    ) -> SamplingParams:
+async def parse_body(request: Request, schema: type[BaseModel], rid: str) -> BaseModel | Response:
+    """The validated body, or the 400 naming what is wrong (not JSON, or the first bad field)."""
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return JSONResponse(
+            error_body("the request body is not valid JSON", "invalid_request_error"),
+            status_code=400,
+            headers={"x-request-id": rid},
+        )
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        return _validation_error(e, rid)
+
+
+def models_doc(engine: Engine) -> dict[str, Any]:
+    """GET /v1/models."""
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": card.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": card.owned_by,
+                "context_window": card.context_window,
+            }
+            for card in engine.models()
+        ],
+    }
+
+
+def health_response(engine: Engine) -> JSONResponse:
+    """GET /health: 200 with the engine's queue, 503 when it is dead or its loop stalled."""
+    h = engine.health()
+    doc = {
+        "status": "ok" if h.healthy else "unhealthy",
+        "detail": h.detail,
+        "running": h.running,
+        "waiting": h.waiting,
+        "last_progress_age_s": round(h.last_progress_age_s, 3),
+        **h.extra,
+    }
+    return JSONResponse(doc, status_code=200 if h.healthy else 503)
+
+
+def metrics_response(registry: Any) -> Response:
+    """GET /metrics: the Prometheus text of `registry` (telemetry's, not the process default)."""
+    if registry is None:
+        return PlainTextResponse("# metrics are off (telemetry.metrics_exporter)\n")
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+Body = ChatCompletionRequest | CompletionRequest
+
+
+@dataclass
+class Exchange:
+    """One admitted request on its way out: who asked, what the engine runs, and where its
+    output goes (the root span, the gate's settle/release)."""
+
+    rid: str
+    kind: str
+    """"chat" or "completion"."""
+    body: Body
+    span: Any
+    decision: GateDecision
+    request: EngineRequest
+    stream: AsyncIterator[EngineOutput]
+    first: EngineOutput
+    arrived: float
+    headers: dict[str, str]
+    created: int = field(default_factory=now)
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    def fail(self, error: EngineError) -> None:
+        """A failure after admission: drop the budget hold, mark the span."""
+        if self.decision.release is not None:
+            self.decision.release()
+        _span_error(self.span, error)
+
+
+class CompletionHandlers:
+    """The two generation routes, one small step per method: `handle` (id, parse) -> `traced`
+    (root span) -> `admit` (gate, engine request, first output) -> `whole` (JSON) or `events`
+    (SSE) -> `finish` (logs, span, metrics, settle)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: ApiSettings,
+        gate: Gate | None,
+        metrics: Metrics,
+        tracer: Any,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.gate = gate
+        self.metrics = metrics
+        self.tracer = tracer
+
+    def sampling(self, body: Body, limit: int | None) -> SamplingParams:
         try:
             return SamplingParams(
-                max_tokens=limit or settings.default_max_tokens,
+                max_tokens=limit or self.settings.default_max_tokens,
                 temperature=body.temperature,
                 top_p=body.top_p,
                 seed=body.seed,
@@ -167,45 +276,28 @@ def make_api(
         except GenerationError as e:
             raise InvalidRequest(str(e)) from e
 
-    async def parse(request: Request, model: type[BaseModel], rid: str) -> BaseModel | Response:
-        try:
-            raw = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return JSONResponse(
-                error_body("the request body is not valid JSON", "invalid_request_error"),
-                status_code=400,
-                headers={"x-request-id": rid},
-            )
-        try:
-            return model.model_validate(raw)
-        except ValidationError as e:
-            return _validation_error(e, rid)
-
-    async def run(
-        request: Request,
-        kind: str,
-        body: ChatCompletionRequest | CompletionRequest,
-        rid: str,
+    async def handle(
+        self, request: Request, kind: str, schema: type[BaseModel], id_prefix: str
     ) -> Response:
+        rid = request.headers.get("x-request-id") or new_id(id_prefix)
+        body = await parse_body(request, schema, rid)
+        if isinstance(body, Response):
+            return body
+        assert isinstance(body, ChatCompletionRequest | CompletionRequest)
         with bind_request_id(rid):
             log.info("request received", extra={"route": kind, "model": body.model})
-            return await _traced(request, kind, body, rid)
+            return await self.traced(request, kind, body, rid)
 
-    async def _traced(
-        request: Request,
-        kind: str,
-        body: ChatCompletionRequest | CompletionRequest,
-        rid: str,
-    ) -> Response:
-        """`_run` inside the request's root span (one trace per request, continuing the
+    async def traced(self, request: Request, kind: str, body: Body, rid: str) -> Response:
+        """`respond` inside the request's root span (one trace per request, continuing the
         caller's `traceparent` if it sent one)."""
-        if tracer is None:
-            return await _run(request, kind, body, rid, None)
+        if self.tracer is None:
+            return await self.respond(request, kind, body, rid, None)
         from opentelemetry import context as otel_context
         from opentelemetry import propagate, trace
 
         operation = "chat" if kind == "chat" else "text_completion"
-        span = tracer.start_span(
+        span = self.tracer.start_span(
             f"{operation} {body.model}",
             context=propagate.extract(dict(request.headers)),
             kind=trace.SpanKind.SERVER,
@@ -214,7 +306,8 @@ def make_api(
                 "gen_ai.request.model": body.model,
                 "gen_ai.request.temperature": body.temperature,
                 "gen_ai.request.top_p": body.top_p,
-                "gen_ai.request.max_tokens": body.output_limit() or settings.default_max_tokens,
+                "gen_ai.request.max_tokens": body.output_limit()
+                or self.settings.default_max_tokens,
                 "gen_ai.response.id": rid,
                 "expertmesh.request_id": rid,
                 "expertmesh.stream": body.stream,
@@ -222,7 +315,7 @@ def make_api(
         )
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            response = await _run(request, kind, body, rid, span)
+            response = await self.respond(request, kind, body, rid, span)
         except BaseException as e:
             span.record_exception(e)
             span.end()
@@ -235,45 +328,45 @@ def make_api(
             span.end()  # a stream ends its span when it closes
         return response
 
-    async def _run(
-        request: Request,
-        kind: str,
-        body: ChatCompletionRequest | CompletionRequest,
-        rid: str,
-        span: Any,
+    async def respond(
+        self, request: Request, kind: str, body: Body, rid: str, span: Any
     ) -> Response:
+        admitted = await self.admit(request, kind, body, rid, span)
+        if isinstance(admitted, Response):
+            return admitted
+        if body.stream:
+            return StreamingResponse(
+                self.events(admitted), media_type="text/event-stream", headers=admitted.headers
+            )
+        return await self.whole(admitted)
+
+    async def admit(
+        self, request: Request, kind: str, body: Body, rid: str, span: Any
+    ) -> Exchange | Response:
+        """Gate, engine request and the first output; an error before the first token is an
+        HTTP error (and releases what the gate held)."""
         arrived = time.monotonic()
         headers = {"x-request-id": rid}
         decision: GateDecision | None = None
         try:
             decision = (
-                await gate.admit(rid, request.headers, body, kind)
-                if gate is not None
+                await self.gate.admit(rid, request.headers, body, kind)
+                if self.gate is not None
                 else GateDecision(body.model)
             )
             headers.update(decision.headers)
-            rewrite = decision.rewrite or (lambda text: text)
-            limit = decision.max_tokens or body.output_limit()
-            if isinstance(body, ChatCompletionRequest):
-                er = EngineRequest(
-                    rid,
-                    decision.model,
-                    sampling(body, limit),
-                    messages=tuple(Message(m.role, rewrite(m.text())) for m in body.messages),
-                    deadline_s=_deadline(arrived, settings),
-                )
-            else:
-                er = EngineRequest(
-                    rid,
-                    decision.model,
-                    sampling(body, limit),
-                    prompt=rewrite(body.prompt_text()),
-                    deadline_s=_deadline(arrived, settings),
-                )
-            stream = engine.generate(er)
-            first = await anext(stream)  # errors before the first token become HTTP errors
+            er = engine_request(
+                rid,
+                decision.model,
+                body,
+                self.sampling(body, decision.max_tokens or body.output_limit()),
+                decision.rewrite,
+                _deadline(arrived, self.settings),
+            )
+            stream = self.engine.generate(er)
+            first = await anext(stream)
         except EngineError as e:
-            metrics.requests.add(1, {"route": kind, "status": e.status})
+            self.metrics.requests.add(1, {"route": kind, "status": e.status})
             if decision is not None and decision.release is not None:
                 decision.release()
             _span_error(span, e)
@@ -282,164 +375,146 @@ def make_api(
         except StopAsyncIteration:
             first = EngineOutput("", "stop", 0, 0)
             stream = _empty()
-        metrics.ttft.record(time.monotonic() - arrived, {"gen_ai.request.model": er.model})
-        created = now()
-        model = er.model
         assert decision is not None
-        settle, release = decision.settle, decision.release
-
+        self.metrics.ttft.record(time.monotonic() - arrived, {"gen_ai.request.model": er.model})
         if span is not None and span.is_recording():
-            span.set_attribute("gen_ai.response.model", model)
+            span.set_attribute("gen_ai.response.model", er.model)
             for k, v in decision.headers.items():
                 if k.startswith("x-expertmesh-"):
                     span.set_attribute("expertmesh.selector." + k[len("x-expertmesh-") :], v)
+        return Exchange(rid, kind, body, span, decision, er, stream, first, arrived, headers)
 
-        async def finish(out: EngineOutput, started: float) -> None:
-            with bind_request_id(rid):
-                log.info(
-                    "request finished",
-                    extra={
-                        "model": model,
-                        "prompt_tokens": out.prompt_tokens,
-                        "completion_tokens": out.completion_tokens,
-                        "finish_reason": _reason(out),
-                    },
-                )
-            if span is not None and span.is_recording():
-                span.set_attribute("gen_ai.usage.input_tokens", out.prompt_tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", out.completion_tokens)
-                span.set_attribute("gen_ai.response.finish_reasons", [_reason(out)])
-            metrics.requests.add(1, {"route": kind, "status": 200})
-            metrics.tokens.add(out.prompt_tokens, {"gen_ai.token.type": "input"})
-            metrics.tokens.add(out.completion_tokens, {"gen_ai.token.type": "output"})
-            if out.completion_tokens > 1:
-                metrics.tpot.record(
-                    (time.monotonic() - started) / (out.completion_tokens - 1),
-                    {"gen_ai.request.model": model},
-                )
-            if settle is not None:
-                await settle(out.prompt_tokens, out.completion_tokens)
+    async def finish(self, ex: Exchange, out: EngineOutput, started: float) -> None:
+        """The request completed: log line, span usage, metrics, the gate's settlement."""
+        with bind_request_id(ex.rid):
+            log.info(
+                "request finished",
+                extra={
+                    "model": ex.model,
+                    "prompt_tokens": out.prompt_tokens,
+                    "completion_tokens": out.completion_tokens,
+                    "finish_reason": _reason(out),
+                },
+            )
+        span = ex.span
+        if span is not None and span.is_recording():
+            span.set_attribute("gen_ai.usage.input_tokens", out.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", out.completion_tokens)
+            span.set_attribute("gen_ai.response.finish_reasons", [_reason(out)])
+        metrics = self.metrics
+        metrics.requests.add(1, {"route": ex.kind, "status": 200})
+        metrics.tokens.add(out.prompt_tokens, {"gen_ai.token.type": "input"})
+        metrics.tokens.add(out.completion_tokens, {"gen_ai.token.type": "output"})
+        if out.completion_tokens > 1:
+            metrics.tpot.record(
+                (time.monotonic() - started) / (out.completion_tokens - 1),
+                {"gen_ai.request.model": ex.model},
+            )
+        if ex.decision.settle is not None:
+            await ex.decision.settle(out.prompt_tokens, out.completion_tokens)
 
-        if not body.stream:
-            parts = [first.text]
-            last = first
-            try:
-                while last.finish_reason is None:
-                    last = await anext(stream)
-                    parts.append(last.text)
-            except EngineError as e:
-                if release is not None:
-                    release()
-                _span_error(span, e)
-                return _with(_error(e, rid), headers)
-            await finish(last, arrived)
-            usage = _usage(last)
-            text = "".join(parts)
-            if kind == "chat":
-                doc = chat_response(rid, model, text, _reason(last), usage, created)
-            else:
-                if isinstance(body, CompletionRequest) and body.echo:
-                    text = body.prompt_text() + text
-                doc = completion_response(rid, model, text, _reason(last), usage, created)
-            return JSONResponse(doc, headers=headers)
+    async def whole(self, ex: Exchange) -> Response:
+        """A non-streaming answer: every output joined into one OpenAI response."""
+        parts = [ex.first.text]
+        last = ex.first
+        try:
+            while last.finish_reason is None:
+                last = await anext(ex.stream)
+                parts.append(last.text)
+        except EngineError as e:
+            ex.fail(e)
+            return _with(_error(e, ex.rid), ex.headers)
+        await self.finish(ex, last, ex.arrived)
+        usage = _usage(last)
+        text = "".join(parts)
+        if ex.kind == "chat":
+            doc = chat_response(ex.rid, ex.model, text, _reason(last), usage, ex.created)
+        else:
+            if isinstance(ex.body, CompletionRequest) and ex.body.echo:
+                text = ex.body.prompt_text() + text
+            doc = completion_response(ex.rid, ex.model, text, _reason(last), usage, ex.created)
+        return JSONResponse(doc, headers=ex.headers)
 
+    async def events(self, ex: Exchange) -> AsyncIterator[bytes]:
+        """The SSE stream: a chunk per output, usage when asked, `[DONE]`; an engine error
+        mid-stream is an error event; the engine's stream is closed however it ends (a client
+        that goes away frees its batch slot)."""
+        rid, model, created, chat = ex.rid, ex.model, ex.created, ex.kind == "chat"
+        body = ex.body
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        out = ex.first
+        started = time.monotonic()
+        try:
+            if chat:
+                yield _sse(
+                    chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None)
+                )
+            while True:
+                if out.text or out.finish_reason is not None:
+                    reason = _reason(out) if out.finish_reason is not None else None
+                    if chat:
+                        delta = {"content": out.text} if out.text else {}
+                        yield _sse(chat_chunk(rid, model, created, delta, reason))
+                    else:
+                        yield _sse(completion_chunk(rid, model, created, out.text, reason))
+                if out.finish_reason is not None:
+                    break
+                out = await anext(ex.stream)
+            await self.finish(ex, out, started)
+            if include_usage:
+                chunk = chat_chunk if chat else completion_chunk
+                yield _sse(chunk(rid, model, created, None, None, _usage(out)))
+            yield b"data: [DONE]\n\n"
+        except EngineError as e:
+            ex.fail(e)
+            yield _sse(error_body(str(e), e.type, e.param))
+            yield b"data: [DONE]\n\n"
+        finally:  # done, failed, or the client went away (GeneratorExit at a yield)
+            close = getattr(ex.stream, "aclose", None)  # frees the batch slot
+            if close is not None:
+                await close()
+            if ex.span is not None:
+                if out.finish_reason is None:
+                    ex.span.set_attribute("expertmesh.ended_by", "client_disconnected")
+                ex.span.end()
 
-        async def events() -> AsyncIterator[bytes]:
-            out = first
-            started = time.monotonic()
-            try:
-                if kind == "chat":
-                    yield _sse(
-                        chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None)
-                    )
-                while True:
-                    if out.text or out.finish_reason is not None:
-                        reason = _reason(out) if out.finish_reason is not None else None
-                        if kind == "chat":
-                            delta = {"content": out.text} if out.text else {}
-                            yield _sse(chat_chunk(rid, model, created, delta, reason))
-                        else:
-                            yield _sse(completion_chunk(rid, model, created, out.text, reason))
-                    if out.finish_reason is not None:
-                        break
-                    out = await anext(stream)
-                await finish(out, started)
-                if include_usage:
-                    chunk = chat_chunk if kind == "chat" else completion_chunk
-                    yield _sse(chunk(rid, model, created, None, None, _usage(out)))
-                yield b"data: [DONE]\n\n"
-            except EngineError as e:
-                if release is not None:
-                    release()
-                _span_error(span, e)
-                yield _sse(error_body(str(e), e.type, e.param))
-                yield b"data: [DONE]\n\n"
-            finally:  # done, failed, or the client went away (GeneratorExit at a yield)
-                close = getattr(stream, "aclose", None)  # frees the batch slot
-                if close is not None:
-                    await close()
-                if span is not None:
-                    if out.finish_reason is None:
-                        span.set_attribute("expertmesh.ended_by", "client_disconnected")
-                    span.end()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+def make_api(
+    engine: Engine,
+    settings: ApiSettings | None = None,
+    gate: Gate | None = None,
+    meter: Any = None,
+    prometheus_registry: Any = None,
+    tracer: Any = None,
+) -> FastAPI:
+    """The FastAPI app: the routes below over `engine` (see the module docstring)."""
+    settings = settings or ApiSettings()
+    if meter is None:
+        from opentelemetry.metrics import NoOpMeter
 
-    async def endpoint(
-        request: Request, kind: str, schema: type[BaseModel], id_prefix: str
-    ) -> Response:
-        rid = request.headers.get("x-request-id") or new_id(id_prefix)
-        body = await parse(request, schema, rid)
-        if isinstance(body, Response):
-            return body
-        assert isinstance(body, ChatCompletionRequest | CompletionRequest)
-        return await run(request, kind, body, rid)
+        meter = NoOpMeter("expertmesh.serving")
+    handlers = CompletionHandlers(engine, settings, gate, Metrics(meter, engine), tracer)
+    app = FastAPI(title="expertmesh", version="0.1.0")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await endpoint(request, "chat", ChatCompletionRequest, "chatcmpl")
+        return await handlers.handle(request, "chat", ChatCompletionRequest, "chatcmpl")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await endpoint(request, "completion", CompletionRequest, "cmpl")
+        return await handlers.handle(request, "completion", CompletionRequest, "cmpl")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": card.id,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": card.owned_by,
-                    "context_window": card.context_window,
-                }
-                for card in engine.models()
-            ],
-        }
+        return models_doc(engine)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        h = engine.health()
-        doc = {
-            "status": "ok" if h.healthy else "unhealthy",
-            "detail": h.detail,
-            "running": h.running,
-            "waiting": h.waiting,
-            "last_progress_age_s": round(h.last_progress_age_s, 3),
-            **h.extra,
-        }
-        return JSONResponse(doc, status_code=200 if h.healthy else 503)
+        return health_response(engine)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        if prometheus_registry is None:
-            return PlainTextResponse("# metrics are off (telemetry.metrics_exporter)\n")
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(prometheus_registry), media_type=CONTENT_TYPE_LATEST)
+        return metrics_response(prometheus_registry)
 
     return app
 

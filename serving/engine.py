@@ -81,6 +81,14 @@ class Engine(Protocol):
 
     def models(self) -> Sequence[ModelCard]: ...
 
+    def count_prompt_tokens(self, request: EngineRequest) -> int | None:
+        """The exact number of prompt tokens the model will be fed for `request` (chat template
+        applied), or None where the engine cannot know before it runs (a remote API). The
+        selector gate reserves budgets on it, on the text after PII redaction, so a reservation
+        is a true upper bound; an engine that counts may keep the ids for the `generate` call
+        with the same request id and text (tokenise once)."""
+        ...
+
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """Stream the request's output. Raises (before the first output, where it can) one of
         the errors below. Closing the iterator early cancels the request and frees its slot."""

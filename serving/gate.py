@@ -5,7 +5,9 @@ policy's anonymous tenant, if it has one), the selector classifies the prompt an
 model under the policy in force (reloaded when the file changes), reserves the request's
 maximum cost in the SQLite budget ledger, and explains the decision in response headers. The
 engine gets the decision's `max_tokens` cap (what the reservation assumed) and a prompt with
-the PII kinds the policy redacts replaced. When the request ends, the real cost is settled.
+the PII kinds the policy redacts replaced; the reservation is priced on the engine's own count
+of exactly that prompt (`Engine.count_prompt_tokens`, asked once the plan knows the kinds), so
+it is a true upper bound. When the request ends, the real cost is settled.
 
 The client's key is only used here; engines never see it.
 """
@@ -13,12 +15,13 @@ The client's key is only used here; engines never see it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from expertmesh.models.generate import SamplingParams
 from expertmesh.policies import PolicyError, PolicyFile
 from expertmesh.routing import (
     BudgetLedger,
@@ -29,8 +32,8 @@ from expertmesh.routing import (
     redact_pii,
 )
 
-from .api import GateDecision
-from .engine import Engine, EngineError, Message
+from .api import GateDecision, engine_request
+from .engine import Engine, EngineError
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -61,12 +64,16 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def _redactor(kinds: frozenset[str]) -> Callable[[str], str] | None:
+    """The rewrite that replaces these PII kinds (None: none to replace)."""
+    return (lambda text: redact_pii(text, kinds)) if kinds else None
+
+
 class SelectorGate:
     def __init__(self, selector: Selector, engine: Engine) -> None:
         self.selector = selector
+        self.engine = engine
         self.served = {card.id for card in engine.models()}
-        self._count = getattr(engine, "count_prompt_tokens", None)
-        """Exact prompt tokens from the engine's tokenizer, where it offers them."""
 
     @classmethod
     def from_policy_file(
@@ -98,23 +105,25 @@ class SelectorGate:
         assert isinstance(body, ChatCompletionRequest | CompletionRequest)
         try:
             tenant = self.selector.authenticate(_bearer(headers))
-            exact = None
             if isinstance(body, ChatCompletionRequest):
                 text = "\n".join(m.text() for m in body.messages)
-                if self._count is not None:
-                    messages = tuple(Message(m.role, m.text()) for m in body.messages)
-                    exact = self._count(None, messages)
             else:
                 text = body.prompt_text()
-                if self._count is not None:
-                    exact = self._count(text)
+
+            def count_tokens(kinds: frozenset[str]) -> int | None:
+                """The engine's count of the prompt it will get: these PII kinds redacted."""
+                probe = engine_request(
+                    request_id, body.model, body, SamplingParams(max_tokens=1), _redactor(kinds)
+                )
+                return self.engine.count_prompt_tokens(probe)
+
             decision = self.selector.decide(
                 SelectionRequest(
                     tenant=tenant.name,
                     prompt=text,
                     max_tokens=body.output_limit(),
                     requested_model=None if body.model == "auto" else body.model,
-                    prompt_tokens=exact,
+                    count_tokens=count_tokens,
                 )
             )
         except RoutingError as e:
@@ -130,12 +139,11 @@ class SelectorGate:
         async def settle(prompt_tokens: int, completion_tokens: int) -> None:
             selector.settle(decision, prompt_tokens, completion_tokens)
 
-        kinds = decision.redact_pii
         return GateDecision(
             model=decision.model.name,
             headers=decision.headers(),
             settle=settle,
             max_tokens=decision.max_tokens,
-            rewrite=(lambda t: redact_pii(t, kinds)) if kinds else None,
+            rewrite=_redactor(decision.redact_pii),
             release=lambda: selector.release(decision),
         )

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.errors import ModelError
-from expertmesh.models.generate import SamplingParams, StreamEvent
+from expertmesh.models.generate import StreamEvent
 from expertmesh.models.model import MoEModel
 from expertmesh.models.tokenizer import Tokenizer
 
@@ -37,6 +38,14 @@ def _merge(a: SchedulerEvent, b: SchedulerEvent) -> SchedulerEvent:
         b.event.index, b.event.token_id, a.event.text + b.event.text, b.event.finish_reason
     )
     return SchedulerEvent(event, b.prompt_tokens, b.completion_tokens, b.finish_reason)
+
+
+_COUNTED_KEPT = 1024
+"""Counted prompts kept for their `generate` call (a refused request never comes back)."""
+
+
+def _prompt_key(request: EngineRequest) -> object:
+    return request.prompt if request.messages is None else request.messages
 
 
 class ExpertMeshEngine:
@@ -66,6 +75,8 @@ class ExpertMeshEngine:
                 meter, self.batcher, dispatcher, out_of_service=self._out_of_service
             )
         self._counter = 0
+        self._counted: OrderedDict[str, tuple[object, list[int]]] = OrderedDict()
+        """request id -> (its prompt, its ids) from `count_prompt_tokens`, for `generate`."""
         self.supervisor: Any = None
         self._events: Any = None
         self.batcher.start()
@@ -166,19 +177,19 @@ class ExpertMeshEngine:
     def models(self) -> Sequence[ModelCard]:
         return [ModelCard(self.name, self.batcher.context_window)]
 
-    def count_prompt_tokens(self, prompt: str | None, messages: Any = None) -> int:
-        """Exact prompt tokens as the engine will see them (the selector reserves budgets on
-        this, so a reservation is a true upper bound)."""
-        probe = EngineRequest(
-            "count",
-            self.name,
-            SamplingParams(max_tokens=1),
-            prompt=prompt if messages is None else None,
-            messages=messages,
-        )
-        return len(self.prompt_ids(probe))
+    def count_prompt_tokens(self, request: EngineRequest) -> int:
+        """Exact prompt tokens as the model will see them; the ids are kept for the `generate`
+        call with the same request id and text, so the prompt is tokenised once."""
+        ids = self.prompt_ids(request)
+        self._counted[request.request_id] = (_prompt_key(request), ids)
+        while len(self._counted) > _COUNTED_KEPT:  # counted, then refused: never generated
+            self._counted.popitem(last=False)
+        return len(ids)
 
     def prompt_ids(self, request: EngineRequest) -> list[int]:
+        counted = self._counted.pop(request.request_id, None)
+        if counted is not None and counted[0] == _prompt_key(request):
+            return counted[1]
         if request.messages is not None:
             try:
                 text = self.tokenizer.apply_chat_template(

@@ -54,6 +54,10 @@ class VLLMEngine:
     def models(self) -> Sequence[ModelCard]:
         return [ModelCard(self.name, self.context_window, owned_by="vllm")]
 
+    def count_prompt_tokens(self, request: EngineRequest) -> None:
+        """vLLM tokenises inside its own engine: the selector estimates (high) instead."""
+        return None
+
     async def _prompt(self, request: EngineRequest) -> str:
         if request.prompt is not None:
             return request.prompt

@@ -20,6 +20,9 @@ class ScriptedEngine:
     def models(self) -> Sequence[ModelCard]:
         return [ModelCard(self.name, 2048)]
 
+    def count_prompt_tokens(self, request: EngineRequest) -> None:
+        return None
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         self.requests.append(request)
         yield EngineOutput(self.replies.pop(0), "stop", 10, 5)

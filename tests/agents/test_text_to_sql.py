@@ -125,8 +125,8 @@ def test_selector_sees_the_request_as_task_sql(db: SQLiteDatabase) -> None:
 
 
 def test_value_linking_names_stored_literals_the_question_mentions(tmp_path, monkeypatch):
-    from expertmesh.agents.sql import link_values, prepare_prompt
     from expertmesh.agents import sql as sql_module
+    from expertmesh.agents.sql import link_values, prepare_prompt
 
     db = SQLiteDatabase(build_sample_db(tmp_path / "s.sqlite"))
     rendered = [

@@ -34,6 +34,9 @@ class FakeEngine:
     def models(self) -> Sequence[ModelCard]:
         return [ModelCard("fake", 128)]
 
+    def count_prompt_tokens(self, request: EngineRequest) -> None:
+        return None
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         self.requests.append(request)
         if self.error is not None:

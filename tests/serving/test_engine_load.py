@@ -86,3 +86,23 @@ def test_vllm_engine_serves_a_transformers_checkpoint(tmp_path):
         return "".join([o.text async for o in engine.generate(req)])
 
     assert isinstance(asyncio.run(run()), str)
+
+
+def test_a_counted_prompt_is_tokenised_once(engine):
+    from expertmesh.models.generate import SamplingParams
+    from expertmesh.serving.engine import EngineRequest, Message
+
+    request = EngineRequest(
+        "r-1", engine.name, SamplingParams(max_tokens=2), messages=(Message("user", "ROMEO:"),)
+    )
+    n = engine.count_prompt_tokens(request)
+    counted = engine._counted["r-1"][1]
+    assert n == len(counted) > 0
+    assert engine.prompt_ids(request) is counted  # the ids the count made, not a second pass
+    assert "r-1" not in engine._counted
+    other = EngineRequest(
+        "r-2", engine.name, SamplingParams(max_tokens=2), messages=(Message("user", "JULIET:"),)
+    )
+    engine.count_prompt_tokens(other)
+    changed = EngineRequest("r-2", engine.name, SamplingParams(max_tokens=2), prompt="ROMEO:")
+    assert engine.prompt_ids(changed) == engine.tokenizer.encode("ROMEO:", add_special_tokens=True)

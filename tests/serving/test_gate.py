@@ -120,3 +120,39 @@ def test_named_model_outside_the_catalog_is_404(setup):
         headers={"Authorization": f"Bearer {KEY}"},
     )
     assert r.status_code == 404
+
+
+class CountingEngine(FakeEngine):
+    """Counts a prompt as its characters, so redaction changes the count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counted: list[tuple[str, ...]] = []
+
+    def count_prompt_tokens(self, request):
+        texts = tuple(m.content for m in request.messages)
+        self.counted.append(texts)
+        return sum(len(t) for t in texts)
+
+
+def test_the_reservation_is_priced_on_the_engines_count_of_the_redacted_prompt(tmp_path):
+    engine = CountingEngine()
+    ledger = BudgetLedger(tmp_path / "budget.sqlite", durable=False)
+    selector = Selector(policy_from_text(POLICY), ledger=ledger)
+    client = TestClient(make_api(engine, gate=SelectorGate(selector, engine)))
+    content = "write to someone.important@example.org"
+    r = ask(client, content, max_tokens=4)
+    assert r.status_code == 200, r.text
+    sent = engine.requests[-1].messages[-1].content
+    assert sent != content and "example.org" not in sent  # redacted for the engine
+    assert engine.counted == [(sent,)]  # counted once, on exactly the text the engine got
+    prompt_tokens = len(sent)
+    assert prompt_tokens != len(content)
+    reserved = float(r.headers["x-expertmesh-estimated-cost-usd"])
+    assert reserved == pytest.approx((prompt_tokens * 1000 + 4 * 2000) / 1e6)
+
+
+def test_an_engine_that_cannot_count_leaves_the_estimate(setup):
+    client, engine, _ = setup  # FakeEngine.count_prompt_tokens -> None
+    r = ask(client, "one two three", max_tokens=4)
+    assert r.status_code == 200 and float(r.headers["x-expertmesh-estimated-cost-usd"]) > 0
