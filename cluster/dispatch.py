@@ -169,6 +169,22 @@ class DispatchStats:
             self.tokens[layer] = counts.astype(np.int64).copy()
 
 
+class DispatchObserver(Protocol):
+    """What the dispatcher reports as it works (the platform's detectors listen, see
+    `cluster/detect.py`). Called on the attention worker's thread; must be cheap."""
+
+    def on_reply(
+        self, node: str, layer: int, rows: int, nbytes: int, round_trip_s: float, busy_s: float
+    ) -> None:
+        """One shard call answered: `round_trip_s` measured here from submit to reply (an
+        upper bound when replies are read one after another), `busy_s` the time the shard
+        spent computing (its own figure, emulated slowdown included); the difference is the
+        time on the wire and in the transport."""
+
+    def on_step(self, layer: int, counts: np.ndarray) -> None:
+        """One layer call done: token assignments per expert this step."""
+
+
 class Dispatcher:
     """Sends one layer's expert work to the shards and gathers the results."""
 
@@ -191,6 +207,8 @@ class Dispatcher:
         self._pending: RoutingTable | None = None
         self.on_failure: Any = None
         """Called as on_failure(node, reason) when a shard call fails (the supervisor listens)."""
+        self.observers: list[DispatchObserver] = []
+        """Told of every reply and every step (`DispatchObserver`)."""
 
     def swap_table(self, table: RoutingTable) -> None:
         """Make `table` current between two layer calls. A call that is waiting for a lost
@@ -240,6 +258,7 @@ class Dispatcher:
             attempts = 0
             while pending:
                 attempts += 1
+                submitted = time.perf_counter()
                 handles = {
                     node: self.pool.submit(node, layer, xs[rows], experts[rows], trace)
                     for node, rows in pending.items()
@@ -256,6 +275,7 @@ class Dispatcher:
                         if self.on_failure is not None:
                             self.on_failure(node, str(e))
                         continue
+                    answered = time.perf_counter()
                     out[rows] = reply.outputs
                     st = self.stats
                     st.calls += 1
@@ -266,6 +286,10 @@ class Dispatcher:
                     st.bytes_sent += nbytes
                     st.bytes_by_node[node] = st.bytes_by_node.get(node, 0) + nbytes
                     work = reply.compute_s + reply.emulated_compute_s
+                    for observer in self.observers:
+                        observer.on_reply(
+                            node, layer, len(rows), nbytes, answered - submitted, work
+                        )
                     if work + reply.emulated_link_s > slowest[0]:
                         slowest = (work + reply.emulated_link_s, work, reply.emulated_link_s)
                 self.stats.slowest_compute_s += slowest[1]
@@ -275,7 +299,10 @@ class Dispatcher:
                 pending = self._reassign(layer, failed, experts, attempts)
             self.stats.wall_s += time.perf_counter() - t0
             self.stats.steps += 1
-            self.stats.record_tokens(layer, np.asarray(counts))
+            step_counts = np.asarray(counts)
+            self.stats.record_tokens(layer, step_counts)
+            for observer in self.observers:
+                observer.on_step(layer, step_counts)
             return out
 
     def _split(self, layer: int, counts: Sequence[int]) -> dict[str, np.ndarray]:
