@@ -265,8 +265,10 @@ class Dispatcher:
                 }
                 failed: dict[str, np.ndarray] = {}
                 slowest: tuple[float, float, float] = (0.0, 0.0, 0.0)  # total, compute, link
-                for node, handle in handles.items():
-                    rows = pending[node]
+                as_completed = getattr(self.pool, "as_completed", None)
+                order = as_completed(handles) if as_completed is not None else iter(handles)
+                for node in order:  # replies as they come: each round trip is its own
+                    rows, handle = pending[node], handles[node]
                     try:
                         reply = self.pool.result(handle)
                     except ShardLost as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from expertmesh.models.errors import ExpertNotLoaded
@@ -85,6 +85,15 @@ class RayShardPool:
         self, node: str, layer: int, x: Any, expert_ids: Any, trace: dict[str, str] | None = None
     ) -> Any:
         return (node, self.handles[node].compute.remote(layer, x, expert_ids, trace))
+
+    def as_completed(self, handles: Mapping[str, Any]) -> Iterator[str]:
+        """The nodes of `handles` (node -> `submit` handle) in the order their calls answer,
+        so the dispatcher reads each reply when it arrives and times each round trip alone."""
+        node_of = {handle[1]: node for node, handle in handles.items()}
+        remaining = list(node_of)
+        while remaining:
+            ready, remaining = self._ray.wait(remaining, num_returns=1)
+            yield node_of[ready[0]]
 
     def result(self, handle: Any) -> ShardReply:
         node, ref = handle
