@@ -22,6 +22,26 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+# promtool and the Prometheus server for tests/observability (alert-rule unit tests, the
+# scrape e2e test; they skip naming what is missing without them), from Debian's `prometheus`
+# package when apt-get is there and we are root. The package's service is never started: a
+# policy-rc.d that denies it is put in place for the install if the machine has none (the
+# tests run their own server on a free port).
+.PHONY: prometheus-tools
+prometheus-tools:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then \
+	  echo "prometheus-tools: $$(promtool --version 2>&1 | head -1)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  set -e; policy=/usr/sbin/policy-rc.d; made=; \
+	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy; chmod +x $$policy; made=1; fi; \
+	  trap '[ -z "$$made" ] || rm -f '$$policy EXIT; \
+	  apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  promtool --version 2>&1 | head -1; \
+	else \
+	  echo "prometheus-tools: promtool/prometheus missing and no root apt-get: their tests skip"; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
