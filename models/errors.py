@@ -39,6 +39,11 @@ class ExpertNotLoaded(ModelError):
         self.layer = layer
         self.experts = experts
 
+    def __reduce__(self) -> tuple[type[ExpertNotLoaded], tuple[int, list[int]]]:
+        # Crosses process boundaries inside Ray task errors: rebuild from the fields (the
+        # default would call __init__ with the message alone and fail to unpickle).
+        return (type(self), (self.layer, self.experts))
+
 
 class GenerationError(ModelError):
     """Invalid generation request (bad sampling options, prompt too long, ...)."""

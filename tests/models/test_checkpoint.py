@@ -278,3 +278,15 @@ def test_wrong_expert_tensor_shape_is_an_error_not_a_broadcast(hf_checkpoint, tm
     with pytest.raises(CheckpointError) as err:
         load_model(path)
     _assert_names_shapes(err.value, name, (1, want[1]), want)
+
+
+def test_expert_not_loaded_survives_pickling_across_processes():
+    """Ray ships a shard's error to the dispatcher pickled; it must come back as itself so the
+    dispatcher sees a shard that lacks its experts (and recovers it) rather than a crash."""
+    import pickle
+
+    from expertmesh.models.errors import ExpertNotLoaded
+
+    e = pickle.loads(pickle.dumps(ExpertNotLoaded(2, [6])))
+    assert isinstance(e, ExpertNotLoaded) and (e.layer, e.experts) == (2, [6])
+    assert "experts [6]" in str(e)

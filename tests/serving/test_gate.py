@@ -153,6 +153,6 @@ def test_the_reservation_is_priced_on_the_engines_count_of_the_redacted_prompt(t
 
 
 def test_an_engine_that_cannot_count_leaves_the_estimate(setup):
-    client, engine, _ = setup  # FakeEngine.count_prompt_tokens -> None
+    client, _engine, _ = setup  # FakeEngine.count_prompt_tokens -> None
     r = ask(client, "one two three", max_tokens=4)
     assert r.status_code == 200 and float(r.headers["x-expertmesh-estimated-cost-usd"]) > 0
