@@ -33,10 +33,17 @@ class RopeConfig:
     """'default', 'linear' or 'yarn'."""
     factor: float = 1.0
     original_max_position: int | None = None
+    """YaRN: the context length the model was pre-trained with."""
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
+    mscale: float = 0.0
+    """YaRN: `mscale` of config.json's rope_scaling (0: absent)."""
     mscale_all_dim: float = 0.0
+    """YaRN: `mscale_all_dim` (0: absent); MLA also scales its softmax by mscale(factor, it)^2."""
+    attention_factor: float | None = None
+    """YaRN: the factor cos/sin are multiplied by; None: derived from factor and the mscales."""
+    truncate: bool = True
+    """YaRN: round the correction range to whole dimensions (transformers' `truncate`)."""
 
 
 @dataclass(frozen=True)

@@ -103,10 +103,15 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def rope_inv_freq(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (dim/2,) and the factor cos/sin are multiplied by.
 
+    Always computed on the CPU, whatever the default device: `load_model` builds the model
+    under `torch.device("meta")`, and these are derived constants (not parameters or buffers,
+    so `to_empty` never replaces them with uninitialised memory).
+
     YaRN follows Peng et al. 2023 ("YaRN: Efficient Context Window Extension"), section 3:
     interpolate low frequencies, keep high ones, ramp in between, scale attention by mscale.
     """
-    exponents = torch.arange(0, cfg.dim, 2, dtype=torch.float32, device="cpu") / cfg.dim
+    cpu = torch.device("cpu")
+    exponents = torch.arange(0, cfg.dim, 2, dtype=torch.float32, device=cpu) / cfg.dim
     pos_freqs = cfg.theta**exponents
     if cfg.scaling == "linear":
         return 1.0 / (pos_freqs * cfg.factor), 1.0
@@ -117,16 +122,21 @@ def rope_inv_freq(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
     def correction_dim(n_rot: float) -> float:
         return (cfg.dim * math.log(orig / (n_rot * 2 * math.pi))) / (2 * math.log(cfg.theta))
 
-    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
-    high: float = min(math.ceil(correction_dim(cfg.beta_slow)), cfg.dim - 1)
+    low, high = correction_dim(cfg.beta_fast), correction_dim(cfg.beta_slow)
+    if cfg.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, cfg.dim - 1)
     if low == high:
         high = high + 0.001
-    ramp = ((torch.arange(cfg.dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = torch.arange(cfg.dim // 2, dtype=torch.float32, device=cpu)
+    ramp = ((ramp - low) / (high - low)).clamp(0, 1)
     extrapolation = 1.0 - ramp
     inv_freq = (1.0 / (cfg.factor * pos_freqs)) * (1 - extrapolation) + (
         1.0 / pos_freqs
     ) * extrapolation
-    if cfg.mscale_all_dim:
+    if cfg.attention_factor is not None:
+        scale = cfg.attention_factor
+    elif cfg.mscale and cfg.mscale_all_dim:
         scale = _yarn_mscale(cfg.factor, cfg.mscale) / _yarn_mscale(cfg.factor, cfg.mscale_all_dim)
     else:
         scale = _yarn_mscale(cfg.factor)

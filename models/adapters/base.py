@@ -60,30 +60,106 @@ def require(raw: Mapping[str, Any], key: str, *alternatives: str) -> Any:
     )
 
 
+ROPE_TYPES = ("default", "linear", "yarn")
+_ROPE_KEYS = {
+    "default": {"rope_type", "type", "rope_theta", "partial_rotary_factor"},
+    "linear": {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor"},
+    "yarn": {
+        "rope_type", "type", "rope_theta", "partial_rotary_factor", "factor",
+        "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+        "mscale_all_dim", "attention_factor", "truncate",
+    },
+}  # fmt: skip
+
+
 def parse_rope(raw: Mapping[str, Any], dim: int, interleaved: bool = False) -> RopeConfig:
     """Read RoPE settings from either the transformers-5 `rope_parameters` dict or the older
-    top-level `rope_theta` + `rope_scaling` fields."""
-    params = dict(raw.get("rope_parameters") or {})
-    if not params:
-        params = dict(raw.get("rope_scaling") or {})
-        params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
-    kind = params.get("rope_type") or params.get("type") or "default"
-    if kind not in ("default", "linear", "yarn"):
+    top-level `rope_theta` + `rope_scaling` fields (as the published checkpoints carry them).
+
+    Defaults follow transformers: YaRN's `factor` falls back to max_position_embeddings /
+    original_max_position_embeddings, which falls back to a top-level field of that name, then
+    to max_position_embeddings. A key we do not implement is an error naming it."""
+    where = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    params = dict(raw.get(where) or {})
+    if any(isinstance(v, Mapping) for v in params.values()):
         raise ConfigError(
-            f"config.json: rope scaling type '{kind}' is not supported; supported: default, linear, yarn"
+            f"config.json: {where} holds one entry per layer type ({', '.join(params)}); "
+            "per-layer RoPE is not implemented: give one rope_parameters dict"
         )
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = raw.get("rope_theta", 10000.0)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise ConfigError(
+            f"config.json: {where}.rope_type '{kind}' is not implemented; "
+            f"supported: {', '.join(ROPE_TYPES)}"
+        )
+    unknown = sorted(set(params) - _ROPE_KEYS[kind])
+    if unknown:
+        raise ConfigError(
+            f"config.json: {where}.{unknown[0]} is not implemented for rope type '{kind}'; "
+            f"supported keys: {', '.join(sorted(_ROPE_KEYS[kind]))}"
+        )
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise ConfigError(
+            f"config.json: partial_rotary_factor {partial} is not implemented; "
+            "expertmesh rotates the whole rotary head dim (1.0)"
+        )
+    orig = raw.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings"
+    )
+    factor = params.get("factor")
+    if kind == "yarn":
+        orig = int(orig or require(raw, "max_position_embeddings"))
+        if factor is None:
+            factor = int(require(raw, "max_position_embeddings")) / orig
+    elif kind == "linear" and factor is None:
+        raise ConfigError(f"config.json: {where}.factor is missing; linear RoPE scaling needs it")
+    attention_factor = params.get("attention_factor")
     return RopeConfig(
-        theta=float(params.get("rope_theta", 10000.0)),
+        theta=float(params["rope_theta"]),
         dim=dim,
         interleaved=interleaved,
         scaling=kind,
-        factor=float(params.get("factor", 1.0)),
-        original_max_position=params.get("original_max_position_embeddings"),
-        beta_fast=float(params.get("beta_fast", 32.0)),
-        beta_slow=float(params.get("beta_slow", 1.0)),
-        mscale=float(params.get("mscale", 1.0)),
-        mscale_all_dim=float(params.get("mscale_all_dim", 0.0) or 0.0),
+        factor=float(factor if factor is not None else 1.0),
+        original_max_position=int(orig) if orig else None,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=float(params.get("mscale") or 0.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        attention_factor=None if attention_factor is None else float(attention_factor),
+        truncate=bool(params.get("truncate", True)),
     )
+
+
+def only(raw: Mapping[str, Any], key: str, supported: tuple[Any, ...], default: Any) -> Any:
+    """config.json's `key` (default when absent or null), or a ConfigError when it holds a
+    value whose maths we do not implement: a field is never silently ignored."""
+    value = raw.get(key)
+    if value is None:
+        value = default
+    if value not in supported:
+        raise ConfigError(
+            f"config.json: {key} {value!r} is not implemented for {raw.get('model_type')}; "
+            f"supported: {', '.join(repr(v) for v in supported)}"
+        )
+    return value
+
+
+def uniform_layer_types(raw: Mapping[str, Any]) -> str | None:
+    """transformers-5 `layer_types`: 'full_attention' or 'sliding_attention' when every layer
+    has the same one (None when absent); a per-layer mix is refused."""
+    types = raw.get("layer_types")
+    if not types:
+        return None
+    kinds = sorted(set(types))
+    if len(kinds) > 1 or kinds[0] not in ("full_attention", "sliding_attention"):
+        raise ConfigError(
+            f"config.json: layer_types {kinds} is not implemented: expertmesh runs the same "
+            "attention on every layer ('full_attention' or 'sliding_attention')"
+        )
+    return str(kinds[0])
 
 
 def eos_ids(raw: Mapping[str, Any]) -> tuple[int, ...]:
@@ -102,6 +178,7 @@ def check_act(raw: Mapping[str, Any]) -> str:
 
 def common_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
     """ModelConfig fields that every family spells the same way."""
+    only(raw, "mlp_bias", (False,), False)
     return dict(
         model_type=str(raw["model_type"]),
         vocab_size=int(require(raw, "vocab_size")),

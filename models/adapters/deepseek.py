@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import AttentionConfig, ModelConfig, MoEConfig, RopeConfig, TopkMethod
 from ..errors import ConfigError
-from .base import Adapter, common_fields, num_experts, parse_rope, require
+from .base import Adapter, common_fields, num_experts, only, parse_rope, require
 
 
 def _yarn_mscale(scale: float, mscale: float) -> float:
@@ -72,18 +72,18 @@ class DeepseekAdapter(Adapter):
                 f"config.json: n_routed_experts ({n_exp}) must be divisible by n_group ({n_group})"
             )
         if version == 3:
-            scoring = raw.get("scoring_func", "sigmoid")
+            # transformers' and DeepSeek's own V3 code implement only these.
+            only(raw, "topk_method", ("noaux_tc",), "noaux_tc")
+            scoring = only(raw, "scoring_func", ("sigmoid",), "sigmoid")
             topk_method: TopkMethod = "group_top2_sum"
             norm = bool(raw.get("norm_topk_prob", True))
         else:
-            scoring = raw.get("scoring_func", "softmax")
-            method = raw.get("topk_method", "greedy")
-            if method not in ("greedy", "group_limited_greedy"):
-                raise ConfigError(
-                    f"config.json: topk_method '{method}' is not supported for deepseek_v2"
-                )
+            scoring = only(raw, "scoring_func", ("softmax",), "softmax")
+            method = only(raw, "topk_method", ("greedy", "group_limited_greedy"), "greedy")
             topk_method = "greedy" if method == "greedy" else "group_max"
-            norm = False  # transformers' DeepSeek-V2 applies no renormalisation
+            # DeepSeek's V2 code renormalises and then skips routed_scaling_factor; transformers
+            # ignores the flag; vLLM renormalises and scales: no answer to follow.
+            norm = bool(only(raw, "norm_topk_prob", (False,), False))
         return ModelConfig(
             **common_fields(raw),
             attention=_mla_attention(raw, rope),

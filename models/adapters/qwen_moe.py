@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import AttentionConfig, ModelConfig, MoEConfig
-from .base import Adapter, common_fields, num_experts, parse_rope, require
+from ..errors import ConfigError
+from .base import (
+    Adapter,
+    common_fields,
+    num_experts,
+    parse_rope,
+    require,
+    uniform_layer_types,
+)
 
 
 def _moe_layers(raw: Mapping[str, Any]) -> tuple[bool, ...]:
@@ -24,9 +32,22 @@ def _moe_layers(raw: Mapping[str, Any]) -> tuple[bool, ...]:
 
 
 def _sliding_window(raw: Mapping[str, Any]) -> int | None:
-    if raw.get("use_sliding_window") and raw.get("sliding_window"):
-        return int(raw["sliding_window"])
-    return None
+    """The window when every layer slides, None when none does. Which layers slide under
+    `use_sliding_window` alone depends on `max_window_layers` by rules that changed between
+    transformers releases; we run one attention for all layers, so anything else is refused."""
+    kind = uniform_layer_types(raw)
+    if kind == "full_attention":
+        return None
+    if kind == "sliding_attention":
+        return int(require(raw, "sliding_window"))
+    if not raw.get("use_sliding_window"):
+        return None
+    raise ConfigError(
+        "config.json: use_sliding_window true is not implemented for "
+        f"{raw.get('model_type')} without layer_types (which layers slide depends on "
+        "max_window_layers); set use_sliding_window false, or give layer_types with "
+        "'sliding_attention' for every layer"
+    )
 
 
 class Qwen2MoeAdapter(Adapter):
