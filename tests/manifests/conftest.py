@@ -1,6 +1,6 @@
 """Offline validation of the Kubernetes manifests: a small kustomize resolver (only the
-features `manifests/` uses), the KubeRay CRD schemas from `../shared/kuberay-crds`, and the
-core Kubernetes schemas that the `kubernetes-validate` wheel ships. Where kubectl is
+features `manifests/` uses), the KubeRay CRD schemas vendored in `manifests/crds/kuberay/`, and
+the core Kubernetes schemas that the `kubernetes-validate` wheel ships. Where kubectl is
 installed, a test checks the resolver builds exactly what `kubectl kustomize` builds."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+CRD_DIR = REPO / "manifests" / "crds" / "kuberay"
+"""Vendored KubeRay CRDs (source, version, licence and digests in its README.md)."""
 KUBERNETES_VERSION = "1.33.0"
 """The Kubernetes version whose schemas the core resources are checked against."""
 
@@ -163,7 +164,7 @@ def kustomize_build(directory: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# KubeRay CRD schemas (notes in ../shared/kuberay-crds/SOURCE.md)
+# KubeRay CRD schemas (source and validator notes in manifests/crds/kuberay/README.md)
 # ---------------------------------------------------------------------------------------------
 
 
