@@ -9,7 +9,7 @@ the `Topology` and trusts it; every problem with the file surfaces here, at once
     version: 1
     name: mixed
     nodes:
-      - {name: gpu-0, kind: gpu, speed: 4, memory_gb: 24, attention: true}
+      - {name: gpu-0, kind: gpu, speed: 4, memory_gb: 24, attention: true, device: auto}
       - {name: cpu-fast, kind: cpu, speed: measure, memory_gb: 32, labels: {rack: r1}}
     links:
       default: {bandwidth_gbps: 10, latency_us: 50}
@@ -23,6 +23,11 @@ A node's link to itself is in-process: infinite bandwidth, zero latency.
 
 Units: `memory_gb` is decimal gigabytes (10**9 bytes), `bandwidth_gbps` gigabits per second
 (10**9 bits), `latency_us` microseconds one way.
+
+`device` (auto, cuda or cpu; default auto) is where a node's shards and attention worker
+compute: auto is CUDA when that node's Ray node has a GPU, cuda insists on one (a clear error
+naming the node where there is none), cpu never uses one. `kind` describes the machine (the
+rendered manifests request `nvidia.com/gpu` for `kind: gpu`); `device` is what runs on it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
@@ -45,6 +50,7 @@ __all__ = [
     "Link",
     "LinkRules",
     "Node",
+    "NodeDevice",
     "NodeKind",
     "PairLink",
     "Topology",
@@ -60,6 +66,7 @@ DEFAULT_RACK = "default"
 """The rack that `Topology.racks()` puts nodes without a `rack` label in."""
 
 NodeKind = Literal["cpu", "gpu"]
+NodeDevice = Literal["auto", "cuda", "cpu"]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -123,6 +130,8 @@ class Node:
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     attention: bool = False
     """Whether this node runs attention workers."""
+    device: NodeDevice = "auto"
+    """Where this node computes: auto (CUDA when its Ray node has a GPU), cuda, or cpu."""
 
     def __post_init__(self) -> None:
         if self.speed is not None and not (self.speed > 0 and math.isfinite(self.speed)):
@@ -131,6 +140,8 @@ class Node:
             raise ValueError(f"node {self.name!r}: need memory_bytes > 0 and 0 <= kv_bytes <= it")
         if self.weight_bytes != self.memory_bytes - self.kv_bytes:
             raise ValueError(f"node {self.name!r}: weight_bytes must be memory_bytes - kv_bytes")
+        if self.device not in get_args(NodeDevice):
+            raise ValueError(f"node {self.name!r}: device must be auto, cuda or cpu")
         object.__setattr__(self, "labels", types.MappingProxyType(dict(self.labels)))
 
     @property
@@ -286,6 +297,7 @@ class Topology:
                     "kv_fraction": min(n.kv_bytes / n.memory_bytes, MAX_KV_FRACTION),
                     "labels": dict(n.labels),
                     "attention": n.attention,
+                    "device": n.device,
                 }
                 for n in self.nodes
             ],
@@ -367,6 +379,7 @@ class NodeSpec(_Spec):
         Annotated[str, Field(strict=True)], Annotated[str, Field(min_length=1, strict=True)]
     ] = {}
     attention: Annotated[bool, Field(strict=True)] = False
+    device: NodeDevice = "auto"
 
 
 class TopologySpec(_Spec):
@@ -390,6 +403,12 @@ def _override(kind: str, loc: Loc, value: Any) -> str | None:
         return f"must name exactly two nodes, e.g. [a, b]; got {value!r}"
     if kind == "int_type":
         return f"must be a finite number; got {value!r}"
+    if kind == "literal_error" and loc[-1:] == ("device",):
+        hint = " (a GPU is cuda)" if value == "gpu" else ""
+        return (
+            "must be auto (CUDA when this node's Ray node has a GPU), cuda or cpu; "
+            f"got {value!r}{hint}"
+        )
     return None
 
 
@@ -461,6 +480,7 @@ def _build(spec: TopologySpec) -> Topology:
                 weight_bytes=memory_bytes - kv_bytes,
                 labels=dict(n.labels),
                 attention=n.attention or (not any_attention and i == 0),
+                device=n.device,
             )
         )
     links = spec.links
