@@ -210,16 +210,21 @@ def _fill_expert_bank(bank: ExpertBank, reader: CheckpointReader) -> None:
 
 
 def load_expert_bank(
-    path: str | Path, layer: int, expert_ids: Iterable[int], dtype: str | torch.dtype = "float32"
+    path: str | Path,
+    layer: int,
+    expert_ids: Iterable[int],
+    dtype: str | torch.dtype = "float32",
+    device: torch.device | str = "cpu",
 ) -> ExpertBank:
-    """Only the given experts of one layer, read straight from disk (for expert shard actors)."""
+    """Only the given experts of one layer, read straight from disk (for expert shard actors),
+    on `device`."""
     reader = CheckpointReader(path)
     cfg = reader.config
     ids = sorted(set(expert_ids))
     _check_expert_selection(cfg, layer, ids, path)
     with torch.device("meta"):
         bank = ExpertBank(layer, cfg.hidden_size, cfg.moe, cfg.hidden_act, ids)
-    bank = bank.to_empty(device="cpu").to(resolve_dtype(dtype))
+    bank = bank.to_empty(device=device).to(resolve_dtype(dtype))
     _fill_expert_bank(bank, reader)
     return bank
 
@@ -228,8 +233,10 @@ def load_model(
     path: str | Path,
     dtype: str | torch.dtype = "float32",
     expert_ids: Mapping[int, Sequence[int]] | None = None,
+    device: torch.device | str = "cpu",
 ) -> MoEModel:
-    """Build our model from a checkpoint directory.
+    """Build our model from a checkpoint directory, on `device` (tensors are copied there from
+    the memory-mapped files one at a time).
 
     `expert_ids` ({layer: ids}) loads only those routed experts of those layers; every other
     tensor is loaded in full. Construction happens on the meta device, so no memory is spent
@@ -241,7 +248,7 @@ def load_model(
         _check_expert_selection(cfg, layer, ids, path)
     with torch.device("meta"):
         model = MoEModel(cfg, expert_ids)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     with torch.no_grad():
@@ -275,7 +282,7 @@ def state_for_save(model: MoEModel, adapter: Adapter) -> dict[str, torch.Tensor]
     for name, param in model.named_parameters(remove_duplicate=True):
         if ".experts." in name or (name == "lm_head.weight" and cfg.tie_embeddings):
             continue
-        out[adapter.hf_name(name)] = param.detach().contiguous()
+        out[adapter.hf_name(name)] = param.detach().cpu().contiguous()
     for layer in model.blocks:
         if layer.moe is None:
             continue
@@ -287,9 +294,9 @@ def state_for_save(model: MoEModel, adapter: Adapter) -> dict[str, torch.Tensor]
         for slot, e in enumerate(bank.expert_ids):
             for proj, weight, scale in _expert_slices(bank, slot):
                 name = adapter.expert_name(bank.layer, e, proj)
-                out[name] = weight.detach().contiguous()
+                out[name] = weight.detach().cpu().contiguous()
                 if scale is not None:
-                    out[name + "_scale"] = scale.detach().contiguous()
+                    out[name + "_scale"] = scale.detach().cpu().contiguous()
     return out
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import KVMode
+from .device import model_device
 from .kv_cache import KVCache
 from .model import MoEModel
 
@@ -40,11 +41,11 @@ def perplexity(
         if len(seq) < 2:
             break
         inputs, targets = seq[:-1][None], seq[1:]
-        cache = KVCache(model.config, mode, 1, inputs.shape[1], model.dtype)
+        cache = KVCache(model.config, mode, 1, inputs.shape[1], model.dtype, model_device(model))
         logits = torch.cat(
             [model(inputs[:, s : s + chunk], cache) for s in range(0, inputs.shape[1], chunk)],
             dim=1,
         )[0]
-        nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        nll += F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum").item()
         count += len(targets)
     return math.exp(nll / max(count, 1))

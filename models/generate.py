@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .config import KVMode
+from .device import model_device
 from .errors import GenerationError
 from .kv_cache import KVCache
 from .model import MoEModel
@@ -194,7 +195,8 @@ def sample(logits: torch.Tensor, rows: Sequence[RequestState]) -> list[int]:
         if p.greedy:
             out.append(greedy[i])
             continue
-        filtered = _filter_top_k_top_p(logits[i].float() / p.temperature, p.top_k, p.top_p)
+        # On the host: each row's seeded torch.Generator is a CPU generator on every device.
+        filtered = _filter_top_k_top_p(logits[i].float().cpu() / p.temperature, p.top_k, p.top_p)
         probs = filtered.softmax(-1)
         out.append(int(torch.multinomial(probs, 1, generator=row.generator).item()))
     return out
@@ -293,7 +295,14 @@ class Generator:
             for i, (ids, p) in enumerate(zip(encoded, per_row))
         ]
         max_len = max(len(ids) + p.max_tokens for ids, p in zip(encoded, per_row))
-        cache = KVCache(self.model.config, self.kv_mode, len(rows), max_len, self.model.dtype)
+        cache = KVCache(
+            self.model.config,
+            self.kv_mode,
+            len(rows),
+            max_len,
+            self.model.dtype,
+            model_device(self.model),
+        )
         stats = self.stats = GenerationStats(prompt_tokens=sum(map(len, encoded)))
 
         t0 = time.perf_counter()
@@ -322,7 +331,12 @@ class Generator:
 
     def _prefill(self, encoded: list[list[int]], cache: KVCache) -> torch.Tensor:
         """Run every prompt through the model in chunks; logits of each prompt's last token (B, V)."""
-        last = torch.empty(len(encoded), self.model.config.vocab_size, dtype=self.model.dtype)
+        last = torch.empty(
+            len(encoded),
+            self.model.config.vocab_size,
+            dtype=self.model.dtype,
+            device=model_device(self.model),
+        )
         by_length: dict[int, list[int]] = {}
         for i, ids in enumerate(encoded):
             by_length.setdefault(len(ids), []).append(i)

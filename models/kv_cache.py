@@ -11,6 +11,9 @@ A cache has ``num_slots`` rows (one per sequence) of ``max_len`` positions. Row 
 ``lengths[s]`` valid tokens; a forward pass on rows ``R`` with ``T`` new tokens writes them at
 ``lengths[R] .. lengths[R] + T - 1`` and then ``advance(R, T)``. Rows of one batch may hold
 different lengths: attention masks the positions a row has not written.
+
+The stores live on the attention worker's device (`device`, the CPU by default); `lengths` and
+the row and position indices stay on the host (they are bookkeeping the scheduler reads).
 """
 
 from __future__ import annotations
@@ -28,18 +31,30 @@ INT8_SCALE_BYTES = 2  # one fp16 scale per quantised vector
 class TensorStore:
     """Dense storage of one per-token tensor: shape (num_slots, max_len, *feature)."""
 
-    def __init__(self, num_slots: int, max_len: int, feature: tuple[int, ...], dtype: torch.dtype):
-        self.data = torch.zeros(num_slots, max_len, *feature, dtype=dtype)
+    def __init__(
+        self,
+        num_slots: int,
+        max_len: int,
+        feature: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        self.data = torch.zeros(num_slots, max_len, *feature, dtype=dtype, device=device)
 
     def write(self, rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor) -> None:
         # rows (B,), pos (B, T), x (B, T, *feature)
+        rows, pos = _on(rows, self.data), _on(pos, self.data)
         self.data[rows[:, None], pos] = x.to(self.data.dtype)
 
     def read(
         self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype
     ) -> torch.Tensor:
         """(B, length, *feature). rows=None means slots 0..n_rows-1 (a view, no copy)."""
-        src = self.data[:n_rows, :length] if rows is None else self.data[rows, :length]
+        src = (
+            self.data[:n_rows, :length]
+            if rows is None
+            else self.data[_on(rows, self.data), :length]
+        )
         return src if src.dtype == dtype else src.to(dtype)
 
     @property
@@ -53,11 +68,21 @@ class Int8Store(TensorStore):
     Scales are stored in fp16: its 11-bit significand is far finer than the int8 step (1/127),
     and it keeps the overhead at 2 bytes per vector (about 1.5% for 128-wide heads)."""
 
-    def __init__(self, num_slots: int, max_len: int, feature: tuple[int, ...], dtype: torch.dtype):
-        self.data = torch.zeros(num_slots, max_len, *feature, dtype=torch.int8)
-        self.scale = torch.zeros(num_slots, max_len, *feature[:-1], 1, dtype=torch.float16)
+    def __init__(
+        self,
+        num_slots: int,
+        max_len: int,
+        feature: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        self.data = torch.zeros(num_slots, max_len, *feature, dtype=torch.int8, device=device)
+        self.scale = torch.zeros(
+            num_slots, max_len, *feature[:-1], 1, dtype=torch.float16, device=device
+        )
 
     def write(self, rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor) -> None:
+        rows, pos = _on(rows, self.data), _on(pos, self.data)
         x32 = x.float()
         scale = (x32.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-6).half()
         self.data[rows[:, None], pos] = (
@@ -71,12 +96,18 @@ class Int8Store(TensorStore):
         if rows is None:
             q, s = self.data[:n_rows, :length], self.scale[:n_rows, :length]
         else:
+            rows = _on(rows, self.data)
             q, s = self.data[rows, :length], self.scale[rows, :length]
         return (q.to(torch.float32) * s.float()).to(dtype)
 
     @property
     def nbytes(self) -> int:
         return super().nbytes + self.scale.numel() * self.scale.element_size()
+
+
+def _on(index: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Host-side row/position indices on the store's device (no-op on the CPU)."""
+    return index if index.device == data.device else index.to(data.device)
 
 
 @dataclass(frozen=True)
@@ -127,17 +158,19 @@ class KVCache:
         num_slots: int,
         max_len: int,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.mode: KVMode = config.check_kv_mode(mode)
         self.num_slots = num_slots
         self.max_len = max_len
         self.dtype = dtype
+        self.device = torch.device(device)
         self.shapes = cache_shapes(config, mode)
         store = Int8Store if self.shapes.quantised else TensorStore
         self.layers = [
             LayerKV(
-                store(num_slots, max_len, self.shapes.first, dtype),
-                store(num_slots, max_len, self.shapes.second, dtype),
+                store(num_slots, max_len, self.shapes.first, dtype, device),
+                store(num_slots, max_len, self.shapes.second, dtype, device),
             )
             for _ in range(config.num_layers)
         ]

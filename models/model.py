@@ -639,6 +639,10 @@ class MoEModel(nn.Module):
                 mask &= keys[None, None, :] > write_pos[:, :, None] - window
             mask = mask[:, None]  # (B, 1, T, L)
         cos, sin = self.rotary.cos_sin(write_pos, self.dtype)
+        device = self.embed.weight.device
+        if device.type != "cpu":  # positions are host bookkeeping; the tables go to the weights
+            cos, sin = cos.to(device), sin.to(device)
+            mask = None if mask is None else mask.to(device)
         return StepContext(cos, sin, cache, rows, prefix, write_pos, key_len, mask)
 
     def hidden_states(
@@ -651,7 +655,7 @@ class MoEModel(nn.Module):
         """Final-norm hidden states (B, T, hidden); advances the cache by T for `rows`."""
         B, T = input_ids.shape
         ctx = self.context(B, T, cache, rows)
-        x = self.embed(input_ids)
+        x = self.embed(input_ids.to(self.embed.weight.device))
         for layer in self.layers:
             x = layer(x, ctx, router_stats)
         if cache is not None:
