@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from torch import nn
 from expertmesh.models.errors import ExpertNotLoaded
 
 from .shard import ExpertShard, ShardReply
+from .wire import Packed, ShardRequest, check_wire, pack, unpack, wire_for
 
 
 class ShardLost(RuntimeError):
@@ -85,6 +86,12 @@ class ShardPool(Protocol):
         """Start the call; `trace` is the W3C trace context the shard's span continues."""
         ...
 
+    def submit_request(
+        self, node: str, request: ShardRequest, trace: dict[str, str] | None = None
+    ) -> Any:
+        """Start one compact-wire call (`cluster/wire.py`); read it with `result`."""
+        ...
+
     def result(self, handle: Any) -> ShardReply:
         """The reply, or ShardLost(node) when the shard died."""
         ...
@@ -111,7 +118,21 @@ class InProcessShardPool:
     ) -> Any:
         return (node, layer, x, expert_ids, trace)
 
+    def submit_request(
+        self, node: str, request: ShardRequest, trace: dict[str, str] | None = None
+    ) -> Any:
+        """Start one compact-wire call (`cluster/wire.py`)."""
+        return (node, request, trace)
+
     def result(self, handle: Any) -> ShardReply:
+        if len(handle) == 3:
+            node, request, trace = handle
+            if node in self.dead:
+                raise ShardLost(node, "marked dead")
+            try:
+                return self.shards[node].compute_request(request, trace)
+            except ExpertNotLoaded as e:
+                raise ShardLost(node, f"it lacks experts it is routed: {e}") from e
         node, layer, x, ids, trace = handle
         if node in self.dead:
             raise ShardLost(node, "marked dead")
@@ -154,7 +175,12 @@ class DispatchStats:
     slowest_link_s: float = 0.0
     """The emulated link time of that slowest shard, summed likewise."""
     steps: int = 0
-    """Layer calls (one per MoE layer per forward pass)."""
+    """Layer calls (one per MoE layer per forward pass, per micro-batch when overlapping)."""
+    exchanges: int = 0
+    """Sends (a layer call plus each retry after a lost shard)."""
+    wait_s: float = 0.0
+    """Time the attention worker was blocked waiting for replies: link and expert time it
+    did not hide behind other work."""
     calls: int = 0
     failovers: int = 0
     recoveries: int = 0
@@ -185,8 +211,57 @@ class DispatchObserver(Protocol):
         """One layer call done: token assignments per expert this step."""
 
 
+class Transport(Protocol):
+    """How a layer call's requests reach the shards and the replies come back.
+
+    `PoolTransport` (`cluster/transport.py`): one call per node through the `ShardPool` (a
+    Ray actor task each on a Ray pool: the fallback). `ChannelTransport`: persistent TCP
+    channels to the shards' actors, no Ray task per layer (the default on a Ray pool)."""
+
+    name: str
+
+    def send(
+        self, requests: Mapping[str, ShardRequest], trace: dict[str, str] | None = None
+    ) -> Any:
+        """Start every node's request; returns a handle for `replies`."""
+        ...
+
+    def replies(self, sent: Any) -> Iterator[tuple[str, ShardReply | ShardLost]]:
+        """(node, reply or ShardLost) for every node of `sent`, in the order they arrive.
+        Handles are read in the order they were sent."""
+        ...
+
+
+@dataclass
+class LayerCall:
+    """One layer call in flight (`Dispatcher.start` -> `Dispatcher.finish`)."""
+
+    layer: int
+    x: torch.Tensor
+    """(N, hidden) the token rows."""
+    token: np.ndarray
+    """(A,) the token row of each assignment (assignments sorted by expert)."""
+    experts: np.ndarray
+    """(A,) each assignment's expert."""
+    counts: list[int]
+    trace: dict[str, str] | None
+    pending: dict[str, np.ndarray]
+    """node -> the assignments sent to it."""
+    sent: Any
+    sent_at: float
+    started_at: float
+    wire: str
+    in_dispatch_s: float = 0.0
+    span: Any = None
+    """The call's `expertmesh.dispatch` span (ended by `finish`), when tracing."""
+
+
 class Dispatcher:
-    """Sends one layer's expert work to the shards and gathers the results."""
+    """Sends one layer's expert work to the shards and gathers the results.
+
+    `run` does one layer call start to finish. `start` / `finish` split it, so the caller
+    can work (another micro-batch's attention) while the shards compute and the bytes cross
+    the links (`cluster/overlap.py`). Calls finish in the order they started."""
 
     def __init__(
         self,
@@ -195,28 +270,57 @@ class Dispatcher:
         num_experts: int,
         recovery_timeout_s: float = 30.0,
         tracer: Any = None,
+        transport: Transport | None = None,
+        wire: str = "auto",
     ) -> None:
         self.tracer = tracer
         self.table = table
-        self.pool = pool
         self.num_experts = num_experts
         self.recovery_timeout_s = recovery_timeout_s
+        self._given_transport = transport
+        self.pool = pool  # sets self.transport
+        self.wire = check_wire(wire)
+        """Wire format of activations (`cluster/wire.py`); 'auto': bf16 for a bf16 model,
+        fp32 otherwise (both exact)."""
         self.stats = DispatchStats()
         self.dead: set[str] = set()
-        self._lock = threading.Lock()  # one layer call at a time; tables swap between calls
+        self._cond = threading.Condition()  # guards in-flight calls and table swaps
+        self._inflight = 0
         self._pending: RoutingTable | None = None
         self.on_failure: Any = None
         """Called as on_failure(node, reason) when a shard call fails (the supervisor listens)."""
         self.observers: list[DispatchObserver] = []
         """Told of every reply and every step (`DispatchObserver`)."""
 
+    @property
+    def pool(self) -> ShardPool:
+        return self._pool
+
+    @pool.setter
+    def pool(self, pool: ShardPool) -> None:
+        """A new pool brings its own default transport, unless one was given."""
+        self._pool = pool
+        transport = self._given_transport
+        if transport is None:
+            default = getattr(pool, "default_transport", None)
+            if default is not None:
+                transport = default()
+            else:
+                from .transport import PoolTransport
+
+                transport = PoolTransport(pool)
+        self.transport: Transport = transport
+
     def swap_table(self, table: RoutingTable) -> None:
-        """Make `table` current between two layer calls. A call that is waiting for a lost
-        shard adopts it at once (the supervisor re-placed that shard's experts), so this
-        returns when the new table is in use."""
-        self._pending = table
-        with self._lock:
-            self._adopt()
+        """Make `table` current between layer calls: once no call is in flight (a shard never
+        gets a request for an expert the rebalancer dropped after the swap). A call that is
+        waiting for a lost shard adopts it at once (the supervisor re-placed that shard's
+        experts), so this returns when the new table is in use."""
+        with self._cond:
+            self._pending = table
+            self._cond.wait_for(lambda: self._pending is not table or self._inflight == 0)
+            if self._pending is table:
+                self._adopt()
 
     def _adopt(self) -> bool:
         table, self._pending = self._pending, None
@@ -224,88 +328,160 @@ class Dispatcher:
             return False
         self.table = table
         self.dead &= set(table.nodes)
+        self._cond.notify_all()
         return True
+
+    # ----------------------------------------------------------------- one layer call
 
     def run(
         self, layer: int, xs: np.ndarray, experts: np.ndarray, counts: Sequence[int]
     ) -> np.ndarray:
         """Rows `xs` sorted by expert (`experts[i]` is row i's expert) -> unweighted outputs."""
-        if self.tracer is None:
-            return self._run(layer, xs, experts, counts, None)
-        from opentelemetry import propagate
+        x = torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32))
+        token = np.arange(len(xs))
+        return self.finish(self.start(layer, x, token, experts, counts)).numpy()
 
-        with self.tracer.start_as_current_span(
-            "expertmesh.dispatch",
-            attributes={"expertmesh.layer": layer, "expertmesh.rows": len(xs)},
-        ):
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)  # each shard's span continues this trace
-            return self._run(layer, xs, experts, counts, carrier)
-
-    def _run(
+    def start(
         self,
         layer: int,
-        xs: np.ndarray,
+        x: torch.Tensor,
+        token: np.ndarray,
         experts: np.ndarray,
         counts: Sequence[int],
-        trace: dict[str, str] | None,
-    ) -> np.ndarray:
-        with self._lock:
-            self._adopt()
+    ) -> LayerCall:
+        """Send one layer's work: assignment i (sorted by expert) is token row `token[i]` of
+        `x` (N, hidden) through expert `experts[i]`; `counts[e]` assignments per expert."""
+        t0 = time.perf_counter()
+        span, trace = self._trace_context(layer, len(token))
+        with self._cond:
+            if self._inflight == 0:
+                self._adopt()
+            self._inflight += 1
+        try:
+            wire = wire_for(self.wire, x.dtype)
+            pending = self._split(layer, counts)
+            call = LayerCall(
+                layer, x, token, experts, list(counts), trace, pending, None, 0.0, t0, wire
+            )
+            call.span = span
+            self._send(call)
+        except BaseException:
+            self._done()
+            if span is not None:
+                span.end()
+            raise
+        call.in_dispatch_s = time.perf_counter() - t0
+        return call
+
+    def finish(self, call: LayerCall) -> torch.Tensor:
+        """Wait for `call`'s replies (retrying lost shards' rows elsewhere): the unweighted
+        outputs (A, hidden) in assignment order, in `x`'s dtype."""
+        try:
             t0 = time.perf_counter()
-            out = np.empty((xs.shape[0], xs.shape[1]), dtype=np.float32)
-            pending = self._split(layer, counts)  # node -> row indices
-            attempts = 0
-            while pending:
-                attempts += 1
-                submitted = time.perf_counter()
-                handles = {
-                    node: self.pool.submit(node, layer, xs[rows], experts[rows], trace)
-                    for node, rows in pending.items()
-                }
-                failed: dict[str, np.ndarray] = {}
-                slowest: tuple[float, float, float] = (0.0, 0.0, 0.0)  # total, compute, link
-                as_completed = getattr(self.pool, "as_completed", None)
-                order = as_completed(handles) if as_completed is not None else iter(handles)
-                for node in order:  # replies as they come: each round trip is its own
-                    rows, handle = pending[node], handles[node]
-                    try:
-                        reply = self.pool.result(handle)
-                    except ShardLost as e:
-                        self.dead.add(node)
-                        failed[node] = rows
-                        if self.on_failure is not None:
-                            self.on_failure(node, str(e))
-                        continue
-                    answered = time.perf_counter()
-                    out[rows] = reply.outputs
-                    st = self.stats
-                    st.calls += 1
-                    st.compute_s += reply.compute_s
-                    st.emulated_compute_s += reply.emulated_compute_s
-                    st.emulated_link_s += reply.emulated_link_s
-                    nbytes = 2 * len(rows) * xs.shape[1] * xs.itemsize  # rows out and back
-                    st.bytes_sent += nbytes
-                    st.bytes_by_node[node] = st.bytes_by_node.get(node, 0) + nbytes
-                    work = reply.compute_s + reply.emulated_compute_s
-                    for observer in self.observers:
-                        observer.on_reply(
-                            node, layer, len(rows), nbytes, answered - submitted, work
-                        )
-                    if work + reply.emulated_link_s > slowest[0]:
-                        slowest = (work + reply.emulated_link_s, work, reply.emulated_link_s)
-                self.stats.slowest_compute_s += slowest[1]
-                self.stats.slowest_link_s += slowest[2]
-                if failed and attempts > 8:
-                    raise ShardLost(next(iter(failed)), "shards keep failing on retry")
-                pending = self._reassign(layer, failed, experts, attempts)
-            self.stats.wall_s += time.perf_counter() - t0
-            self.stats.steps += 1
-            step_counts = np.asarray(counts)
-            self.stats.record_tokens(layer, step_counts)
-            for observer in self.observers:
-                observer.on_step(layer, step_counts)
-            return out
+            out = self._gather(call)
+        finally:
+            self._done()
+            if call.span is not None:
+                call.span.end()
+        st = self.stats
+        st.wall_s += call.in_dispatch_s + time.perf_counter() - t0
+        st.steps += 1
+        st.record_tokens(call.layer, np.asarray(call.counts))
+        step_counts = np.asarray(call.counts)
+        for observer in self.observers:
+            observer.on_step(call.layer, step_counts)
+        return out
+
+    def _done(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            self._cond.notify_all()
+
+    def _trace_context(self, layer: int, rows: int) -> tuple[Any, dict[str, str] | None]:
+        """The call's span (open until `finish`) and its W3C context for the shards' spans."""
+        if self.tracer is None:
+            return None, None
+        from opentelemetry import propagate
+        from opentelemetry import trace as otel_trace
+
+        span = self.tracer.start_span(
+            "expertmesh.dispatch",
+            attributes={"expertmesh.layer": layer, "expertmesh.rows": rows},
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=otel_trace.set_span_in_context(span))
+        return span, carrier
+
+    def _send(self, call: LayerCall) -> None:
+        requests = {
+            node: self._request(call, idx) for node, idx in call.pending.items() if len(idx)
+        }
+        call.sent = self.transport.send(requests, call.trace)
+        call.sent_at = time.perf_counter()
+        self.stats.exchanges += 1
+
+    def _request(self, call: LayerCall, idx: np.ndarray) -> ShardRequest:
+        """A node's assignments `idx` -> its request: each distinct token row once."""
+        tokens = call.token[idx]
+        rows, row_of = np.unique(tokens, return_inverse=True)
+        packed = pack(call.x[torch.from_numpy(rows)], call.wire)
+        return ShardRequest(
+            call.layer,
+            packed,
+            row_of.astype(np.int32),
+            call.experts[idx].astype(np.int32),
+        )
+
+    def _gather(self, call: LayerCall) -> torch.Tensor:
+        layer, x = call.layer, call.x
+        out = torch.empty((len(call.token), x.shape[1]), dtype=x.dtype)
+        attempts = 0
+        st = self.stats
+        while True:
+            attempts += 1
+            failed: dict[str, np.ndarray] = {}
+            slowest = (0.0, 0.0, 0.0)  # total, compute, link
+            waited = time.perf_counter()
+            for node, got in self.transport.replies(call.sent):
+                idx = call.pending[node]
+                if isinstance(got, ShardLost):
+                    self.dead.add(node)
+                    failed[node] = idx
+                    if self.on_failure is not None:
+                        self.on_failure(node, str(got))
+                    continue
+                answered = time.perf_counter()
+                outputs = got.outputs
+                if isinstance(outputs, Packed):
+                    out[torch.from_numpy(idx)] = unpack(outputs, x.dtype)
+                    nbytes = self._sent_bytes(call, node) + outputs.nbytes
+                else:
+                    out[torch.from_numpy(idx)] = torch.from_numpy(np.asarray(outputs)).to(x.dtype)
+                    nbytes = 2 * len(idx) * x.shape[1] * 4
+                st.calls += 1
+                st.compute_s += got.compute_s
+                st.emulated_compute_s += got.emulated_compute_s
+                st.emulated_link_s += got.emulated_link_s
+                st.bytes_sent += nbytes
+                st.bytes_by_node[node] = st.bytes_by_node.get(node, 0) + nbytes
+                work = got.compute_s + got.emulated_compute_s
+                for observer in self.observers:
+                    observer.on_reply(node, layer, len(idx), nbytes, answered - call.sent_at, work)
+                if work + got.emulated_link_s > slowest[0]:
+                    slowest = (work + got.emulated_link_s, work, got.emulated_link_s)
+            st.wait_s += time.perf_counter() - waited
+            st.slowest_compute_s += slowest[1]
+            st.slowest_link_s += slowest[2]
+            if not failed:
+                return out
+            if attempts > 8:
+                raise ShardLost(next(iter(failed)), "shards keep failing on retry")
+            call.pending = self._reassign(layer, failed, call.experts, attempts)
+            self._send(call)
+
+    def _sent_bytes(self, call: LayerCall, node: str) -> int:
+        sizes = getattr(call.sent, "request_bytes", None)
+        return int(sizes.get(node, 0)) if sizes is not None else 0
 
     def _split(self, layer: int, counts: Sequence[int]) -> dict[str, np.ndarray]:
         """Row indices per node: each expert's contiguous rows cut by replica share."""
@@ -387,14 +563,32 @@ class RemoteExpertBank(nn.Module):
         self.dispatcher = dispatcher
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(x, ids, weights))
+
+    def start(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> RemoteMoE:
+        """Route and send: x (N, hidden), ids/weights (N, k) from the router."""
         k = ids.shape[1]
         flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat, stable=True)  # group the N*k assignments by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         token = order // k
-        xs = x[token].float().numpy()
-        outputs = self.dispatcher.run(self.layer, xs, flat[order].numpy(), counts)
-        out = torch.from_numpy(outputs).to(x.dtype)
-        result = torch.zeros_like(x)
-        result.index_add_(0, token, out * weights.reshape(-1)[order, None])
+        call = self.dispatcher.start(self.layer, x, token.numpy(), flat[order].numpy(), counts)
+        return RemoteMoE(call, x, token, weights.reshape(-1)[order, None])
+
+    def finish(self, sent: RemoteMoE) -> torch.Tensor:
+        """Wait for the outputs and combine them with the router weights, here (the same
+        arithmetic, in the same order, as `ExpertBank.forward`)."""
+        out = self.dispatcher.finish(sent.call)
+        result = torch.zeros_like(sent.x)
+        result.index_add_(0, sent.token, out * sent.weights)
         return result
+
+
+@dataclass
+class RemoteMoE:
+    """A MoE layer's expert work sent and not yet combined."""
+
+    call: LayerCall
+    x: torch.Tensor
+    token: torch.Tensor
+    weights: torch.Tensor

@@ -11,6 +11,10 @@ from expertmesh.models.errors import ExpertNotLoaded
 
 from .dispatch import ShardLost
 from .shard import NodeEmulation, ShardReply, shard_actor_class
+from .wire import ShardRequest
+
+TRANSPORTS = ("channel", "actor-call")
+"""How the dispatcher reaches this pool's shards (`RayShardPool(transport=...)`)."""
 
 
 def node_resource(node: str) -> str:
@@ -40,8 +44,15 @@ class RayShardPool:
         namespace_prefix: str = "expertmesh-shard",
         telemetry: Mapping[str, Any] | None = None,
         standby: bool = True,
+        transport: str = "channel",
     ) -> None:
         import ray
+
+        if transport not in TRANSPORTS:
+            raise ValueError(
+                f"transport: unknown {transport!r}; use one of {', '.join(TRANSPORTS)}"
+            )
+        self.transport = transport
 
         self._ray = ray
         self._cls = shard_actor_class()
@@ -85,6 +96,19 @@ class RayShardPool:
         self, node: str, layer: int, x: Any, expert_ids: Any, trace: dict[str, str] | None = None
     ) -> Any:
         return (node, self.handles[node].compute.remote(layer, x, expert_ids, trace))
+
+    def submit_request(
+        self, node: str, request: ShardRequest, trace: dict[str, str] | None = None
+    ) -> Any:
+        """One compact-wire call as a Ray actor task (the fallback transport)."""
+        return (node, self.handles[node].compute_request.remote(request, trace))
+
+    def default_transport(self) -> Any:
+        """Persistent channels to the shard actors (`cluster/transport.py`), unless this pool
+        was made with `transport="actor-call"` (one Ray task per node per layer)."""
+        from .transport import ChannelTransport, PoolTransport
+
+        return ChannelTransport(self) if self.transport == "channel" else PoolTransport(self)
 
     def as_completed(self, handles: Mapping[str, Any]) -> Iterator[str]:
         """The nodes of `handles` (node -> `submit` handle) in the order their calls answer,

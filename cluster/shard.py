@@ -27,6 +27,8 @@ import torch
 from expertmesh.models.checkpoint import load_expert_bank, resolve_dtype
 from expertmesh.models.model import ExpertBank
 
+from .wire import Packed, ShardRequest, pack, unpack
+
 
 @dataclass(frozen=True)
 class NodeEmulation:
@@ -47,7 +49,9 @@ class NodeEmulation:
 class ShardReply:
     """What one `compute` call returns: outputs and where the time went."""
 
-    outputs: np.ndarray  # (n, hidden), unweighted expert outputs in request order
+    outputs: np.ndarray | Packed
+    """(n, hidden) unweighted expert outputs in request order: float32 for `compute`, packed
+    in the request's wire format for `compute_request`."""
     compute_s: float
     emulated_compute_s: float
     emulated_link_s: float
@@ -119,6 +123,7 @@ class ExpertShard:
         self.tokens = 0
         self.started_at = time.time()
         self.last_call_at = 0.0
+        self._channel: Any = None
 
     # --------------------------------------------------------------- membership
 
@@ -205,9 +210,18 @@ class ExpertShard:
             return self._compute(layer, x, expert_ids)
 
     def _compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> ShardReply:
-        t0 = time.perf_counter()
         ids = torch.from_numpy(np.ascontiguousarray(expert_ids, dtype=np.int64))
         xs = torch.from_numpy(np.array(x, copy=True)).to(self.dtype)
+        out, timings = self._expert_rows(layer, xs, ids, 2 * x.nbytes)  # fp32 rows out and back
+        return ShardReply(out.to(torch.float32).numpy(), *timings)
+
+    def _expert_rows(
+        self, layer: int, xs: torch.Tensor, ids: torch.Tensor, link_bytes: int
+    ) -> tuple[torch.Tensor, tuple[float, float, float]]:
+        """Rows `xs` (n, hidden) through experts `ids` (n,): outputs in the same order, and
+        (compute_s, emulated_compute_s, emulated_link_s); sleeps when emulating a node
+        (`link_bytes`: what crossed its link both ways)."""
+        t0 = time.perf_counter()
         bank = self.banks.get(layer)
         if bank is None:
             from expertmesh.models.errors import ExpertNotLoaded
@@ -220,16 +234,86 @@ class ExpertShard:
             out = torch.empty_like(out_sorted)
             out[order] = out_sorted
         compute_s = time.perf_counter() - t0
-        emu = self.emulation
-        extra_compute = compute_s * (emu.slowdown - 1.0) if emu.slowdown > 1 else 0.0
-        nbytes = x.nbytes + out.numel() * out.element_size()
-        link_s = emu.link_s(nbytes) if emu.link_gbps != float("inf") or emu.link_latency_us else 0.0
-        if extra_compute + link_s > 0:
-            time.sleep(extra_compute + link_s)
+        timings = self._emulate(compute_s, link_bytes)
         self.calls += 1
         self.tokens += int(ids.numel())
         self.last_call_at = time.time()
-        return ShardReply(out.to(torch.float32).numpy(), compute_s, extra_compute, link_s)
+        return out, timings
+
+    def _emulate(self, compute_s: float, nbytes: int) -> tuple[float, float, float]:
+        emu = self.emulation
+        extra_compute = compute_s * (emu.slowdown - 1.0) if emu.slowdown > 1 else 0.0
+        link_s = emu.link_s(nbytes) if emu.link_gbps != float("inf") or emu.link_latency_us else 0.0
+        if extra_compute + link_s > 0:
+            time.sleep(extra_compute + link_s)
+        return compute_s, extra_compute, link_s
+
+    # --------------------------------------------------------------- the compact wire
+
+    def compute_request(
+        self, request: ShardRequest, trace: Mapping[str, str] | None = None
+    ) -> ShardReply:
+        """One layer call in the compact wire format (`cluster/wire.py`): the distinct rows
+        this node needs, one output row per assignment, packed like the request."""
+        if request.echo:
+            rows = request.rows
+            scales = rows.scales[request.row_of] if rows.scales is not None else None
+            return ShardReply(Packed(rows.fmt, rows.data[request.row_of], scales), 0.0, 0.0, 0.0)
+        if self.tracer is None or not trace:
+            return self._compute_request(request)
+        from opentelemetry import propagate
+
+        with self.tracer.start_as_current_span(
+            "expertmesh.shard.compute",
+            context=propagate.extract(dict(trace)),
+            attributes={
+                "expertmesh.node": self.node,
+                "expertmesh.layer": request.layer,
+                "expertmesh.rows": request.assignments,
+            },
+        ):
+            return self._compute_request(request)
+
+    def _compute_request(self, request: ShardRequest) -> ShardReply:
+        rows = unpack(request.rows, self.dtype)
+        ids = torch.from_numpy(request.experts.astype(np.int64))
+        xs = rows[torch.from_numpy(request.row_of.astype(np.int64))]
+        # Link bytes: the request, plus one output row per assignment in the same format.
+        per_row = request.rows.nbytes // max(request.rows.rows, 1)
+        link_bytes = request.nbytes + per_row * request.assignments
+        out, timings = self._expert_rows(request.layer, xs, ids, link_bytes)
+        return ShardReply(pack(out, request.rows.fmt), *timings)
+
+    def open_channel(self, secret: bytes) -> tuple[str, int]:
+        """Listen for a persistent channel (`cluster/transport_channel.py`) on this node's IP;
+        returns (ip, port). Idempotent: a second call returns the same address."""
+        if self._channel is None or self._channel.closed or self._channel.secret != secret:
+            from .transport_channel import ChannelServer
+
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = ChannelServer(_node_ip(), secret, self.handle_frame, self.node)
+        return self._channel.address
+
+    def handle_frame(self, frame: bytearray) -> list[bytes | memoryview]:
+        """A request frame -> its reply frame (errors travel as frames; the caller raises)."""
+        from expertmesh.models.errors import ExpertNotLoaded
+
+        from . import wire
+
+        try:
+            request, trace = wire.read_request(frame)
+            reply = self.compute_request(request, trace)
+        except ExpertNotLoaded as e:
+            return wire.frame_reply(
+                None, status=wire.EXPERT_NOT_LOADED, error={"layer": e.layer, "experts": e.experts}
+            )
+        except Exception as e:  # the caller fails this call; the channel stays usable
+            log.exception("shard %s: a layer call failed", self.node)
+            return wire.frame_reply(None, status=wire.FAILED, error={"error": repr(e)[:2000]})
+        timings = (reply.compute_s, reply.emulated_compute_s, reply.emulated_link_s)
+        assert isinstance(reply.outputs, Packed)
+        return wire.frame_reply(reply.outputs, timings)
 
     def status(self) -> ShardStatus:
         return ShardStatus(
@@ -280,6 +364,16 @@ def _gemm_gflops(size: int, repeats: int) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best / 1e9
+
+
+def _node_ip() -> str:
+    """This process's node IP as Ray knows it (the rig's namespace address), else loopback."""
+    try:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+    except Exception:  # not in a Ray worker (in-process shards in tests)
+        return "127.0.0.1"
 
 
 def _moe_cfg(bank: ExpertBank) -> Any:

@@ -1,0 +1,225 @@
+"""Transports: how a layer call's requests reach the shards (the `Transport` protocol lives in
+`cluster/dispatch.py`, next to the dispatcher that uses it).
+
+- `ChannelTransport`: one persistent TCP channel per shard (`cluster/transport_channel.py`),
+  opened through a Ray call to the shard's actor and reopened whenever the pool's actor for
+  a node changes (a standby promoted, a node rejoined) or the channel breaks. The default on
+  a Ray pool. A dead actor shows as a closed channel: its node's reply is `ShardLost`, and
+  the dispatcher's failover runs exactly as on the fallback path.
+- `PoolTransport`: one `ShardPool.submit_request` per node, read with `result` (on a Ray
+  pool: one Ray actor task per node per layer, replies taken as they complete). The
+  fallback, and the in-process pool's transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import select
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .dispatch import ShardLost, ShardPool
+from .shard import ShardReply
+from .transport_channel import ChannelClosed, connect, recv_frame, send_frame
+from .wire import EXPERT_NOT_LOADED, OK, ShardRequest, frame_request, read_reply
+
+
+def _open_on_actor(actor: Any, secret: bytes, timeout_s: float) -> tuple[str, int]:
+    """Ask a shard's Ray actor to listen; ChannelClosed when it is dead or does not answer."""
+    import ray
+
+    try:
+        host, port = ray.get(actor.open_channel.remote(secret), timeout=timeout_s)
+    except (
+        ray.exceptions.RayActorError,
+        ray.exceptions.ActorUnavailableError,
+        ray.exceptions.GetTimeoutError,
+    ) as e:
+        raise ChannelClosed(f"its actor did not open one ({type(e).__name__})") from e
+    return str(host), int(port)
+
+
+class ShardCallFailed(RuntimeError):
+    """A shard raised while computing (a bug, not a lost shard): the step fails."""
+
+    def __init__(self, node: str, error: str) -> None:
+        super().__init__(f"expert shard on node '{node}' failed a layer call: {error}")
+        self.node = node
+
+
+@dataclass
+class Sent:
+    """Requests in flight, for `replies`."""
+
+    handles: dict[str, Any] = field(default_factory=dict)
+    request_bytes: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, ShardLost] = field(default_factory=dict)
+    """Nodes whose request could not even be sent."""
+
+
+class PoolTransport:
+    """One call per node through the `ShardPool` (Ray actor tasks on a Ray pool)."""
+
+    name = "actor-call"
+
+    def __init__(self, pool: ShardPool) -> None:
+        self.pool = pool
+
+    def send(
+        self, requests: Mapping[str, ShardRequest], trace: dict[str, str] | None = None
+    ) -> Sent:
+        sent = Sent()
+        for node, request in requests.items():
+            sent.request_bytes[node] = request.nbytes
+            try:
+                sent.handles[node] = self.pool.submit_request(node, request, trace)
+            except ShardLost as e:
+                sent.lost[node] = e
+        return sent
+
+    def replies(self, sent: Sent) -> Iterator[tuple[str, ShardReply | ShardLost]]:
+        yield from sent.lost.items()
+        as_completed = getattr(self.pool, "as_completed", None)
+        order = as_completed(sent.handles) if as_completed is not None else iter(sent.handles)
+        for node in order:
+            try:
+                yield node, self.pool.result(sent.handles[node])
+            except ShardLost as e:
+                yield node, e
+
+
+class _Channel:
+    def __init__(self, actor: Any, sock: Any) -> None:
+        self.actor = actor
+        self.sock = sock
+        self.broken = False
+        self.outstanding: deque[Sent] = deque()
+
+    def close(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class ChannelTransport:
+    """Persistent TCP channels to the shard actors of a `RayShardPool`-like pool (anything
+    with `handles`: node -> Ray actor handle whose actor has `open_channel`)."""
+
+    name = "channel"
+
+    def __init__(
+        self,
+        pool: Any,
+        connect_timeout_s: float = 10.0,
+        reply_timeout_s: float = 60.0,
+        open_channel: Callable[[Any, bytes, float], tuple[str, int]] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.open_channel = open_channel or _open_on_actor
+        """(actor, secret, timeout_s) -> (host, port): asks the shard to listen (a Ray call
+        by default; tests pass in-process shards)."""
+        self.connect_timeout_s = connect_timeout_s
+        self.reply_timeout_s = reply_timeout_s
+        """A shard that answers nothing for this long is treated as lost (a cut link, a hung
+        process): its rows go elsewhere and the channel is reopened on the next call."""
+        self.secret = secrets.token_bytes(32)
+        self._channels: dict[str, _Channel] = {}
+        self._opened: set[str] = set()
+        self.reconnects = 0
+        """Channels opened again after a first one (a shard replaced or a channel broken)."""
+
+    def _channel(self, node: str) -> _Channel:
+        actor = self.pool.handles.get(node)
+        if actor is None:
+            raise ShardLost(node, "the pool has no shard for it")
+        ch = self._channels.get(node)
+        if ch is not None and ch.actor is actor and not ch.broken:
+            return ch
+        if ch is not None:
+            ch.close()
+        if node in self._opened:
+            self.reconnects += 1
+        self._opened.add(node)
+        try:
+            address = self.open_channel(actor, self.secret, self.connect_timeout_s)
+            sock = connect((str(address[0]), int(address[1])), self.secret, self.connect_timeout_s)
+        except ChannelClosed as e:
+            raise ShardLost(node, f"cannot open its channel: {e}") from e
+        ch = self._channels[node] = _Channel(actor, sock)
+        return ch
+
+    def send(
+        self, requests: Mapping[str, ShardRequest], trace: dict[str, str] | None = None
+    ) -> Sent:
+        sent = Sent()
+        for node, request in requests.items():
+            sent.request_bytes[node] = request.nbytes
+            try:
+                ch = self._channel(node)
+            except ShardLost as e:
+                sent.lost[node] = e
+                continue
+            try:
+                send_frame(ch.sock, frame_request(request, trace))
+            except OSError as e:
+                ch.close()
+                sent.lost[node] = ShardLost(node, f"its channel broke: {e}")
+                continue
+            ch.outstanding.append(sent)
+            sent.handles[node] = ch
+        return sent
+
+    def replies(self, sent: Sent) -> Iterator[tuple[str, ShardReply | ShardLost]]:
+        yield from sent.lost.items()
+        waiting: dict[Any, str] = {}
+        failure: ShardCallFailed | None = None
+        for node, ch in sent.handles.items():
+            if ch.broken:
+                yield node, self._drop(node, ch, sent, "its channel broke")
+            else:
+                waiting[ch.sock] = node
+        deadline = time.monotonic() + self.reply_timeout_s
+        while waiting:
+            left = deadline - time.monotonic()
+            ready = select.select(list(waiting), [], [], max(left, 0.0))[0] if left > 0 else []
+            if not ready:
+                for node in list(waiting.values()):
+                    why = f"no reply within {self.reply_timeout_s:g} s"
+                    yield node, self._drop(node, sent.handles[node], sent, why)
+                return
+            for sock in ready:
+                node = waiting.pop(sock)
+                ch = sent.handles[node]
+                if ch.outstanding and ch.outstanding[0] is not sent:
+                    raise RuntimeError("channel replies must be read in the order sent")
+                try:
+                    frame = recv_frame(sock)
+                except OSError as e:  # ChannelClosed included: the actor or its node died
+                    yield node, self._drop(node, ch, sent, f"its channel closed ({e})")
+                    continue
+                ch.outstanding.popleft()
+                status, outputs, timings, error = read_reply(frame)
+                if status == OK:
+                    yield node, ShardReply(outputs, *timings)  # type: ignore[arg-type]
+                elif status == EXPERT_NOT_LOADED:
+                    why = f"it lacks experts it is routed: layer {error}"
+                    yield node, ShardLost(node, why)
+                else:
+                    failure = failure or ShardCallFailed(node, str((error or {}).get("error")))
+        if failure is not None:  # every other reply was read: the channels stay in step
+            raise failure
+
+    def _drop(self, node: str, ch: _Channel, sent: Sent, why: str) -> ShardLost:
+        ch.close()
+        if self._channels.get(node) is ch:
+            del self._channels[node]
+        return ShardLost(node, why)
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
