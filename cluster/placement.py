@@ -65,6 +65,7 @@ from .placement_model import (
     check_nodes,
     check_shape,
     cost_model,
+    layer_times,
     token_load,
     tokens_per_node,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "PlacementOptions",
     "ReplicaAssignment",
     "bytes_moved",
+    "eplb_placement",
     "evaluate",
     "placement_from_eplb",
     "plan_increment",
@@ -503,7 +505,139 @@ def plan_placement(
     budget = _check_feasible(nodes, shape, options)
     a = token_load(load, shape, options)
     cost = cost_model(nodes, shape, options)
-    return _plan(a, nodes, shape, options, cost, budget, _layer_caps(nodes, shape, cost))
+    caps = _layer_caps(nodes, shape, cost)
+    plans = [_plan(a, nodes, shape, options, cost, budget, caps)]
+    for dropped in _drop_order(a, caps, cost):
+        sub = caps.copy()
+        sub[:, dropped] = 0
+        if ((sub > 0).sum(axis=1) < options.min_replicas).any() or (
+            sub.sum(axis=1) < shape.num_experts * options.min_replicas
+        ).any():
+            break  # too few slots left for every expert
+        try:
+            plans.append(_plan(a, nodes, shape, options, cost, min(budget, int(sub.sum())), sub))
+        except PlacementError:
+            break
+    eplb = _eplb_candidate(a, nodes, shape, options, caps)
+    if eplb is not None:
+        plans.append(eplb)
+    return _best_per_layer(plans, a, nodes, shape, options, cost)
+
+
+def _eplb_candidate(
+    a: np.ndarray,
+    nodes: Sequence[NodeCapacity],
+    shape: ExpertShape,
+    options: PlacementOptions,
+    caps: np.ndarray,
+) -> Placement | None:
+    """EPLB's plan when it keeps within the per-layer caps and the options (one replica per
+    expert allowed, no rack preference): layers where it beats ours are taken from it, so ours
+    is never worse than EPLB."""
+    used = np.flatnonzero(caps.min(axis=0) > 0)
+    if options.min_replicas != 1 or options.rack_local or not len(used):
+        return None
+    per_gpu = int(caps[:, used].min())
+    if per_gpu * len(used) < shape.num_experts:
+        return None
+    p = eplb_placement(a, nodes, shape, options, per_gpu)
+    held = np.bincount(p.replica_layer * len(nodes) + p.replica_node, minlength=caps.size)
+    return None if (held.reshape(caps.shape) > caps).any() else p
+
+
+def eplb_placement(
+    load: np.ndarray | None,
+    nodes: Sequence[NodeCapacity],
+    shape: ExpertShape,
+    options: PlacementOptions,
+    slots_per_layer: int,
+) -> Placement:
+    """DeepSeek's EPLB (`cluster/eplb.py`, global policy) with every node that has expert
+    slots as one of its GPUs, `slots_per_layer` slots on each in every layer, tokens split
+    evenly over replicas; scored over all `nodes` (it may exceed a small node's slots:
+    `evaluate(...)["slots_over"]` says)."""
+    from .eplb import rebalance_experts
+
+    a = token_load(load, shape, options)
+    used = np.array([i for i, n in enumerate(nodes) if n.expert_slots > 0], dtype=np.int64)
+    if not len(used):
+        raise PlacementError("eplb: no node has expert slots")
+    result = rebalance_experts(a, slots_per_layer * len(used), 1, 1, len(used))
+    p = placement_from_eplb(result, [nodes[i] for i in used.tolist()], shape, a, options)
+    cost = cost_model(nodes, shape, options)
+    return build_placement(
+        nodes,
+        shape,
+        options,
+        cost,
+        a,
+        p.replica_layer,
+        p.replica_expert,
+        used[p.replica_node],
+        p.replica_share,
+    )
+
+
+def _drop_order(a: np.ndarray, caps: np.ndarray, cost: CostModel) -> list[list[int]]:
+    """Node sets to leave empty, one more each time: the nodes with slots that cost the most
+    for a fair share of a layer's tokens (message latency + share x cost per token) first; the
+    attention node's own process (colocated) is never dropped. Every layer a node serves costs
+    its latency and a dispatch call, so with slow links or costly calls fewer nodes can be
+    faster."""
+    has_slots = caps.sum(axis=0) > 0
+    candidates = np.flatnonzero(has_slots & ~cost.colocated)
+    if not len(candidates):
+        return []
+    share = a.sum(axis=1).mean() / max(int(has_slots.sum()), 1)
+    badness = cost.latency_s[candidates] + share * cost.token_s[candidates]
+    order = candidates[np.argsort(-badness, kind="stable")].tolist()
+    return [order[: k + 1] for k in range(len(order))]
+
+
+def _best_per_layer(
+    plans: Sequence[Placement],
+    a: np.ndarray,
+    nodes: Sequence[NodeCapacity],
+    shape: ExpertShape,
+    options: PlacementOptions,
+    cost: CostModel,
+) -> Placement:
+    """Each layer from the plan whose slowest node finishes it soonest (layers run one after
+    another, so the step time is the sum of the layer maxima). Every plan keeps within the same
+    per-layer slot caps, so any mix of their layers keeps within every node's slots."""
+    if len(plans) == 1:
+        return plans[0]
+    N = len(nodes)
+    layer_max = np.stack(
+        [
+            layer_times(
+                tokens_per_node(
+                    a, p.replica_layer, p.replica_expert, p.replica_node, p.replica_share, N
+                ),
+                cost,
+            )
+            for p in plans
+        ]
+    )  # (plans, L)
+    pick = layer_max.argmin(axis=0)
+    if (pick == pick[0]).all():
+        return plans[int(pick[0])]
+    rows = [np.flatnonzero(plans[int(k)].replica_layer == layer) for layer, k in enumerate(pick)]
+    parts = {
+        name: np.concatenate([getattr(plans[int(k)], name)[r] for k, r in zip(pick.tolist(), rows)])
+        for name in ("replica_layer", "replica_expert", "replica_node", "replica_share")
+    }
+    return build_placement(
+        nodes,
+        shape,
+        options,
+        cost,
+        a,
+        parts["replica_layer"],
+        parts["replica_expert"],
+        parts["replica_node"],
+        parts["replica_share"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,10 +13,14 @@ experts in proportion to `load`):
   `2 * expert_params / (speed_n * reference_tflops)` (a token through an expert's GEMMs) and
   link = `2 * hidden_size * dtype_bytes * 8 / link_gbps` (the hidden state goes to the node and
   the result comes back over the node's link to the attention node);
-- every layer in which node n serves tokens adds `2 * link_latency_us` (one dispatch and one
-  combine message per layer per node per step);
+- every layer in which node n serves tokens adds `2 * link_latency_us` to the node (one
+  dispatch message there and one back per layer per node per step) and `call_overhead_us` to
+  the layer (the fixed cost of one dispatch call, which the attention side pays call by call:
+  pack, send, collect): a node that serves a layer costs something however few tokens it
+  takes, so leaving a node empty can be the faster plan;
 - node time = the sum over its replicas, all layers; the slowest node gates the step, so the
-  objective is the max node time. `balancedness` = max / mean node time. Since layers run one
+  objective is the max node time. `balancedness` = max / mean node time over the nodes that
+  serve tokens (an empty node is not "idle capacity" but a choice). Since layers run one
   after another, a layer is really gated by its own slowest node: the planner balances every
   layer on its own (which balances the sums too), and `step_balancedness` reports
   sum_layers(max node time) / sum_layers(mean node time).
@@ -129,6 +133,9 @@ class PlacementOptions:
     """Tokens in one decode step (the batch); turns load shares into seconds."""
     reference_tflops: float = 50.0
     """Effective TFLOP/s of a speed-1.0 node on expert GEMMs."""
+    call_overhead_us: float = 0.0
+    """Fixed cost of one dispatch call, paid by the attention side once per node it calls in
+    a layer (measured by the rig's calibration; the topology's `call_overhead_us`)."""
 
     def __post_init__(self) -> None:
         if self.min_replicas < 1:
@@ -140,6 +147,10 @@ class PlacementOptions:
         if not (self.reference_tflops > 0 and math.isfinite(self.reference_tflops)):
             raise ValueError(
                 f"reference_tflops must be finite and > 0, got {self.reference_tflops}"
+            )
+        if not (self.call_overhead_us >= 0 and math.isfinite(self.call_overhead_us)):
+            raise ValueError(
+                f"call_overhead_us must be finite and >= 0, got {self.call_overhead_us}"
             )
 
 
@@ -197,9 +208,9 @@ class Placement:
     node_tokens: dict[str, float]
     """Token-assignments per step each node serves (all layers)."""
     balancedness: float
-    """max / mean of node_time (speeds and links counted)."""
+    """max / mean of node_time (speeds and links counted) over the nodes that serve tokens."""
     balancedness_equal_speed: float
-    """max / mean of node_tokens (as if all nodes were equal)."""
+    """max / mean of node_tokens (as if all nodes were equal), same nodes."""
     step_balancedness: float
     """sum over layers of the slowest node's time / sum over layers of the mean node time."""
     cross_node_bytes_per_token: float
@@ -332,6 +343,8 @@ class CostModel:
     """(N,) bool: usable freely (False: a slow link under rack_local)."""
     token_link_bytes: int
     """Bytes one token-assignment sends over a link, there and back."""
+    call_s: float = 0.0
+    """Seconds the attention side pays per node called in a layer (serial)."""
 
     @property
     def speed(self) -> np.ndarray:
@@ -352,7 +365,14 @@ def cost_model(
     preferred = np.ones(len(nodes), dtype=bool)
     if options.rack_local:
         preferred = gbps * SLOW_LINK_RATIO >= gbps.max()
-    return CostModel(compute_s + link_s, latency_s, colocated, preferred, link_bytes)
+    return CostModel(
+        compute_s + link_s,
+        latency_s,
+        colocated,
+        preferred,
+        link_bytes,
+        call_s=options.call_overhead_us * 1e-6,
+    )
 
 
 def token_load(
@@ -396,21 +416,37 @@ def max_over_mean(x: np.ndarray) -> float:
     return float(x.max()) / mean if mean > 0 else 1.0
 
 
+def layer_node_times(node_tokens: np.ndarray, cost: CostModel) -> np.ndarray:
+    """(L, N) predicted seconds each node works in each layer: its token-assignments times
+    their cost, plus its link's message latency where it serves any."""
+    return node_tokens * cost.token_s + (node_tokens > 1e-12) * cost.latency_s
+
+
+def layer_times(node_tokens: np.ndarray, cost: CostModel) -> np.ndarray:
+    """(L,) predicted seconds of each layer: its slowest node, plus the attention side's fixed
+    cost for every node it calls."""
+    called = (node_tokens > 1e-12).sum(axis=1)
+    return layer_node_times(node_tokens, cost).max(axis=1) + called * cost.call_s
+
+
 def placement_metrics(
     node_tokens: np.ndarray, cost: CostModel, options: PlacementOptions
 ) -> dict[str, Any]:
     """The cost model's numbers for (L, N) node tokens (a node is busy in a layer where it
     serves tokens)."""
-    times = node_tokens * cost.token_s + (node_tokens > 0) * cost.latency_s
+    times = layer_node_times(node_tokens, cost)
     node_time, node_total = times.sum(axis=0), node_tokens.sum(axis=0)
-    layer_max = times.max(axis=1)
+    layer_max = layer_times(node_tokens, cost)
     remote = float(node_tokens[:, ~cost.colocated].sum())
+    serving = node_total > 1e-9  # balance counts only the nodes that serve tokens
+    if not serving.any():
+        serving = np.ones_like(serving)
     return {
         "node_time_s": node_time,
         "node_tokens": node_total,
         "layer_node_time_s": times,
-        "balancedness": max_over_mean(node_time),
-        "balancedness_equal_speed": max_over_mean(node_total),
+        "balancedness": max_over_mean(node_time[serving]),
+        "balancedness_equal_speed": max_over_mean(node_total[serving]),
         "step_balancedness": float(layer_max.sum() / max(times.mean(axis=1).sum(), 1e-300)),
         "step_time_s": float(layer_max.sum()),
         "cross_node_bytes_per_token": remote * cost.token_link_bytes / options.tokens_per_step,

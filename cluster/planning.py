@@ -17,7 +17,16 @@ import numpy as np
 
 from expertmesh.models.config import ModelConfig
 
-from .placement import ExpertShape, NodeCapacity, Placement, PlacementOptions, plan_placement
+from .placement import (
+    ExpertShape,
+    NodeCapacity,
+    Placement,
+    PlacementOptions,
+    eplb_placement,
+    evaluate,
+    plan_placement,
+)
+from .placement_model import build_placement, cost_model, token_load
 from .topology import Topology
 
 
@@ -79,6 +88,28 @@ def load_trace(path: str | Path, config: ModelConfig) -> np.ndarray:
     return load
 
 
+def planner_inputs(
+    topology: Topology,
+    config: ModelConfig,
+    min_replicas: int = 1,
+    rack_local: bool = False,
+    dtype_bytes: int = 2,
+    reference_tflops: float | None = None,
+) -> tuple[list[NodeCapacity], ExpertShape, PlacementOptions]:
+    """What the planner reads for a model on a topology (see `plan_for_topology`)."""
+    shape = expert_shape(config, dtype_bytes)
+    nodes = node_capacities(topology, shape)
+    options = PlacementOptions(
+        min_replicas=min_replicas,
+        rack_local=rack_local,
+        call_overhead_us=topology.call_overhead_us or 0.0,
+    )
+    tflops = reference_tflops or topology.reference_tflops
+    if tflops is not None:
+        options = replace(options, reference_tflops=tflops)
+    return nodes, shape, options
+
+
 def plan_for_topology(
     topology: Topology,
     config: ModelConfig,
@@ -93,14 +124,81 @@ def plan_for_topology(
     reference_tflops: effective TFLOP/s of a speed-1.0 node; default the topology's
     `reference_tflops`, else the planner's GPU-class default.
     """
-    shape = expert_shape(config, dtype_bytes)
-    nodes = node_capacities(topology, shape)
-    options = PlacementOptions(min_replicas=min_replicas, rack_local=rack_local)
-    tflops = reference_tflops or topology.reference_tflops
-    if tflops is not None:
-        options = replace(options, reference_tflops=tflops)
+    nodes, shape, options = planner_inputs(
+        topology, config, min_replicas, rack_local, dtype_bytes, reference_tflops
+    )
     placement = plan_placement(nodes, shape, trace, options)
     return placement.with_layer_ids(config.moe_layer_ids)
+
+
+BASELINES = ("eplb", "attention_only")
+"""The placements `baseline_placement` builds, that ours is compared with."""
+
+
+def baseline_placement(
+    kind: str,
+    topology: Topology,
+    config: ModelConfig,
+    trace: np.ndarray | None = None,
+    dtype_bytes: int = 2,
+    reference_tflops: float | None = None,
+) -> Placement:
+    """A baseline placement on the topology, keyed by model layer ids:
+
+    - `eplb`: DeepSeek's EPLB (`cluster/eplb.py`, global policy) with every node that has
+      expert slots as one of its GPUs, ceil(experts / GPUs) slots on each in every layer (no
+      redundant experts, vLLM's default `num_redundant_experts=0`); tokens split evenly over
+      replicas. It may not fit a small node's slots: `evaluate(...)["slots_over"]` says.
+    - `attention_only`: every expert once, on the (first) attention node.
+    """
+    nodes, shape, options = planner_inputs(
+        topology, config, dtype_bytes=dtype_bytes, reference_tflops=reference_tflops
+    )
+    L, E = shape.num_layers, shape.num_experts
+    load = token_load(trace, shape, options)
+    if kind == "attention_only":
+        head = [n.name for n in nodes].index(topology.attention_nodes[0].name)
+        cost = cost_model(nodes, shape, options)
+        layer, expert = np.repeat(np.arange(L), E), np.tile(np.arange(E), L)
+        node, share = np.full(L * E, head), np.ones(L * E)
+        placement = build_placement(nodes, shape, options, cost, load, layer, expert, node, share)
+    elif kind == "eplb":
+        with_slots = sum(1 for n in nodes if n.expert_slots > 0)
+        per_gpu = -(-E // max(with_slots, 1))  # no redundant experts: vLLM's default
+        placement = eplb_placement(load, nodes, shape, options, per_gpu)
+    else:
+        raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+    return placement.with_layer_ids(config.moe_layer_ids)
+
+
+def compare_for_topology(
+    topology: Topology,
+    config: ModelConfig,
+    ours: Placement,
+    trace: np.ndarray | None = None,
+    dtype_bytes: int = 2,
+    reference_tflops: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Ours and every baseline scored by one cost model (the topology's, measured figures where
+    it has them): {name: {predicted_step_s, balancedness, nodes_used, slots_over}}."""
+    nodes, shape, options = planner_inputs(
+        topology, config, dtype_bytes=dtype_bytes, reference_tflops=reference_tflops
+    )
+    placements = {"ours": ours}
+    for kind in BASELINES:
+        placements[kind] = baseline_placement(
+            kind, topology, config, trace, dtype_bytes, reference_tflops
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for name, p in placements.items():
+        ev = evaluate(p.by_index(config.moe_layer_ids), nodes, shape, trace, options)
+        out[name] = {
+            "predicted_step_s": ev["step_time_s"],
+            "balancedness": ev["balancedness"],
+            "nodes_used": sorted(n for n, k in ev["slots_used"].items() if k > 0),
+            "slots_over": ev["slots_over"],
+        }
+    return out
 
 
 def embedded_reference_tflops(topology: Topology) -> float:

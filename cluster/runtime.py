@@ -146,7 +146,10 @@ class ExpertParallelModel:
             reference_tflops=tflops or topology.reference_tflops or DEFAULT_TFLOPS,
         )
         routes = routes_from_placement(placement)
-        assignment = RoutingTable(routes).node_experts()
+        held = RoutingTable(routes).node_experts()
+        # Every node gets a shard, the ones the plan leaves empty too: failover and rebalancing
+        # move experts onto them without starting actors first.
+        assignment = {n.name: held.get(n.name, {}) for n in topology.nodes}
         try:
             pool = RayShardPool(
                 str(checkpoint),

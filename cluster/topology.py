@@ -28,6 +28,10 @@ Units: `memory_gb` is decimal gigabytes (10**9 bytes), `bandwidth_gbps` gigabits
 compute: auto is CUDA when that node's Ray node has a GPU, cuda insists on one (a clear error
 naming the node where there is none), cpu never uses one. `kind` describes the machine (the
 rendered manifests request `nvidia.com/gpu` for `kind: gpu`); `device` is what runs on it.
+
+Two optional top-level figures are usually measured rather than written: `reference_tflops`
+(expert-GEMM TFLOP/s of a speed-1.0 node) and `call_overhead_us` (the fixed cost of one expert
+dispatch call, beyond link latency and bytes); `expertmesh rig up`'s calibration fills both in.
 """
 
 from __future__ import annotations
@@ -184,6 +188,11 @@ class Topology:
     reference_tflops: float | None = None
     """Effective expert-GEMM TFLOP/s of a speed-1.0 node (None: the planner's default, or
     measured on this machine for the embedded cluster)."""
+    call_overhead_us: float | None = None
+    """Fixed cost of one expert dispatch call (pack, send, wake the shard, collect the reply)
+    beyond link latency and bytes, which the attention side pays once per node it calls in a
+    layer: measured by the rig's calibration (`expertmesh rig up`); None: the planner counts
+    none."""
     _by_name: Mapping[str, Node] = field(init=False, repr=False, compare=False, hash=False)
     _pairs: Mapping[frozenset[str], Link] = field(init=False, repr=False, compare=False, hash=False)
 
@@ -286,6 +295,8 @@ class Topology:
         out: dict[str, Any] = {"version": SCHEMA_VERSION, "name": self.name}
         if self.reference_tflops is not None:
             out["reference_tflops"] = self.reference_tflops
+        if self.call_overhead_us is not None:
+            out["call_overhead_us"] = self.call_overhead_us
         return out | {
             "nodes": [
                 {
@@ -386,6 +397,7 @@ class TopologySpec(_Spec):
     version: Literal[1]
     name: Annotated[str, Field(min_length=1, strict=True)]
     reference_tflops: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] | None = None
+    call_overhead_us: Microseconds | None = None
     nodes: list[NodeSpec] = Field(min_length=1)
     links: LinksSpec
 
@@ -492,7 +504,11 @@ def _build(spec: TopologySpec) -> Topology:
         pairs=tuple(PairLink((p.nodes[0], p.nodes[1]), _link(p)) for p in links.pairs),
     )
     return Topology(
-        name=spec.name, nodes=tuple(nodes), links=rules, reference_tflops=spec.reference_tflops
+        name=spec.name,
+        nodes=tuple(nodes),
+        links=rules,
+        reference_tflops=spec.reference_tflops,
+        call_overhead_us=None if spec.call_overhead_us is None else float(spec.call_overhead_us),
     )
 
 

@@ -104,22 +104,35 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from expertmesh.cluster.placement import PlacementError
-    from expertmesh.cluster.planning import embedded_reference_tflops, load_trace, plan_for_topology
+    from expertmesh.cluster.planning import load_trace, plan_for_topology
     from expertmesh.cluster.topology import load_topology
 
     topology = load_topology(args.topology)
     config = read_config(resolve_model(args.model))
     trace = load_trace(args.trace, config) if args.trace else None
+    tflops = _tflops(args, topology)
+    placement = plan_for_topology(
+        topology, config, trace, args.min_replicas, args.rack_local, reference_tflops=tflops
+    )
+    return topology, config, placement
+
+
+def _tflops(args: argparse.Namespace, topology) -> float | None:  # type: ignore[no-untyped-def]
+    """Reference TFLOP/s from the flags: --reference-tflops, or measured here with --embedded
+    (once per run), else None (the topology's, or the planner's default)."""
+    from expertmesh.cluster.placement import PlacementError
+    from expertmesh.cluster.planning import embedded_reference_tflops
+
+    cached = getattr(args, "_measured_tflops", None)
+    if cached is not None:
+        return float(cached)
     tflops = getattr(args, "reference_tflops", None)
     if getattr(args, "embedded", False) and topology.reference_tflops is None:
         tflops = embedded_reference_tflops(topology)
     if tflops is not None and not tflops > 0:
         raise PlacementError(f"--reference-tflops must be > 0, got {tflops}")
-    placement = plan_for_topology(
-        topology, config, trace, args.min_replicas, args.rack_local, reference_tflops=tflops
-    )
-    return topology, config, placement
+    args._measured_tflops = tflops
+    return tflops
 
 
 def print_placement(console: Console, topology, placement) -> None:  # type: ignore[no-untyped-def]
@@ -147,11 +160,38 @@ def print_placement(console: Console, topology, placement) -> None:  # type: ign
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    topology, _, placement = _plan(args)
+    import json
+
+    from expertmesh.cluster.planning import compare_for_topology, load_trace
+
+    topology, config, placement = _plan(args)
     console = Console()
     print_placement(console, topology, placement)
+    trace = load_trace(args.trace, config) if args.trace else None
+    compared = compare_for_topology(
+        topology, config, placement, trace, reference_tflops=_tflops(args, topology)
+    )
+    table = Table(title="Predicted expert time per step, one cost model (lower is better)")
+    for col in ("placement", "predicted step (ms)", "vs ours", "nodes used", "fits slots"):
+        table.add_column(col, justify="left" if col in ("placement", "nodes used") else "right")
+    ours_s = compared["ours"]["predicted_step_s"]
+    for name, row in compared.items():
+        table.add_row(
+            name,
+            f"{row['predicted_step_s'] * 1e3:.4g}",
+            f"{row['predicted_step_s'] / ours_s:.2f}x" if ours_s > 0 else "-",
+            ", ".join(row["nodes_used"]),
+            "yes" if not row["slots_over"] else f"no: {row['slots_over']}",
+        )
+    console.print(table)
+    console.print(
+        "predictions of the planner's cost model; `benchmarks/bench_dataplane.py` measures them"
+    )
     if args.json:
-        args.json.write_text(placement.to_json())
+        doc = json.loads(placement.to_json())
+        doc["predicted_step_s"] = {k: v["predicted_step_s"] for k, v in compared.items()}
+        doc["compared"] = compared
+        args.json.write_text(json.dumps(doc, indent=1))
         console.print(f"wrote {args.json}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +22,9 @@ from expertmesh.cluster.placement import (
     placement_from_eplb,
     plan_increment,
     plan_placement,
+)
+from expertmesh.cluster.placement import (
+    eplb_placement as plan_eplb,
 )
 
 SHAPE = ExpertShape(num_layers=4, num_experts=16, top_k=2, hidden_size=256, expert_bytes=1 << 20)
@@ -255,3 +259,114 @@ def test_nodes_lost_one_by_one_are_always_re_placed_while_the_survivors_have_roo
         survivors = nodes[lost + 1 :]
         p, _ = plan_increment(p, survivors, shape, skewed_load(shape, seeds[1] + lost))
         check_invariants(p, survivors, shape, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed per-call costs, empty nodes, and never worse than EPLB or the attention node alone
+
+
+def two_fast_four_far() -> list[NodeCapacity]:
+    """Two fast nodes (the first is the attention node's own process) and four slower nodes
+    behind a slow uplink: the shape of topology on which the old planner put experts on the
+    four far nodes and left a fast one empty."""
+    fast = [
+        NodeCapacity("fast-a", 2.0, 64, math.inf, 0.0),
+        NodeCapacity("fast-b", 2.0, 64, 25.0, 20.0),
+    ]
+    far = [NodeCapacity(f"far-{i}", 0.5, 16, 1.0, 200.0) for i in range(4)]
+    return fast + far
+
+
+def baselines(nodes, shape, load, options):
+    """Predicted step time of EPLB (ceil(experts / nodes) slots per node and layer, vLLM's
+    default; infinite where that exceeds a node's slots) and of every expert on the attention
+    node, under the same cost model as ours."""
+    per_gpu = -(-shape.num_experts // len(nodes))
+    eplb = plan_eplb(load, nodes, shape, options, per_gpu)
+    L, E = shape.num_layers, shape.num_experts
+    alone = Placement.from_json(plan_placement(nodes, shape, load, options).to_json())
+    layer, expert = np.repeat(np.arange(L), E), np.tile(np.arange(E), L)
+    alone = replace(
+        alone,
+        replica_layer=layer,
+        replica_expert=expert,
+        replica_node=np.zeros(L * E, dtype=np.int64),
+        replica_share=np.ones(L * E),
+    )
+    eplb_ev = evaluate(eplb, nodes, shape, load, options)
+    return (
+        math.inf if eplb_ev["slots_over"] else eplb_ev["step_time_s"],
+        evaluate(alone, nodes, shape, load, options)["step_time_s"],
+    )
+
+
+@pytest.mark.parametrize("tflops", [50.0, 0.05, 0.005])
+def test_far_slow_nodes_stay_empty_while_the_fast_ones_are_enough(tflops):
+    nodes = two_fast_four_far()
+    options = PlacementOptions(tokens_per_step=32, reference_tflops=tflops)
+    load = skewed_load(SHAPE, seed=3)
+    p = plan_placement(nodes, SHAPE, load, options)
+    check_invariants(p, nodes, SHAPE, 1)
+    eplb_s, alone_s = baselines(nodes, SHAPE, load, options)
+    assert p.step_time_s <= min(eplb_s, alone_s) * (1 + 1e-9)
+    if tflops == 50.0:  # compute is nearly free: every far layer call costs 400 us for nothing
+        assert all(p.node_tokens[f"far-{i}"] == 0 for i in range(4))
+    # and never worse than keeping every expert on the two fast nodes
+    fast_only = plan_placement(nodes[:2], SHAPE, load, options)
+    assert p.step_time_s <= fast_only.step_time_s * (1 + 1e-9)
+
+
+def test_a_costly_call_means_fewer_nodes():
+    load = skewed_load(SHAPE, seed=1)
+    options = PlacementOptions(tokens_per_step=64, reference_tflops=0.05)
+    nodes = nodes_with([1.0] * 4, 64)
+    cheap = plan_placement(nodes, SHAPE, load, options)
+    costly = plan_placement(nodes, SHAPE, load, replace(options, call_overhead_us=1000.0))
+    used = lambda p: sum(1 for t in p.node_tokens.values() if t > 0)  # noqa: E731
+    assert used(costly) < used(cheap)
+    assert used(cheap) == 4
+
+
+def test_balance_counts_only_nodes_that_serve_tokens():
+    p = plan_placement(two_fast_four_far(), SHAPE, None, PlacementOptions(reference_tflops=50.0))
+    serving = [n for n, t in p.node_tokens.items() if t > 0]
+    assert len(serving) < 6
+    times = [p.node_time[n] for n in serving]
+    assert p.balancedness == pytest.approx(max(times) / (sum(times) / len(times)))
+
+
+def test_call_overhead_must_be_finite_and_non_negative():
+    with pytest.raises(ValueError, match="call_overhead_us"):
+        PlacementOptions(call_overhead_us=-1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    speeds=st.lists(st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]), min_size=2, max_size=6),
+    gbps=st.sampled_from([1.0, 10.0, 100.0]),
+    latency_us=st.sampled_from([5.0, 50.0, 500.0]),
+    overhead_us=st.sampled_from([0.0, 100.0, 1000.0]),
+    tflops=st.sampled_from([0.01, 0.1, 50.0]),
+    seed=st.integers(0, 5),
+)
+def test_ours_is_never_worse_than_eplb_or_the_attention_node_alone(
+    speeds, gbps, latency_us, overhead_us, tflops, seed
+):
+    nodes = [
+        NodeCapacity(
+            f"n{i}",
+            s,
+            SHAPE.num_layers * SHAPE.num_experts if i == 0 else 24,
+            math.inf if i == 0 else gbps,
+            0.0 if i == 0 else latency_us,
+        )
+        for i, s in enumerate(speeds)
+    ]
+    options = PlacementOptions(
+        tokens_per_step=32, reference_tflops=tflops, call_overhead_us=overhead_us
+    )
+    load = skewed_load(SHAPE, seed=seed)
+    p = plan_placement(nodes, SHAPE, load, options)
+    check_invariants(p, nodes, SHAPE, 1)
+    eplb_s, alone_s = baselines(nodes, SHAPE, load, options)
+    assert p.step_time_s <= min(eplb_s, alone_s) * (1 + 1e-9)

@@ -399,3 +399,19 @@ def test_link_is_symmetric_for_random_topologies(data: dict[str, Any]) -> None:
 def test_to_dict_round_trips_random_topologies(data: dict[str, Any]) -> None:
     topology = parse_topology(data)
     assert parse_topology(topology.to_dict()) == topology
+
+
+# --- measured figures ------------------------------------------------------------------------
+
+
+def test_call_overhead_is_read_and_round_trips() -> None:
+    topology = parse_topology({**_spec(), "call_overhead_us": 180.5})
+    assert topology.call_overhead_us == 180.5
+    assert parse_topology(topology.to_dict()) == topology
+    assert parse_topology(_spec()).call_overhead_us is None
+
+
+def test_negative_call_overhead_names_field() -> None:
+    assert "call_overhead_us: must be >= 0; got -3" in _problems(
+        {**_spec(), "call_overhead_us": -3}
+    )
