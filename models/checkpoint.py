@@ -300,6 +300,18 @@ def state_for_save(model: MoEModel, adapter: Adapter) -> dict[str, torch.Tensor]
     return out
 
 
+def config_for_save(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json as we write it: the file we read, plus every field other engines read for
+    the family stated explicitly with the value our maths uses (`Adapter.export_fields`;
+    e.g. DeepSeek-V3's `topk_method: noaux_tc`, without which vLLM has no slot for
+    `e_score_correction_bias`)."""
+    adapter = adapter_for(cfg.raw or {"model_type": cfg.model_type})
+    raw = {**cfg.raw, **adapter.export_fields(cfg)}
+    raw["dtype"] = str(dtype).removeprefix("torch.")
+    raw.pop("torch_dtype", None)
+    return raw
+
+
 def save_model(
     model: MoEModel,
     path: str | Path,
@@ -335,9 +347,7 @@ def save_model(
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
-    raw = dict(cfg.raw)
-    raw["dtype"] = str(model.dtype).removeprefix("torch.")
-    raw.pop("torch_dtype", None)
+    raw = config_for_save(cfg, model.dtype)
     (path / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:

@@ -39,6 +39,12 @@ class Adapter:
     def parse_config(self, raw: Mapping[str, Any]) -> ModelConfig:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement parse_config")
 
+    def export_fields(self, cfg: ModelConfig) -> dict[str, Any]:
+        """config.json fields, stated explicitly, that other engines (transformers, vLLM) read
+        for this family, with the values our maths uses (their defaults differ between
+        engines and releases). Family adapters add theirs to `common_export(cfg)`."""
+        return common_export(cfg)
+
     def hf_name(self, name: str) -> str:
         """The checkpoint tensor name for one of our parameter names."""
         for pattern, repl in (*self.family_renames, *COMMON_RENAMES):
@@ -79,7 +85,17 @@ def parse_rope(raw: Mapping[str, Any], dim: int, interleaved: bool = False) -> R
     Defaults follow transformers: YaRN's `factor` falls back to max_position_embeddings /
     original_max_position_embeddings, which falls back to a top-level field of that name, then
     to max_position_embeddings. A key we do not implement is an error naming it."""
-    where = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    if raw.get("rope_scaling") and raw.get("rope_parameters"):
+        # transformers 5 takes rope_scaling, 4.x knows only it: both must say the same.
+        legacy = parse_rope({**raw, "rope_parameters": None}, dim, interleaved)
+        current = parse_rope({**raw, "rope_scaling": None}, dim, interleaved)
+        if legacy != current:
+            raise ConfigError(
+                "config.json: rope_scaling and rope_parameters disagree "
+                f"({raw['rope_scaling']} vs {raw['rope_parameters']}); keep one"
+            )
+        return legacy
+    where = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
     params = dict(raw.get(where) or {})
     if any(isinstance(v, Mapping) for v in params.values()):
         raise ConfigError(
@@ -198,3 +214,62 @@ def common_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 def num_experts(raw: Mapping[str, Any]) -> int:
     return int(require(raw, "num_experts", "num_local_experts", "n_routed_experts"))
+
+
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
+def rope_export(rope: RopeConfig) -> dict[str, Any]:
+    """RoPE in both spellings: transformers-5 `rope_parameters`, and top-level `rope_theta` +
+    `rope_scaling` (null for plain RoPE) that transformers 4.x and the published files use."""
+    params: dict[str, Any] = {"rope_theta": rope.theta, "rope_type": rope.scaling}
+    if rope.scaling in ("linear", "yarn"):
+        params["factor"] = rope.factor
+    if rope.scaling == "yarn":
+        params.update(
+            original_max_position_embeddings=rope.original_max_position,
+            beta_fast=rope.beta_fast,
+            beta_slow=rope.beta_slow,
+        )
+        if rope.mscale:
+            params["mscale"] = rope.mscale
+        if rope.mscale_all_dim:
+            params["mscale_all_dim"] = rope.mscale_all_dim
+        if rope.attention_factor is not None:
+            params["attention_factor"] = rope.attention_factor
+        if not rope.truncate:
+            params["truncate"] = False
+    legacy = None
+    if rope.scaling != "default":
+        legacy = {k: v for k, v in params.items() if k != "rope_theta"}
+        legacy["type"] = rope.scaling
+    return {"rope_theta": rope.theta, "rope_scaling": legacy, "rope_parameters": params}
+
+
+def common_export(cfg: ModelConfig) -> dict[str, Any]:
+    att = cfg.attention
+    out: dict[str, Any] = {
+        "model_type": cfg.model_type,
+        "architectures": [ARCHITECTURES[cfg.model_type]],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": att.num_heads,
+        "num_key_value_heads": att.num_kv_heads,
+        "num_experts_per_tok": cfg.moe.top_k,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "hidden_act": cfg.hidden_act,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_position,
+        **rope_export(cfg.rope),
+    }
+    if cfg.dense_intermediate:
+        out["intermediate_size"] = cfg.dense_intermediate
+    return out

@@ -16,7 +16,15 @@ from typing import Any
 
 from ..config import AttentionConfig, ModelConfig, MoEConfig, RopeConfig, TopkMethod
 from ..errors import ConfigError
-from .base import Adapter, common_fields, num_experts, only, parse_rope, require
+from .base import (
+    Adapter,
+    common_export,
+    common_fields,
+    num_experts,
+    only,
+    parse_rope,
+    require,
+)
 
 
 def _yarn_mscale(scale: float, mscale: float) -> float:
@@ -105,6 +113,37 @@ class DeepseekAdapter(Adapter):
             moe_layers=_moe_layers(raw),
             rope=rope,
         )
+
+    def export_fields(self, cfg: ModelConfig) -> dict[str, Any]:
+        """vLLM keys its router on `topk_method` (noaux_tc: it expects e_score_correction_bias)
+        and `scoring_func`; transformers on the rest. All stated, none left to defaults."""
+        att, moe, raw = cfg.attention, cfg.moe, cfg.raw
+        out = common_export(cfg)
+        if self.version == 3:
+            method = "noaux_tc"
+            out["rope_interleave"] = cfg.rope.interleaved
+        else:
+            method = "greedy" if moe.topk_method == "greedy" else "group_limited_greedy"
+        out.update(
+            n_routed_experts=moe.num_experts,
+            n_shared_experts=moe.shared_intermediate // moe.expert_intermediate,
+            moe_intermediate_size=moe.expert_intermediate,
+            first_k_dense_replace=int(raw.get("first_k_dense_replace") or 0),
+            moe_layer_freq=int(raw.get("moe_layer_freq") or 1),
+            topk_method=method,
+            scoring_func=moe.scoring,
+            n_group=moe.n_group,
+            topk_group=moe.topk_group,
+            norm_topk_prob=moe.norm_topk_prob,
+            routed_scaling_factor=moe.routed_scaling_factor,
+            q_lora_rank=att.q_lora_rank,
+            kv_lora_rank=att.kv_lora_rank,
+            qk_nope_head_dim=att.qk_nope_dim,
+            qk_rope_head_dim=att.qk_rope_dim,
+            v_head_dim=att.v_head_dim,
+            attention_bias=att.qkv_bias,
+        )
+        return out
 
 
 _RENAMES = (

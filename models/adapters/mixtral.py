@@ -6,10 +6,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import AttentionConfig, ModelConfig, MoEConfig
-from .base import Adapter, common_fields, num_experts, parse_rope, require
+from .base import Adapter, common_export, common_fields, num_experts, parse_rope, require
 
 
 class MixtralAdapter(Adapter):
+    def export_fields(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {
+            **common_export(cfg),
+            "head_dim": cfg.attention.head_dim,
+            "num_local_experts": cfg.moe.num_experts,
+            "intermediate_size": cfg.moe.expert_intermediate,
+            "sliding_window": cfg.attention.sliding_window,
+        }
+
     def parse_config(self, raw: Mapping[str, Any]) -> ModelConfig:
         hidden = int(require(raw, "hidden_size"))
         heads = int(require(raw, "num_attention_heads"))

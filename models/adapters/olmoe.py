@@ -7,10 +7,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import AttentionConfig, ModelConfig, MoEConfig
-from .base import Adapter, common_fields, num_experts, parse_rope, require
+from .base import Adapter, common_export, common_fields, num_experts, parse_rope, require
 
 
 class OlmoeAdapter(Adapter):
+    def export_fields(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {
+            **common_export(cfg),
+            "head_dim": cfg.attention.head_dim,
+            "num_experts": cfg.moe.num_experts,
+            "intermediate_size": cfg.moe.expert_intermediate,
+            "norm_topk_prob": cfg.moe.norm_topk_prob,
+            "clip_qkv": cfg.attention.clip_qkv,
+            "attention_bias": cfg.attention.qkv_bias,
+        }
+
     def parse_config(self, raw: Mapping[str, Any]) -> ModelConfig:
         hidden = int(require(raw, "hidden_size"))
         heads = int(require(raw, "num_attention_heads"))

@@ -15,6 +15,7 @@ from ..config import AttentionConfig, ModelConfig, MoEConfig
 from ..errors import ConfigError
 from .base import (
     Adapter,
+    common_export,
     common_fields,
     num_experts,
     parse_rope,
@@ -50,7 +51,34 @@ def _sliding_window(raw: Mapping[str, Any]) -> int | None:
     )
 
 
+def _export(cfg: ModelConfig) -> dict[str, Any]:
+    """Layer pattern as mlp_only_layers with step 1; the window as use_sliding_window."""
+    att, moe = cfg.attention, cfg.moe
+    out = common_export(cfg)
+    out.update(
+        head_dim=att.head_dim,
+        num_experts=moe.num_experts,
+        moe_intermediate_size=moe.expert_intermediate,
+        norm_topk_prob=moe.norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i, sparse in enumerate(cfg.moe_layers) if not sparse],
+        use_sliding_window=att.sliding_window is not None,
+        sliding_window=att.sliding_window,
+    )
+    if att.sliding_window is not None:
+        out["layer_types"] = ["sliding_attention"] * cfg.num_layers
+    return out
+
+
 class Qwen2MoeAdapter(Adapter):
+    def export_fields(self, cfg: ModelConfig) -> dict[str, Any]:
+        out = _export(cfg)
+        out.update(
+            qkv_bias=cfg.attention.qkv_bias,
+            shared_expert_intermediate_size=cfg.moe.shared_intermediate,
+        )
+        return out
+
     def parse_config(self, raw: Mapping[str, Any]) -> ModelConfig:
         hidden = int(require(raw, "hidden_size"))
         heads = int(require(raw, "num_attention_heads"))
@@ -80,6 +108,9 @@ class Qwen2MoeAdapter(Adapter):
 
 
 class Qwen3MoeAdapter(Adapter):
+    def export_fields(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {**_export(cfg), "attention_bias": cfg.attention.qkv_bias}
+
     def parse_config(self, raw: Mapping[str, Any]) -> ModelConfig:
         hidden = int(require(raw, "hidden_size"))
         heads = int(require(raw, "num_attention_heads"))
