@@ -1,6 +1,6 @@
 """Expert-parallel model on the emulated 3-node mixed topology vs the single-process model.
 
-    .venv/bin/python benchmarks/bench_cluster.py [--batch 8] [--max-tokens 32] [--out benchmarks/out/bench_cluster.json]
+    .venv/bin/python benchmarks/bench_cluster.py [--batch 8] [--max-tokens 32]   # -> benchmarks/results/bench_cluster.json
 
 One run, same checkpoint (the bundled demo), same prompts, greedy: tokens/s of
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import itertools
 
-from common import REPO_ROOT, make_console, median_times, print_table, write_json
+from common import REPO_ROOT, make_console, median_times, print_table, write_result
 
 from expertmesh.cluster.dispatch import DispatchStats
 from expertmesh.cluster.rebalance import Rebalancer
@@ -121,7 +121,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_cluster.json"))
     args = parser.parse_args()
     console = make_console(140)
     prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
@@ -229,8 +228,8 @@ def main() -> None:
             ],
             console,
         )
-    path = write_json(
-        args.out,
+    path = write_result(
+        "bench_cluster",
         {
             "rebalance": rb,
             "batch": args.batch,
@@ -238,6 +237,8 @@ def main() -> None:
             "topology": str(TOPOLOGY.relative_to(REPO_ROOT)),
             "rows": rows,
         },
+        baseline="the single-process model (same checkpoint, prompts, greedy), timed "
+        "interleaved with the cluster in the same run",
     )
     console.print(f"wrote {path}")
 

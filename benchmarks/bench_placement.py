@@ -1,6 +1,6 @@
 """Placement planner vs DeepSeek's EPLB: balance, cross-node bytes and planner run time.
 
-    .venv/bin/python benchmarks/bench_placement.py [--quick] [--out benchmarks/out/bench_placement.json]
+    .venv/bin/python benchmarks/bench_placement.py [--quick]   # -> benchmarks/results/bench_placement.json
 
 Both planners get the same load trace and the same slot budget (EPLB's physical slots: the
 same number on every GPU, in every layer). Each GPU is one planner node. Balancedness is
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import make_console, print_table, write_json
+from common import make_console, print_table, write_result
 
 from expertmesh.cluster.eplb import rebalance_experts
 from expertmesh.cluster.placement import (
@@ -133,7 +133,6 @@ def scenario(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer layers and repeats")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_placement.json"))
     args = parser.parse_args()
     shape = DEEPSEEK_V3
     repeats = 7
@@ -207,9 +206,16 @@ def main() -> None:
     console.print(
         "goals: " + ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in goals.items())
     )
-    path = write_json(
-        args.out,
-        {"shape": shape.__dict__, "repeats": repeats, "rows": rows, "goals": goals},
+    path = write_result(
+        "bench_placement" + ("_quick" if args.quick else ""),
+        {
+            "quick": args.quick,
+            "shape": shape.__dict__,
+            "repeats": repeats,
+            "rows": rows,
+            "goals": goals,
+        },
+        baseline="EPLB (cluster/eplb.py) on the same load trace and slot budget, same run",
     )
     console.print(f"wrote {path}")
 

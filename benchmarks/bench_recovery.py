@@ -2,8 +2,8 @@
 node lost without warning; requests lost and outputs compared with a fault-free run.
 
     .venv/bin/python benchmarks/bench_recovery.py [--kills 20] [--min-replicas 1]
-        [--out benchmarks/out/bench_recovery.json]
-        [--events benchmarks/out/bench_recovery.events.jsonl]
+        [--events benchmarks/results/bench_recovery.events.jsonl]
+    # -> benchmarks/results/bench_recovery.json (and the fault events for `expertmesh fmea`)
 
 "Serving again" = the supervisor's recovered event for that shard or node (the shard answers
 its heartbeat and holds its experts, or its experts are live elsewhere). The baseline is the
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO_ROOT, make_console, print_table, write_json
+from common import REPO_ROOT, make_console, print_table, write_result
 
 from expertmesh.cluster.runtime import ExpertParallelModel
 from expertmesh.cluster.supervisor import Supervisor, SupervisorConfig
@@ -71,9 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--min-replicas", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_recovery.json"))
     parser.add_argument(
-        "--events", type=Path, default=Path("benchmarks/out/bench_recovery.events.jsonl")
+        "--events", type=Path, default=Path("benchmarks/results/bench_recovery.events.jsonl")
     )
     args = parser.parse_args()
     console = make_console(120)
@@ -188,10 +187,12 @@ def main() -> None:
         f"requests: {len(load.latencies)} served, {load.lost} lost, {load.wrong} with a "
         f"different output; fault-free latency p50 {pct(baseline, 50) * 1e3:.1f} ms"
     )
-    write_json(
-        args.out,
+    path = write_result(
+        "bench_recovery",
         {
             "min_replicas": args.min_replicas,
+            "kills": args.kills,
+            "events_file": str(args.events),
             "kill_s": kills,
             "kill_p95_s": pct(kills, 95),
             "presumed_lost_during_kills": presumed_lost,
@@ -207,7 +208,12 @@ def main() -> None:
             "wrong": load.wrong,
             "baseline_latency_p50_s": pct(baseline, 50),
         },
+        baseline={
+            "what": "fault-free request latency, same stream, same run",
+            "latency_p50_s": pct(baseline, 50),
+        },
     )
+    console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

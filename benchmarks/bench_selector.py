@@ -394,7 +394,7 @@ def main() -> None:
             f"{lite['p50_us'] / decision['p50_us']:,.1f}x"
         )
     path = write_result(
-        "bench_selector",
+        "bench_selector" + ("_quick" if args.quick else ""),
         {
             "models": len(policy.models),
             "rules": len(policy.rules),

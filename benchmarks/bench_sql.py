@@ -210,7 +210,7 @@ def main() -> int:
         for split in (SHAPES, HELD, SEEN)
     }
     path = write_result(
-        "bench_sql",
+        "bench_sql" + ("_quick" if args.quick else ""),
         {"quick": args.quick, "summary": summary, "results": results},
         baseline="template baseline: the train templates as regexes (sql_demo.TemplateEngine), "
         "same service, same questions, same run",

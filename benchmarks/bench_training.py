@@ -1,7 +1,7 @@
 """Training throughput with 1 and 2 Ray Train workers, and expert-load spread with and without
 balancing, in one run.
 
-    nice -n 19 .venv/bin/python benchmarks/bench_training.py            # JSON: benchmarks/out/bench_training.json
+    nice -n 19 .venv/bin/python benchmarks/bench_training.py            # JSON: benchmarks/results/bench_training.json
     nice -n 19 .venv/bin/python benchmarks/bench_training.py --quick    # a smoke run
 
 Throughput: the demo model's shape (DeepSeek-V3-style, 6.2M parameters) pre-trained on the
@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO_ROOT, make_console, print_table, write_json
+from common import REPO_ROOT, make_console, print_table, write_result
 
 from expertmesh.training.config import PretrainConfig, parse_config
 from expertmesh.training.pretrain import run_pretrain
@@ -79,9 +79,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per throughput set-up")
-    parser.add_argument(
-        "--out", type=Path, default=REPO_ROOT / "benchmarks/out/bench_training.json"
-    )
     args = parser.parse_args()
     speed_steps, balance_steps = (6, 12) if args.quick else (30, 160)
     console = make_console()
@@ -136,14 +133,16 @@ def main() -> None:
         ],
         console,
     )
-    path = write_json(
-        args.out,
+    path = write_result(
+        "bench_training" + ("_quick" if args.quick else ""),
         {
-            "benchmark": "bench_training",
+            "quick": args.quick,
             "speed_steps": speed_steps,
             "balance_steps": balance_steps,
             **results,
         },
+        baseline="throughput: 1 worker with 2 CPUs; balance: no router regulariser; both "
+        "alternating with the other set-ups in the same run",
     )
     console.print(f"wrote {path}")
 
