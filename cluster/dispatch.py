@@ -323,6 +323,7 @@ class Dispatcher:
                 self._adopt()
 
     def _adopt(self) -> bool:
+        """Take the pending table, if any (call with `_cond` held)."""
         table, self._pending = self._pending, None
         if table is None:
             return False
@@ -530,7 +531,9 @@ class Dispatcher:
         it one. ShardLost after `recovery_timeout_s`: the step fails, nothing is skipped."""
         deadline = time.monotonic() + self.recovery_timeout_s
         while True:
-            if self._adopt() and any(
+            with self._cond:  # the lock _adopt needs (its waiters are told)
+                adopted = self._adopt()
+            if adopted and any(
                 n not in self.dead for n, _ in self.table.replicas(layer, expert)
             ):
                 return

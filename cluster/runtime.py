@@ -36,12 +36,17 @@ def routes_from_placement(placement: Any) -> dict[tuple[int, int], list[Replica]
 
 
 def attach_dispatcher(model: MoEModel, dispatcher: Dispatcher) -> MoEModel:
-    """Swap every MoE layer's local ExpertBank for one that dispatches to shards."""
+    """Swap every MoE layer's local ExpertBank for one that dispatches to shards, and let
+    forward passes pipeline two micro-batches when measured to help (`cluster/overlap.py`;
+    `model.overlap_policy.mode` = auto | on | off)."""
+    from .overlap import install_overlap
+
     for block in model.blocks:
         if block.moe is not None:
             block.moe.experts = RemoteExpertBank(
                 block.layer, model.config.moe.num_experts, dispatcher
             )  # type: ignore[assignment]
+    install_overlap(model, dispatcher)
     return model
 
 

@@ -98,6 +98,9 @@ class _Channel:
         self.sock = sock
         self.broken = False
         self.outstanding: deque[Sent] = deque()
+        self.early: dict[int, bytearray] = {}
+        """Reply frames read ahead of their turn (id of their Sent -> frame): a retry sent
+        on this channel after a later call's request has its reply behind that one's."""
 
     def close(self) -> None:
         self.broken = True
@@ -177,9 +180,14 @@ class ChannelTransport:
         yield from sent.lost.items()
         waiting: dict[Any, str] = {}
         failure: ShardCallFailed | None = None
+        out: list[tuple[str, ShardReply | ShardLost]]
         for node, ch in sent.handles.items():
-            if ch.broken:
-                yield node, self._drop(node, ch, sent, "its channel broke")
+            frame = ch.early.pop(id(sent), None)
+            if frame is not None:
+                failure = self._reply(node, frame, failure, out := [])
+                yield from out
+            elif ch.broken:
+                yield node, self._drop(node, ch, "its channel broke")
             else:
                 waiting[ch.sock] = node
         deadline = time.monotonic() + self.reply_timeout_s
@@ -189,31 +197,43 @@ class ChannelTransport:
             if not ready:
                 for node in list(waiting.values()):
                     why = f"no reply within {self.reply_timeout_s:g} s"
-                    yield node, self._drop(node, sent.handles[node], sent, why)
+                    yield node, self._drop(node, sent.handles[node], why)
                 return
             for sock in ready:
                 node = waiting.pop(sock)
                 ch = sent.handles[node]
-                if ch.outstanding and ch.outstanding[0] is not sent:
-                    raise RuntimeError("channel replies must be read in the order sent")
                 try:
                     frame = recv_frame(sock)
                 except OSError as e:  # ChannelClosed included: the actor or its node died
-                    yield node, self._drop(node, ch, sent, f"its channel closed ({e})")
+                    yield node, self._drop(node, ch, f"its channel closed ({e})")
                     continue
-                ch.outstanding.popleft()
-                status, outputs, timings, error = read_reply(frame)
-                if status == OK:
-                    yield node, ShardReply(outputs, *timings)  # type: ignore[arg-type]
-                elif status == EXPERT_NOT_LOADED:
-                    why = f"it lacks experts it is routed: layer {error}"
-                    yield node, ShardLost(node, why)
-                else:
-                    failure = failure or ShardCallFailed(node, str((error or {}).get("error")))
+                head = ch.outstanding.popleft()
+                if head is not sent:  # another call's reply, due before ours: keep it
+                    ch.early[id(head)] = frame
+                    waiting[sock] = node
+                    continue
+                failure = self._reply(node, frame, failure, out := [])
+                yield from out
         if failure is not None:  # every other reply was read: the channels stay in step
             raise failure
 
-    def _drop(self, node: str, ch: _Channel, sent: Sent, why: str) -> ShardLost:
+    @staticmethod
+    def _reply(
+        node: str,
+        frame: bytearray,
+        failure: ShardCallFailed | None,
+        out: list[tuple[str, ShardReply | ShardLost]],
+    ) -> ShardCallFailed | None:
+        status, outputs, timings, error = read_reply(frame)
+        if status == OK:
+            out.append((node, ShardReply(outputs, *timings)))  # type: ignore[arg-type]
+        elif status == EXPERT_NOT_LOADED:
+            out.append((node, ShardLost(node, f"it lacks experts it is routed: layer {error}")))
+        else:
+            failure = failure or ShardCallFailed(node, str((error or {}).get("error")))
+        return failure
+
+    def _drop(self, node: str, ch: _Channel, why: str) -> ShardLost:
         ch.close()
         if self._channels.get(node) is ch:
             del self._channels[node]
