@@ -311,7 +311,11 @@ class MLAttention(nn.Module):
             q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)
             query = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # (B, h, T, r + dr)
             key = torch.cat((c_all, kr_all), dim=-1).unsqueeze(1)  # (B, 1, L, r + dr)
-            out_lat = sdpa(query, key, c_all.unsqueeze(1), ctx, cfg.softmax_scale)  # (B, h, T, r)
+            # The value is c_kv, the key's first r dims: pass the key itself and drop the rope
+            # dims of the output. Equal q/k/v head dims let PyTorch's CPU flash kernel run;
+            # with v narrower it falls back to the math kernel, which materialises h x T x L
+            # scores (1.3 GB per 512-token chunk at 32k context; 3x slower; RESULTS.md).
+            out_lat = sdpa(query, key, key, ctx, cfg.softmax_scale)[..., :r]  # (B, h, T, r)
             out = torch.einsum("bhtr,hvr->bthv", out_lat, w_uv)
         else:
             kv = self.kv_b_proj(c_kv).view(B, T, h, dn + dv)
