@@ -110,3 +110,13 @@ def test_no_build_or_ci_file_reads_outside_the_repository() -> None:
         for line, text in outside_reads_in_text((REPO / name).read_text())
     ]
     assert not hits, "paths outside the repository:\n" + "\n".join(hits)
+
+
+def test_every_result_file_results_md_links_is_in_the_repository() -> None:
+    """A figure in benchmarks/RESULTS.md links its JSON (`results/<name>.json`); the file must be
+    there (committed by the run that produced the figure), or the figure has no data."""
+    text = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    linked = set(re.findall(r"\]\((results/[\w.-]+\.jsonl?)\)", text))
+    assert linked, "RESULTS.md links no result file"
+    missing = sorted(p for p in linked if not (REPO / "benchmarks" / p).is_file())
+    assert not missing, f"RESULTS.md links result files that are not in benchmarks/: {missing}"
