@@ -1,0 +1,304 @@
+"""Long context on a DeepSeek-shaped model with YaRN: peak RSS and time per generated token
+against context length, our engine (chunked prefill, latent MLA cache) vs `transformers`.
+
+    .venv/bin/python benchmarks/bench_long_context.py [--quick] [--contexts 8192 32768 131072]
+        [--transformers-max 8192] [--new-tokens 48]
+
+The model is DeepSeek-V3's published config.json (YaRN factor 40 over 4,096 original
+positions, sigmoid router, noaux_tc, q LoRA) with the widths scaled down so a 128k prefill
+fits the 2-core build machine: hidden 128, 2 layers (1 dense, 1 MoE), 4 heads, latent 32 +
+rope 16 values per token and layer against 4 x (80 + 64) for the MHA-equivalent cache. Random
+weights (seeded), saved once as a checkpoint both engines load.
+
+Each (engine, context) runs in its own process, so its peak RSS (ru_maxrss) is its own: a
+random prompt of `context` tokens, prefilled (ours: chunks of 512 through the latent cache;
+transformers: one forward, as `generate` does), then `--new-tokens` greedy tokens, each step
+timed (wall and process CPU time: the build machine is shared, and CPU time is what other
+processes disturb least). Baseline: transformers on the same checkpoint, same run, same threads, at the contexts
+up to `--transformers-max` (8k: its MLA attention has q/k head dim 80 and v head dim 64, so
+PyTorch runs the math kernel over the whole prompt at once, h x L x L scores: 5.4 GB peak at
+8k, about 34 GB at 32k, more than the machine has). Cache bytes: ours from the cache's tensors; the MHA-equivalent cache
+(our `full` mode, what transformers holds) from the shapes, and transformers' own measured
+from its cache object. Results: benchmarks/results/bench_long_context.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_result
+
+CONFIG: dict[str, Any] = {
+    # deepseek-ai/DeepSeek-V3 config.json, every maths field as published; widths scaled down
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "attention_bias": False,
+    "first_k_dense_replace": 1,  # 3 of 61
+    "hidden_act": "silu",
+    "hidden_size": 128,  # 7168
+    "intermediate_size": 256,  # 18432
+    "kv_lora_rank": 32,  # 512
+    "max_position_embeddings": 163840,
+    "moe_intermediate_size": 64,  # 2048
+    "moe_layer_freq": 1,
+    "n_group": 4,  # 8
+    "n_routed_experts": 16,  # 256
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 4,  # 128
+    "num_experts_per_tok": 4,  # 8
+    "num_hidden_layers": 2,  # 61
+    "num_key_value_heads": 4,
+    "q_lora_rank": 64,  # 1536
+    "qk_nope_head_dim": 64,  # 128
+    "qk_rope_head_dim": 16,  # 64
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "rope_theta": 10000,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "tie_word_embeddings": False,
+    "topk_group": 2,  # 4
+    "topk_method": "noaux_tc",
+    "v_head_dim": 64,  # 128
+    "vocab_size": 4096,  # 129280
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+CHUNK = 512
+
+
+def build_checkpoint(path: Path) -> None:
+    from expertmesh.models.adapters import adapter_for
+    from expertmesh.models.checkpoint import save_model
+    from expertmesh.models.model import MoEModel, init_random
+
+    cfg = adapter_for(CONFIG).parse_config(CONFIG)
+    save_model(init_random(MoEModel(cfg), seed=0, std=0.05), path)
+
+
+def _prompt(context: int, vocab: int) -> list[int]:
+    gen = torch.Generator().manual_seed(context)
+    return torch.randint(2, vocab, (context,), generator=gen).tolist()
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_ours(path: Path, context: int, new_tokens: int) -> dict[str, Any]:
+    from expertmesh.models.checkpoint import load_model
+    from expertmesh.models.generate import Generator, SamplingParams
+    from expertmesh.models.kv_cache import KVCache, kv_bytes_per_token
+
+    model = load_model(path)
+    prompt = _prompt(context, model.config.vocab_size)
+    loaded = _rss_mib()
+    steps: list[float] = []
+    cpu_steps: list[float] = []
+    gen = Generator(model, kv_mode="latent", prefill_chunk=CHUNK)
+    last = [time.perf_counter(), time.process_time()]
+
+    def on_token(_event: Any) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        steps.append(now - last[0])
+        cpu_steps.append(cpu - last[1])
+        last[:] = [now, cpu]
+
+    out = gen.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True), on_token)
+    stats = gen.stats
+    cache = KVCache(model.config, "latent", 1, context + new_tokens)
+    return {
+        "prefill_s": stats.prefill_s,
+        # steps[0] is the prefill plus the first token; the rest are one decode step each
+        "per_token_s": statistics.median(steps[1:]),
+        "per_token_cpu_s": statistics.median(cpu_steps[1:]),
+        "decode_s": stats.decode_s,
+        "tokens": out[0].token_ids,
+        "rss_loaded_mib": loaded,
+        "peak_rss_mib": _rss_mib(),
+        "cache_bytes": cache.nbytes,
+        "mha_cache_bytes": kv_bytes_per_token(model.config, "full", 4) * (context + new_tokens),
+    }
+
+
+def run_transformers(path: Path, context: int, new_tokens: int) -> dict[str, Any]:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = torch.tensor([_prompt(context, model.config.vocab_size)])
+    loaded = _rss_mib()
+    tokens: list[int] = []
+    steps: list[float] = []
+    cpu_steps: list[float] = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+        prefill_s = time.perf_counter() - t0
+        cache = out.past_key_values
+        for _ in range(new_tokens):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            if len(tokens) == new_tokens:
+                break
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, logits_to_keep=1)
+            steps.append(time.perf_counter() - t0)
+            cpu_steps.append(time.process_time() - c0)
+    cache_bytes = sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )
+    return {
+        "prefill_s": prefill_s,
+        "per_token_s": statistics.median(steps),
+        "per_token_cpu_s": statistics.median(cpu_steps),
+        "decode_s": sum(steps),
+        "tokens": tokens,
+        "rss_loaded_mib": loaded,
+        "peak_rss_mib": _rss_mib(),
+        "cache_bytes": cache_bytes,
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    run = run_ours if args.worker == "ours" else run_transformers
+    result = run(Path(args.checkpoint), args.context, args.new_tokens)
+    print("RESULT " + json.dumps(result))
+
+
+def measure(
+    engine: str, path: Path, context: int, new_tokens: int, threads: int, timeout: float
+) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "--worker", engine, "--checkpoint", str(path)]
+    argv += ["--context", str(context), "--new-tokens", str(new_tokens)]
+    argv += ["--threads", str(threads)]
+    row: dict[str, Any] = {"engine": engine, "context": context}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"did not finish in {timeout:.0f} s"}
+    row["wall_s"] = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return {**row, "error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    return {**row, **json.loads(lines[-1].removeprefix("RESULT "))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="contexts 2k and 8k only")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--transformers-max", type=int, default=8192)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3000.0, help="per process, seconds")
+    parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    contexts = [2048, 8192] if args.quick else args.contexts
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "deepseek-v3-yarn-tiny"
+        build_checkpoint(path)
+        for context in contexts:
+            engines = ["ours"] + (["transformers"] if context <= args.transformers_max else [])
+            for engine in engines:
+                row = measure(engine, path, context, args.new_tokens, args.threads, args.timeout)
+                print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
+                rows.append(row)
+    ours = {r["context"]: r for r in rows if r["engine"] == "ours" and "error" not in r}
+    ref = {r["context"]: r for r in rows if r["engine"] == "transformers" and "error" not in r}
+    first = min(ours) if ours else None
+    summary = []
+    for context in contexts:
+        o, t = ours.get(context), ref.get(context)
+        summary.append(
+            {
+                "context": context,
+                "ours_per_token_ms": o and o["per_token_s"] * 1e3,
+                "ours_per_token_cpu_ms": o and o["per_token_cpu_s"] * 1e3,
+                "ours_prefill_s": o and o["prefill_s"],
+                "ours_peak_rss_mib": o and o["peak_rss_mib"],
+                "ours_cache_mib": o and o["cache_bytes"] / 2**20,
+                "mha_cache_mib": o and o["mha_cache_bytes"] / 2**20,
+                "cache_vs_mha": o and o["cache_bytes"] / o["mha_cache_bytes"],
+                "per_token_vs_first_context": o
+                and first
+                and o["per_token_s"] / ours[first]["per_token_s"],
+                "cpu_per_token_vs_first_context": o
+                and first
+                and o["per_token_cpu_s"] / ours[first]["per_token_cpu_s"],
+                "hf_per_token_ms": t and t["per_token_s"] * 1e3,
+                "hf_per_token_cpu_ms": t and t["per_token_cpu_s"] * 1e3,
+                "hf_prefill_s": t and t["prefill_s"],
+                "hf_peak_rss_mib": t and t["peak_rss_mib"],
+                "hf_cache_mib": t and t["cache_bytes"] / 2**20,
+                "per_token_speedup_vs_hf": o and t and t["per_token_s"] / o["per_token_s"],
+                "greedy_identical": o and t and o["tokens"] == t["tokens"],
+            }
+        )
+    print_table(
+        "Long context: DeepSeek-V3-shaped (YaRN x40), latent cache, chunked prefill vs transformers",
+        ["context", "ours ms/tok", "CPU ms/tok", "x vs first (CPU)", "ours prefill s",
+         "ours peak RSS MiB", "cache MiB", "vs MHA cache", "HF ms/tok", "HF CPU ms/tok",
+         "HF prefill s", "HF peak RSS MiB", "HF cache MiB", "speed-up", "same greedy"],
+        [[s["context"], s["ours_per_token_ms"], s["ours_per_token_cpu_ms"],
+          s["cpu_per_token_vs_first_context"], s["ours_prefill_s"], s["ours_peak_rss_mib"],
+          s["ours_cache_mib"], s["cache_vs_mha"], s["hf_per_token_ms"],
+          s["hf_per_token_cpu_ms"], s["hf_prefill_s"], s["hf_peak_rss_mib"], s["hf_cache_mib"],
+          s["per_token_speedup_vs_hf"], s["greedy_identical"]] for s in summary],
+    )  # fmt: skip
+    errors = [r for r in rows if "error" in r]
+    path = write_result(
+        "bench_long_context",
+        {
+            "config": CONFIG,
+            "prefill_chunk": CHUNK,
+            "new_tokens": args.new_tokens,
+            "threads": args.threads,
+            "summary": summary,
+            "runs": rows,
+            "errors": errors,
+        },
+        baseline=(
+            "transformers AutoModelForCausalLM on the same checkpoint, same run and threads, "
+            f"one-pass prefill, contexts <= {args.transformers_max}; the MHA-equivalent cache "
+            "size from the model's shapes"
+        ),
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
