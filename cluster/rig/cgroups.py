@@ -27,6 +27,10 @@ CONTROLLERS = tuple(
 """cpuacct (where it is mounted apart from cpu) counts each node's CPU time for `status`."""
 
 
+RIG_CPU_SHARES = 262144
+"""cgroup v1's largest weight."""
+
+
 def group_dir(controller: str, node: str) -> Path:
     return CGROUP_ROOT / controller / CGROUP / node
 
@@ -37,6 +41,10 @@ def create_node_groups(node: NodePlan, state: RigState) -> None:
         state.record("cgroup", controller=controller, path=str(group_dir(controller, node.name)))
         parent.mkdir(exist_ok=True)
         group_dir(controller, node.name).mkdir(exist_ok=True)
+        if controller == "cpu":
+            # Priority over the rest of the machine, so each quota is what its node gets even
+            # when the machine is busy (the quotas sum to less than the machine's cores).
+            (parent / "cpu.shares").write_text(str(RIG_CPU_SHARES))
     (group_dir("memory", node.name) / "memory.limit_in_bytes").write_text(str(node.memory_bytes))
 
 

@@ -28,13 +28,16 @@ log = logging.getLogger("expertmesh.rig")
 
 
 def default_machine(**overrides: Any) -> Machine:
-    """What the rig may use here: every core, the default memory budget (or less than a third
-    of this machine's memory, whichever is smaller)."""
+    """What the rig may use here: three quarters of the cores, the default memory budget (or
+    a third of this machine's memory, whichever is smaller)."""
     from .plan import DEFAULT_MEMORY_BUDGET_GB
 
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     budget = min(int(DEFAULT_MEMORY_BUDGET_GB * 2**30), total // 3)
-    values: dict[str, Any] = {"cores": float(os.cpu_count() or 1), "memory_budget_bytes": budget}
+    # Three quarters of the cores: the rig's groups are given priority (cpu.shares) so their
+    # quotas hold on a busy machine; the rest stays for everything else.
+    cores = 0.75 * float(os.cpu_count() or 1)
+    values: dict[str, Any] = {"cores": cores, "memory_budget_bytes": budget}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Machine(**values)
 
@@ -45,6 +48,7 @@ def rig_up(
     machine: Machine | None = None,
     timeout_s: float = 120.0,
     calibrate: bool = True,
+    shape: tuple[int, int, int] | None = None,
 ) -> RigState:
     """Create everything for `topology`, start Ray on it, calibrate; returns the saved state.
     RigUnsupported when this machine cannot; RigError (after cleaning up) on any failure."""
@@ -77,14 +81,19 @@ def rig_up(
         with driver(state):
             state.ray_node_ids = _wait_for_nodes(plan, timeout_s - (time.monotonic() - t0))
             state.save()
-            for node in plan.nodes:  # from here on, a node computes at its speed
-                cgroups.apply_cpu_quota(node)
             if calibrate:
-                from .calibrate import calibrate_rig
+                from .calibrate import DEFAULT_GEMM_SHAPE, calibrate_rig
 
-                result = calibrate_rig(plan, state, topology)
+                result = calibrate_rig(
+                    plan,
+                    state,
+                    topology,
+                    shape or DEFAULT_GEMM_SHAPE,
+                    on_ready=lambda: apply_quotas(plan),
+                )
                 state.calibration = result.to_dict()
                 state.measured_topology = result.topology.to_dict()
+        apply_quotas(plan)  # from here on, a node computes at its speed
         state.phase = "up"
         state.calibration = {**(state.calibration or {}), "up_s": time.monotonic() - t0}
         state.save()
@@ -93,6 +102,27 @@ def rig_up(
         log.exception("rig up failed; taking down what was made")
         rig_down()
         raise
+
+
+def apply_quotas(plan: RigPlan, limited: bool = True) -> None:
+    for node in plan.nodes:
+        cgroups.apply_cpu_quota(node, limited)
+
+
+@contextlib.contextmanager
+def startup_window(state: RigState | None = None) -> Iterator[None]:
+    """Lift the CPU quotas for the block (starting shard processes: importing torch under an
+    eighth of a core takes half a minute, and start-up is not what the rig models), and put
+    them back after."""
+    state = state or RigState.load()
+    if state is None or state.plan is None:
+        raise RigError(f"no rig is up (no state in {state_path()}); `expertmesh rig up` first")
+    plan = RigPlan.from_dict(state.plan)
+    apply_quotas(plan, limited=False)
+    try:
+        yield
+    finally:
+        apply_quotas(plan)
 
 
 def _wait_for_nodes(plan: RigPlan, timeout_s: float) -> dict[str, str]:

@@ -1,0 +1,265 @@
+"""Calibration: what the rig's nodes and links really do, measured once it is up.
+
+- Node speed: an actor pinned to each node (`expertmesh_node_<name>`, one torch thread, as a
+  shard computes) runs an expert-shaped SwiGLU GEMM (rows x hidden -> inter -> hidden) for a
+  window of many CFS periods; all nodes at once, as they compute during a step.
+- Links: for every pair, a TCP bulk transfer from one namespace to the other (bandwidth, sized
+  to last about half a second at the pair's rate) and 200 one-byte round trips (`probe.py`).
+  Probes run in the namespaces but outside the nodes' CPU groups: they measure the link.
+- Dispatch: the median round trip of an empty actor call from the driver (on the attention
+  node) to each node, minus that link's TCP round trip: the fixed cost of one call.
+
+`CalibrationResult.topology` is the declared topology with every one of those replaced by
+the measured value (speeds relative to `reference_tflops`, per-pair links, `call_overhead_us`):
+what the planner reads on the rig.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from expertmesh.cluster.pool import node_resource
+from expertmesh.cluster.topology import Link, LinkRules, PairLink, Topology
+
+from .plan import RigPlan
+from .state import RigState
+from .system import RigError, in_netns
+
+PROBE = Path(__file__).with_name("probe.py")
+PROBE_PORT = 5201
+GEMM_WINDOW_S = 1.0
+DEFAULT_GEMM_SHAPE = (64, 256, 192)
+"""(rows, hidden, intermediate): the demo model's expert at a decode batch."""
+
+
+@dataclass(frozen=True)
+class NodeMeasure:
+    name: str
+    declared_speed: float
+    cpu_cores: float
+    gflops: float
+    measured_speed: float
+    call_rtt_us: float
+    """Median round trip of an empty actor call from the driver."""
+
+
+@dataclass(frozen=True)
+class LinkMeasure:
+    a: str
+    b: str
+    declared_gbps: float
+    declared_latency_us: float
+    rig_rate_gbps: float
+    """What tc enforces: declared x link_scale (the figure measured_gbps is judged against)."""
+    measured_gbps: float
+    rtt_us: float
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    nodes: tuple[NodeMeasure, ...]
+    links: tuple[LinkMeasure, ...]
+    reference_tflops: float
+    call_overhead_us: float
+    link_scale: float
+    gemm_shape: tuple[int, int, int]
+    topology: Topology
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodes": [asdict(n) for n in self.nodes],
+            "links": [asdict(link) for link in self.links],
+            "reference_tflops": self.reference_tflops,
+            "call_overhead_us": self.call_overhead_us,
+            "link_scale": self.link_scale,
+            "gemm_shape": list(self.gemm_shape),
+            "latency": "not emulated (no netem in this kernel): measured round trip only",
+        }
+
+
+class _Probe:
+    """The calibration actor (one per node)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+
+    def gemm_gflops(self, rows: int, hidden: int, inter: int, window_s: float) -> float:
+        import torch
+
+        x = torch.randn(rows, hidden)
+        w1, w3 = torch.randn(hidden, inter), torch.randn(hidden, inter)
+        w2 = torch.randn(inter, hidden)
+
+        def expert() -> None:
+            h = torch.nn.functional.silu(x @ w1) * (x @ w3)
+            h @ w2
+
+        for _ in range(3):
+            expert()
+        iters, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < window_s:
+            expert()
+            iters += 1
+        return 6 * rows * hidden * inter * iters / elapsed / 1e9
+
+    def echo(self, payload: bytes) -> bytes:
+        return payload
+
+
+def measure_nodes(
+    plan: RigPlan,
+    shape: tuple[int, int, int],
+    window_s: float = GEMM_WINDOW_S,
+    on_ready: Callable[[], None] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Node -> GEMM GFLOP/s, and node -> median empty-call round trip (us). `on_ready` runs
+    once every probe actor answers (the rig applies the CPU quotas then)."""
+    import ray
+
+    cls = ray.remote(num_cpus=0)(_Probe)
+    actors = {
+        n.name: cls.options(resources={node_resource(n.name): 0.001}).remote() for n in plan.nodes
+    }
+    try:
+        ray.get([a.echo.remote(b"") for a in actors.values()])
+        if on_ready is not None:
+            on_ready()
+        gflops_refs = {n: a.gemm_gflops.remote(*shape, window_s) for n, a in actors.items()}
+        gflops = {n: float(ray.get(r)) for n, r in gflops_refs.items()}
+        calls: dict[str, float] = {}
+        payload = b"\0" * 64
+        for name, actor in actors.items():
+            for _ in range(10):
+                ray.get(actor.echo.remote(payload))
+            times = []
+            for _ in range(100):
+                t = time.perf_counter()
+                ray.get(actor.echo.remote(payload))
+                times.append(time.perf_counter() - t)
+            calls[name] = statistics.median(times) * 1e6
+        return gflops, calls
+    finally:
+        for actor in actors.values():
+            ray.kill(actor)
+
+
+def probe_link(plan: RigPlan, src: str, dst: str, seconds: float = 0.5) -> dict[str, float]:
+    """One TCP transfer and ping-pong from node src to node dst (through their namespaces)."""
+    a, b = plan.node(src), plan.node(dst)
+    rate = plan.link(src, dst).rate_gbps
+    nbytes = max(1 << 20, int(rate * 1e9 / 8 * seconds))
+    py = sys.executable
+    server = subprocess.Popen(
+        in_netns(b.namespace, [py, str(PROBE), "serve", b.ip, str(PROBE_PORT)]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "ready":
+            raise RigError(
+                f"link probe server in {b.namespace} did not start: {server.stderr.read()}"
+            )
+        done = subprocess.run(
+            in_netns(a.namespace, [py, str(PROBE), "send", b.ip, str(PROBE_PORT), str(nbytes)]),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise RigError(f"link probe {src} -> {dst} failed: {done.stderr.strip()}")
+        return dict(json.loads(done.stdout))
+    finally:
+        server.wait(timeout=30) if server.poll() is None else None
+
+
+def measure_links(plan: RigPlan) -> list[LinkMeasure]:
+    out = []
+    for link in plan.links:
+        probe = probe_link(plan, link.a, link.b)
+        out.append(
+            LinkMeasure(
+                a=link.a,
+                b=link.b,
+                declared_gbps=link.declared_gbps,
+                declared_latency_us=link.declared_latency_us,
+                rig_rate_gbps=link.rate_gbps,
+                measured_gbps=probe["gbps"],
+                rtt_us=probe["rtt_us"],
+            )
+        )
+    return out
+
+
+def measured_topology(
+    declared: Topology,
+    gflops: dict[str, float],
+    links: list[LinkMeasure],
+    call_overhead_us: float,
+) -> tuple[Topology, float]:
+    """The declared topology with measured speeds, links and call overhead (and the
+    reference TFLOP/s of a speed-1.0 node that makes the speeds comparable to the declared)."""
+    declared_sum = sum(float(n.speed or 1.0) for n in declared.nodes)
+    reference_gflops = sum(gflops.values()) / declared_sum
+    nodes = tuple(replace(n, speed=gflops[n.name] / reference_gflops) for n in declared.nodes)
+    pairs = tuple(
+        PairLink((m.a, m.b), Link(bandwidth_gbps=m.measured_gbps, latency_us=m.rtt_us / 2))
+        for m in links
+    )
+    slowest = min(links, key=lambda m: m.measured_gbps) if links else None
+    default = (
+        Link(bandwidth_gbps=slowest.measured_gbps, latency_us=slowest.rtt_us / 2)
+        if slowest
+        else declared.links.default
+    )
+    topology = replace(
+        declared,
+        name=f"{declared.name}-measured",
+        nodes=nodes,
+        links=LinkRules(default=default, pairs=pairs),
+        reference_tflops=reference_gflops / 1000,
+        call_overhead_us=call_overhead_us,
+    )
+    return topology, reference_gflops / 1000
+
+
+def calibrate_rig(
+    plan: RigPlan,
+    state: RigState,
+    declared: Topology,
+    shape: tuple[int, int, int] = DEFAULT_GEMM_SHAPE,
+    on_ready: Callable[[], None] | None = None,
+) -> CalibrationResult:
+    """Measure nodes, links and the dispatch call (needs a driver connected: `rig.driver`)."""
+    gflops, calls = measure_nodes(plan, shape, on_ready=on_ready)
+    links = measure_links(plan)
+    head = plan.head.name
+    rtt_to = {(m.b if m.a == head else m.a): m.rtt_us for m in links if head in (m.a, m.b)}
+    overheads = [max(0.0, calls[n] - rtt_to[n]) for n in rtt_to] or [calls[head]]
+    overhead = statistics.median(overheads)
+    topology, tflops = measured_topology(declared, gflops, links, overhead)
+    nodes = tuple(
+        NodeMeasure(
+            name=n.name,
+            declared_speed=n.speed,
+            cpu_cores=n.cores,
+            gflops=gflops[n.name],
+            measured_speed=topology.node(n.name).speed or 0.0,
+            call_rtt_us=calls[n.name],
+        )
+        for n in plan.nodes
+    )
+    return CalibrationResult(
+        nodes, tuple(links), tflops, overhead, plan.link_scale, shape, topology
+    )
