@@ -26,9 +26,11 @@ this machine's CPU, slower nodes and links are emulated by sleeping (`cluster/sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,17 +246,39 @@ def eplb_model(ep: ExpertParallelModel, topology: Any, emulation: Any) -> Expert
     return ExpertParallelModel.from_routes(DEMO_MODEL_DIR, routes, pool, placement=placement)
 
 
+@contextlib.contextmanager
+def cluster_for(name: str, rig: bool) -> Iterator[tuple[ExpertParallelModel, Any, Any]]:
+    """(model, per-node emulation or None, topology the planner read) on the embedded cluster,
+    or on a rig (`cluster/rig`: namespaces, tc links, CPU quotas; nothing sleeps) brought up
+    for this topology and taken down after; this process is then the driver on the
+    attention node, in its CPU group, so the single-process baseline runs there too."""
+    from expertmesh.cluster.local import emulation_for
+
+    path = TOPOLOGIES / f"{name}.yaml"
+    topology = load_topology(path)
+    if not rig:
+        with ExpertParallelModel.launch(DEMO_MODEL_DIR, topology) as ep:
+            yield ep, emulation_for(topology), topology
+        return
+    from expertmesh.cluster.rig.rig import driver, measured_topology, rig_down, rig_up
+
+    state = rig_up(topology, str(path))
+    try:
+        with driver(state):
+            measured = measured_topology(state)
+            ep = ExpertParallelModel.launch(DEMO_MODEL_DIR, measured, local=False, emulate=False)
+            yield ep, None, measured
+    finally:
+        rig_down()
+
+
 def run_topology(
     name: str, args: argparse.Namespace, single: Generator, console: Any
 ) -> dict[str, Any]:
-    from expertmesh.cluster.local import emulation_for
-
-    topology = load_topology(TOPOLOGIES / f"{name}.yaml")
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     out: dict[str, Any] = {"throughput": [], "same_output": {}}
-    console.print(f"[{name}] starting the embedded cluster...")
-    with ExpertParallelModel.launch(DEMO_MODEL_DIR, topology) as ep:
-        emulation = emulation_for(topology)
+    console.print(f"[{name}] starting the {'rig' if args.rig else 'embedded cluster'}...")
+    with cluster_for(name, args.rig) as (ep, emulation, topology):
         eplb = eplb_model(ep, topology, emulation)
         out["placement"] = {
             "ours": {n: len(ep.placement.experts_on(n)) for n in ep.placement.nodes},
@@ -346,6 +370,7 @@ def main() -> None:
     parser.add_argument("--topologies", nargs="+", default=["mixed", "two-racks"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iters", type=int, default=300, help="round trips timed per transport")
+    parser.add_argument("--rig", action="store_true", help="on a rig (cluster/rig), as root")
     parser.add_argument("--roundtrip-rows", type=int, default=6, help="rows per node (decode)")
     args = parser.parse_args()
     console = make_console(140)
@@ -373,8 +398,11 @@ def main() -> None:
         for name, t in results["topologies"].items()
     }
     results["setting"] = (
-        "embedded cluster (ray.cluster_utils.Cluster) on this machine: all nodes share its CPU; "
-        "node speeds and links emulated by sleeping"
+        "rig (cluster/rig): one Ray node per topology node in its own network namespace, "
+        "links limited by tc, node speed by CPU quota; nothing sleeps"
+        if args.rig
+        else "embedded cluster (ray.cluster_utils.Cluster) on this machine: all nodes share "
+        "its CPU; node speeds and links emulated by sleeping"
     )
     results["outputs_identical"] = all(
         all(t["same_output"].values()) for t in results["topologies"].values()
@@ -434,7 +462,7 @@ def main() -> None:
     console.print(f"overlap fraction: {results['overlap_fraction']}")
     console.print(f"outputs identical: {results['outputs_identical']}")
     path = write_result(
-        "bench_dataplane",
+        "bench_dataplane_rig" if args.rig else "bench_dataplane",
         results,
         baseline=(
             "attention_node_alone: the whole demo model in this one process; round trip: one "

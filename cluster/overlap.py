@@ -22,6 +22,7 @@ re-measuring the other mode every `probe_every` passes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import types
@@ -165,13 +166,18 @@ def pipelined_hidden_states(
         coroutines.append(_micro_batch(model, model.embed(input_ids[lo:hi]), ctx, router_stats))
     outs: list[torch.Tensor | None] = [None] * len(coroutines)
     active = list(range(len(coroutines)))
-    while active:
-        for i in list(active):
-            try:
-                next(coroutines[i])
-            except StopIteration as done:
-                outs[i] = done.value
-                active.remove(i)
+    try:
+        while active:
+            for i in list(active):
+                try:
+                    next(coroutines[i])
+                except StopIteration as done:
+                    outs[i] = done.value
+                    active.remove(i)
+    except BaseException:
+        for c in coroutines:  # the other micro-batch's call in flight is finished, not leaked
+            c.close()
+        raise
     if cache is not None:
         cache.advance(all_rows, T)
     return model.norm(torch.cat([o for o in outs if o is not None]))
@@ -198,7 +204,12 @@ def _micro_batch(
             shared = moe.shared(flat)
             if moe.shared_gate is not None:
                 shared = torch.sigmoid(moe.shared_gate(flat)) * shared
-        yield
+        try:
+            yield
+        except GeneratorExit:  # the pass failed elsewhere: collect this call's replies
+            with contextlib.suppress(Exception):
+                moe.experts.finish(sent)
+            raise
         out = moe.experts.finish(sent)
         if shared is not None:
             out = out + shared

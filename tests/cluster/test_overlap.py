@@ -68,3 +68,26 @@ def test_policy_never_splits_tiny_batches_and_rejects_unknown_modes():
     assert OverlapPolicy("on", min_rows=2).decide(4) is True
     with pytest.raises(ValueError, match="overlap: unknown mode 'sometimes'"):
         OverlapPolicy("sometimes")
+
+
+def test_a_failed_overlapped_pass_leaves_no_call_in_flight(hf_checkpoint):
+    """One micro-batch's step fails (its shard never comes back): the other's call is
+    collected, so table swaps (the rebalancer, the supervisor) are not blocked afterwards."""
+    from expertmesh.cluster.dispatch import InProcessShardPool, ShardLost
+
+    path, _ = hf_checkpoint("mixtral")
+    ep = in_process_model(path, spread_routes(read_config(path), replicate_every=1000))
+    install_overlap(ep.model, ep.dispatcher, OverlapPolicy("on"))
+
+    class NeverBack(InProcessShardPool):
+        def recover(self, node, experts, timeout_s):
+            raise ShardLost(node, "gone for good")
+
+    pool = NeverBack(ep.pool.shards)  # type: ignore[attr-defined]
+    pool.dead.add("c")
+    ep.dispatcher.pool = pool
+    ep.dispatcher.recovery_timeout_s = 0.5
+    with pytest.raises(ShardLost), torch.no_grad():
+        ep.model(torch.randint(0, 256, (4, 6)))
+    assert ep.dispatcher._inflight == 0
+    ep.dispatcher.swap_table(ep.dispatcher.table)  # returns at once
