@@ -42,6 +42,12 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--prompt", default="ROMEO:", help="one request to prove it serves")
     up.add_argument("--max-tokens", type=int, default=16)
     up.add_argument("--exit-after-ready", action="store_true", help="stop after the first request")
+    up.add_argument(
+        "--rig",
+        action="store_true",
+        help="run on the rig `expertmesh rig up` brought up (real links and CPU quotas, no "
+        "emulation; the planner reads the rig's measured topology)",
+    )
     up.set_defaults(func=run_up)
 
     nodes = csub.add_parser(
@@ -200,35 +206,46 @@ def run_up(args: argparse.Namespace) -> int:
     from expertmesh.cluster.planning import load_trace
     from expertmesh.cluster.runtime import ExpertParallelModel
     from expertmesh.cluster.topology import load_topology
-    from expertmesh.models.generate import Generator, SamplingParams
-    from expertmesh.models.tokenizer import Tokenizer
 
     console = Console()
     path = resolve_model(args.model)
     topology = load_topology(args.topology)
     trace = load_trace(args.trace, read_config(path)) if args.trace else None
+    if args.rig:
+        from .cmd_rig import launch_on_rig
+
+        return launch_on_rig(args, path, topology, trace, console)
     console.print(
-        f"starting the embedded cluster for '{topology.name}' ({len(topology.nodes)} Ray nodes)..."
+        f"starting the embedded cluster for '{topology.name}' ({len(topology.nodes)} Ray nodes); "
+        "it emulates node speed and links by sleeping (`--rig` for the real thing)..."
     )
     with ExpertParallelModel.launch(path, topology, trace, min_replicas=args.min_replicas) as ep:
-        print_placement(console, topology, ep.placement)
-        tokenizer = Tokenizer.from_dir(path)
-        [out] = Generator(ep.model, tokenizer).generate(
-            [args.prompt], SamplingParams(max_tokens=args.max_tokens)
+        return serve_one(args, console, topology, ep, path)
+
+
+def serve_one(args: argparse.Namespace, console: Console, topology, ep, path) -> int:  # type: ignore[no-untyped-def]
+    """Print the placement, answer one request, then wait for Ctrl-C (cluster up's body)."""
+    from expertmesh.models.generate import Generator, SamplingParams
+    from expertmesh.models.tokenizer import Tokenizer
+
+    print_placement(console, topology, ep.placement)
+    tokenizer = Tokenizer.from_dir(path)
+    [out] = Generator(ep.model, tokenizer).generate(
+        [args.prompt], SamplingParams(max_tokens=args.max_tokens)
+    )
+    console.print(f"[bold]{args.prompt}[/bold]{out.text}")
+    statuses = ep.pool.statuses()  # type: ignore[attr-defined]
+    for node, st in statuses.items():
+        console.print(
+            f"shard {node}: pid {st.pid}, {sum(len(v) for v in st.experts.values())} experts, {st.tokens} tokens served"
         )
-        console.print(f"[bold]{args.prompt}[/bold]{out.text}")
-        statuses = ep.pool.statuses()  # type: ignore[attr-defined]
-        for node, st in statuses.items():
-            console.print(
-                f"shard {node}: pid {st.pid}, {sum(len(v) for v in st.experts.values())} experts, {st.tokens} tokens served"
-            )
-        if args.exit_after_ready:
-            return 0
-        console.print("cluster is up; Ctrl-C stops it")
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
+    if args.exit_after_ready:
+        return 0
+    console.print("cluster is up; Ctrl-C stops it")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
     return 0
 
 

@@ -126,8 +126,8 @@ def measure_nodes(
     once every probe actor answers (the rig applies the CPU quotas then)."""
     import ray
 
-    cls = ray.remote(num_cpus=0)(_Probe)
-    actors = {
+    cls: Any = ray.remote(num_cpus=0)(_Probe)
+    actors: dict[str, Any] = {
         n.name: cls.options(resources={node_resource(n.name): 0.001}).remote() for n in plan.nodes
     }
     try:
@@ -169,7 +169,7 @@ def probe_link(plan: RigPlan, src: str, dst: str, seconds: float = 0.5) -> dict[
         assert server.stdout is not None
         if server.stdout.readline().strip() != "ready":
             raise RigError(
-                f"link probe server in {b.namespace} did not start: {server.stderr.read()}"
+                f"link probe server in {b.namespace} did not start: {server.stderr.read() if server.stderr else ''}"
             )
         done = subprocess.run(
             in_netns(a.namespace, [py, str(PROBE), "send", b.ip, str(PROBE_PORT), str(nbytes)]),
@@ -212,7 +212,9 @@ def measured_topology(
     reference TFLOP/s of a speed-1.0 node that makes the speeds comparable to the declared)."""
     declared_sum = sum(float(n.speed or 1.0) for n in declared.nodes)
     reference_gflops = sum(gflops.values()) / declared_sum
-    nodes = tuple(replace(n, speed=gflops[n.name] / reference_gflops) for n in declared.nodes)
+    nodes = tuple(
+        replace(n, speed=round(gflops[n.name] / reference_gflops, 4)) for n in declared.nodes
+    )
     pairs = tuple(
         PairLink((m.a, m.b), Link(bandwidth_gbps=m.measured_gbps, latency_us=m.rtt_us / 2))
         for m in links

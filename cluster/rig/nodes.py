@@ -43,7 +43,7 @@ def use_token(state: RigState) -> None:
     """Make this process present the rig's token to Ray (also when Ray was imported and
     configured before: Ray reads its auth mode once, so it is re-read here)."""
     os.environ.update(driver_env(state))
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()

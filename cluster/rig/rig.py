@@ -152,6 +152,11 @@ def driver(state: RigState | None = None, join_cgroups: bool = True) -> Iterator
     plan = RigPlan.from_dict(state.plan)
     nodes.use_token(state)
     groups = cgroups.joined(plan.head.name) if join_cgroups else contextlib.nullcontext()
+    import torch
+
+    threads = torch.get_num_threads()
+    if join_cgroups:  # the attention worker computes with the head's cores, no more
+        torch.set_num_threads(max(1, round(plan.head.cores)))
     with netns.entered(plan.head.namespace), groups:
         ray.init(
             address=state.ray_address,
@@ -163,6 +168,7 @@ def driver(state: RigState | None = None, join_cgroups: bool = True) -> Iterator
             yield state
         finally:
             ray.shutdown()
+            torch.set_num_threads(threads)
 
 
 def rig_plan(state: RigState) -> RigPlan:
@@ -231,3 +237,58 @@ def leftovers() -> dict[str, list[str]]:
         "cgroups": [str(p) for p in cgroups.leftover_groups()],
         "state": [str(state_path())] if state_path().exists() else [],
     }
+
+
+def check_topology(state: RigState, topology: Topology) -> None:
+    """RigError unless the rig was brought up for `topology` (the same nodes)."""
+    plan = rig_plan(state)
+    if sorted(n.name for n in topology.nodes) != sorted(n.name for n in plan.nodes):
+        raise RigError(
+            f"--topology {topology.name!r} is not the rig's ({plan.topology!r}, nodes "
+            f"{', '.join(n.name for n in plan.nodes)}); pass the file the rig was brought up "
+            f"with ({state.topology_file}) or `expertmesh rig down` and up again"
+        )
+
+
+def launch(
+    checkpoint: str | Path,
+    state: RigState,
+    trace: Any = None,
+    min_replicas: int = 1,
+    dtype: str = "float32",
+    placement: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """Place a model on the rig (call inside `driver`): the planner reads the measured
+    topology, shards are pinned by `expertmesh_node_<name>` and never sleep (emulate=False).
+    Quotas are lifted while the shard processes start. `placement`: use this one instead of
+    planning (benchmarks compare placements)."""
+    from expertmesh.cluster.runtime import ExpertParallelModel
+
+    topology = measured_topology(state)
+    with startup_window(state):
+        if placement is None:
+            return ExpertParallelModel.launch(
+                checkpoint,
+                topology,
+                trace,
+                dtype=dtype,
+                local=False,
+                emulate=False,
+                min_replicas=min_replicas,
+                **kwargs,
+            )
+        return launch_placement(checkpoint, topology, placement, dtype)
+
+
+def launch_placement(checkpoint: str | Path, topology: Topology, placement: Any, dtype: str) -> Any:
+    """An ExpertParallelModel on the connected cluster with a given placement (no emulation)."""
+    from expertmesh.cluster.dispatch import RoutingTable
+    from expertmesh.cluster.pool import RayShardPool
+    from expertmesh.cluster.runtime import ExpertParallelModel, routes_from_placement
+
+    routes = routes_from_placement(placement)
+    held = RoutingTable(routes).node_experts()
+    assignment = {n.name: held.get(n.name, {}) for n in topology.nodes}
+    pool = RayShardPool(str(checkpoint), assignment, dtype, None)
+    return ExpertParallelModel.from_routes(checkpoint, routes, pool, dtype, placement)
