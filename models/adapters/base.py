@@ -82,9 +82,9 @@ def parse_rope(raw: Mapping[str, Any], dim: int, interleaved: bool = False) -> R
     """Read RoPE settings from either the transformers-5 `rope_parameters` dict or the older
     top-level `rope_theta` + `rope_scaling` fields (as the published checkpoints carry them).
 
-    Defaults follow transformers: YaRN's `factor` falls back to max_position_embeddings /
-    original_max_position_embeddings, which falls back to a top-level field of that name, then
-    to max_position_embeddings. A key we do not implement is an error naming it."""
+    Defaults follow transformers: YaRN's `original_max_position_embeddings` falls back to a
+    top-level field of that name, then to max_position_embeddings; `factor` is required (as
+    transformers requires it). A key we do not implement is an error naming it."""
     if raw.get("rope_scaling") and raw.get("rope_parameters"):
         # transformers 5 takes rope_scaling, 4.x knows only it: both must say the same.
         legacy = parse_rope({**raw, "rope_parameters": None}, dim, interleaved)
@@ -126,12 +126,10 @@ def parse_rope(raw: Mapping[str, Any], dim: int, interleaved: bool = False) -> R
         "original_max_position_embeddings"
     )
     factor = params.get("factor")
+    if kind in ("linear", "yarn") and factor is None:
+        raise ConfigError(f"config.json: {where}.factor is missing; {kind} RoPE scaling needs it")
     if kind == "yarn":
         orig = int(orig or require(raw, "max_position_embeddings"))
-        if factor is None:
-            factor = int(require(raw, "max_position_embeddings")) / orig
-    elif kind == "linear" and factor is None:
-        raise ConfigError(f"config.json: {where}.factor is missing; linear RoPE scaling needs it")
     attention_factor = params.get("attention_factor")
     return RopeConfig(
         theta=float(params["rope_theta"]),

@@ -45,9 +45,9 @@ def _reinit(model, seed: int, std: float = 0.15) -> None:
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
 
 
-def build(name: str, path: Path, layout: str = "published", seed: int = 0):
-    """A transformers model from the scaled published config, saved to `path`; returns it."""
-    raw = scaled(name)
+def build(name: str, path: Path, layout: str = "published", seed: int = 0, raw=None):
+    """A transformers model from the scaled published config (or `raw`), saved to `path`."""
+    raw = raw or scaled(name)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(raw))
     config = transformers.AutoConfig.from_pretrained(path)
@@ -121,6 +121,25 @@ def test_latent_cache_matches_transformers_under_yarn(name, checkpoints):
     )
     for prompt, completion in zip(PROMPTS, got):
         assert completion.token_ids == _hf_greedy(ref, prompt, 16)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"truncate": False}, {"attention_factor": 1.3}],
+    ids=["truncate-false", "attention_factor"],
+)
+def test_yarn_keys_beyond_the_published_ones_match_transformers(extra, tmp_path):
+    """transformers' other YaRN keys: an unrounded correction range, an explicit cos/sin
+    factor."""
+    raw = scaled("deepseek-v3")
+    raw["rope_scaling"] = {
+        k: v for k, v in {**raw["rope_scaling"], **extra}.items() if v is not None
+    }
+    ref = build("deepseek-v3", tmp_path, raw=raw)
+    ours = load_model(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4
 
 
 def test_published_fields_reach_our_config(tmp_path):
@@ -198,6 +217,16 @@ REFUSED = [
         "rope_scaling.low_freq_factor is not implemented for rope type 'yarn'",
     ),
     ("mixtral-8x7b", {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    (
+        "deepseek-v3",
+        {"rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096}},
+        "rope_scaling.factor is missing",
+    ),
+    (
+        "deepseek-v3",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        "rope_scaling and rope_parameters disagree",
+    ),
     ("qwen1.5-moe-a2.7b", {"use_sliding_window": True}, "use_sliding_window true"),
     (
         "qwen3-30b-a3b",
