@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from expertmesh.models.device import HostStaging
 from expertmesh.models.errors import ExpertNotLoaded
 
 from .shard import ExpertShard, ShardReply
@@ -559,11 +560,20 @@ class Dispatcher:
 class RemoteExpertBank(nn.Module):
     """Drop-in for `ExpertBank` that runs the experts on shards through a `Dispatcher`."""
 
-    def __init__(self, layer: int, num_experts: int, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self,
+        layer: int,
+        num_experts: int,
+        dispatcher: Dispatcher,
+        staging: HostStaging | None = None,
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.num_experts = num_experts
         self.dispatcher = dispatcher
+        self.staging = staging or HostStaging()
+        """Pinned buffers a GPU attention worker's rows cross to the host in, once per layer
+        call each way (CPU rows pass through untouched)."""
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.finish(self.start(x, ids, weights))
@@ -575,13 +585,20 @@ class RemoteExpertBank(nn.Module):
         order = torch.argsort(flat, stable=True)  # group the N*k assignments by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         token = order // k
-        call = self.dispatcher.start(self.layer, x, token.numpy(), flat[order].numpy(), counts)
+        host = self.staging.to_host(x)  # x itself on the CPU
+        call = self.dispatcher.start(
+            self.layer, host, token.cpu().numpy(), flat[order].cpu().numpy(), counts
+        )
         return RemoteMoE(call, x, token, weights.reshape(-1)[order, None])
 
     def finish(self, sent: RemoteMoE) -> torch.Tensor:
         """Wait for the outputs and combine them with the router weights, here (the same
         arithmetic, in the same order, as `ExpertBank.forward`)."""
-        out = self.dispatcher.finish(sent.call)
+        try:
+            out = self.dispatcher.finish(sent.call)
+        finally:
+            self.staging.release(sent.call.x)
+        out = self.staging.to_device(out, sent.x.device)  # out itself on the CPU
         result = torch.zeros_like(sent.x)
         result.index_add_(0, sent.token, out * sent.weights)
         return result

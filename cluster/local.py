@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .devices import embedded_gpus
 from .pool import node_resource
 from .shard import NodeEmulation
 from .topology import Topology
@@ -63,8 +64,13 @@ class LocalCluster:
         self.ray_nodes: dict[str, Any] = {}
 
     def _node_args(self, name: str) -> dict[str, Any]:
+        import torch
+
         return {
             "num_cpus": 1,
+            # Explicit, never Ray's detection (which would give every emulated node the
+            # machine's GPUs): only GPU nodes get them (`devices.embedded_gpus`).
+            "num_gpus": embedded_gpus(self.topology.node(name), torch.cuda.device_count()),
             "resources": {node_resource(name): 1.0},
             "object_store_memory": self.object_store_mb * 1024 * 1024,
         }

@@ -7,8 +7,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from expertmesh.models.device import DeviceError
 from expertmesh.models.errors import ExpertNotLoaded
 
+from .devices import actor_device, gpu_request, gpus_offered
 from .dispatch import ShardLost
 from .shard import NodeEmulation, ShardReply, shard_actor_class
 from .wire import ShardRequest
@@ -33,6 +35,11 @@ class RayShardPool:
       the experts, not to start a Python process and import torch (about 2 s here).
     - `standby=False`: Ray restarts the crashed actor (its constructor reloads its experts);
       `recover` waits for that. One process per node instead of two.
+
+    `devices` (node -> auto|cuda|cpu, the topology's `device`; absent: cpu) settles where each
+    node's shards compute before any starts (`cluster/devices.py`): a node on a GPU gets Ray
+    `num_gpus` (a share of one GPU) for its shard and standby; `cuda` on a node whose Ray node
+    has no GPU is a DeviceError naming the node.
     """
 
     def __init__(
@@ -45,6 +52,8 @@ class RayShardPool:
         telemetry: Mapping[str, Any] | None = None,
         standby: bool = True,
         transport: str = "channel",
+        devices: Mapping[str, str] | None = None,
+        actor_options: Mapping[str, Any] | None = None,
     ) -> None:
         import ray
 
@@ -61,17 +70,28 @@ class RayShardPool:
         self._telemetry = dict(telemetry) if telemetry else None
         self._prefix = namespace_prefix
         self._standby = standby
+        self._actor_options = dict(actor_options or {})
+        """Extra Ray options for every shard actor (a shared pool's: detached, its namespace)."""
         self._lock = threading.Lock()
         self._spawned = 0
         self.handles: dict[str, Any] = {}
         self.standbys: dict[str, Any] = {}
         self.promotions = 0
+        self._devices = dict(devices or {})
+        self._gpus = {node: self._gpu_share(node) for node in assignment}  # before any starts
         for node, experts in assignment.items():
             self.handles[node] = self._spawn(node, {int(k): list(v) for k, v in experts.items()})
             if standby:
                 self.standbys[node] = self._spawn(node, {})
         # Fail fast: every shard must have loaded its experts before serving starts.
         ray.get([h.ping.remote() for h in [*self.handles.values(), *self.standbys.values()]])
+
+    def _gpu_share(self, node: str) -> float:
+        """Ray `num_gpus` for `node`'s shard actors (0: the CPU; no Ray call on the CPU path)."""
+        spec = self._devices.get(node, "cpu")
+        if spec == "cpu":
+            return 0.0
+        return gpu_request(spec, node, gpus_offered(node_resource(node), self._ray.nodes()))
 
     def _spawn(self, node: str, experts: Mapping[int, Sequence[int]]) -> Any:
         self._spawned += 1
@@ -80,8 +100,12 @@ class RayShardPool:
             "num_cpus": 0,
             "resources": {node_resource(node): 0.001},
         }
+        gpus = self._gpus.get(node, 0.0)
+        if gpus:
+            options["num_gpus"] = gpus
         if self._standby:
             options["max_restarts"] = 0  # the standby takes over instead
+        options.update(self._actor_options)
         checkpoint, dtype = self._args
         return self._cls.options(**options).remote(
             node,
@@ -90,6 +114,7 @@ class RayShardPool:
             dtype,
             self._emulation.get(node),
             telemetry=self._telemetry,
+            device=actor_device(gpus),
         )
 
     def submit(
@@ -188,6 +213,10 @@ class RayShardPool:
         """Start a fresh shard (and standby) on `node`, holding no experts yet: a node that was
         lost or drained has a Ray node offering its resource again. ShardLost when they do not
         answer within `timeout_s` (the actors are killed, nothing changes)."""
+        try:  # the Ray node now standing for it may have a GPU, or not
+            self._gpus[node] = self._gpu_share(node)
+        except DeviceError as e:
+            raise ShardLost(node, str(e)) from e
         fresh = [self._spawn(node, {})]
         if self._standby:
             fresh.append(self._spawn(node, {}))

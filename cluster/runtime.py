@@ -7,6 +7,10 @@
 `local=False`), plans the placement from the topology and an optional routing trace, starts
 one `ExpertShard` actor per node holding that node's experts, and returns a model whose MoE
 layers dispatch to them. Its outputs equal the single-process model's on the same checkpoint.
+
+Devices: each node's `device` (auto|cuda|cpu) decides where its shards compute and, for the
+attention node, where this process holds the model and its KV cache (`cluster/devices.py`);
+dtype "auto" is bf16 on a GPU and float32 on the CPU, per process.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from expertmesh.models.checkpoint import load_model, read_config
 from expertmesh.models.config import ModelConfig
+from expertmesh.models.device import HostStaging, dtype_for
 from expertmesh.models.model import MoEModel
 
 from .dispatch import Dispatcher, RemoteExpertBank, Replica, RoutingTable, ShardPool
@@ -41,10 +47,11 @@ def attach_dispatcher(model: MoEModel, dispatcher: Dispatcher) -> MoEModel:
     `model.overlap_policy.mode` = auto | on | off)."""
     from .overlap import install_overlap
 
+    staging = HostStaging()  # one set of pinned buffers for all layers (used only on a GPU)
     for block in model.blocks:
         if block.moe is not None:
             block.moe.experts = RemoteExpertBank(
-                block.layer, model.config.moe.num_experts, dispatcher
+                block.layer, model.config.moe.num_experts, dispatcher, staging
             )  # type: ignore[assignment]
     install_overlap(model, dispatcher)
     return model
@@ -64,10 +71,15 @@ def measure_node_speeds(nodes: Sequence[str]) -> dict[str, float]:
     return {n: g / fastest for n, g in gflops.items()}
 
 
-def attention_model(checkpoint: str | Path, dtype: str = "float32") -> MoEModel:
-    """The model without routed-expert weights (what an attention worker holds)."""
+def attention_model(
+    checkpoint: str | Path, dtype: str = "float32", device: torch.device | str = "cpu"
+) -> MoEModel:
+    """The model without routed-expert weights (what an attention worker holds), on `device`
+    (dtype "auto": bf16 on a GPU, float32 on the CPU)."""
     config = read_config(checkpoint)
-    return load_model(checkpoint, dtype, expert_ids={layer: [] for layer in config.moe_layer_ids})
+    dev = torch.device(device)
+    experts: dict[int, list[int]] = {layer: [] for layer in config.moe_layer_ids}
+    return load_model(checkpoint, dtype_for(dev, dtype), expert_ids=experts, device=dev)
 
 
 class ExpertParallelModel:
@@ -103,8 +115,9 @@ class ExpertParallelModel:
         placement: Any = None,
         cluster: Any = None,
         tracer: Any = None,
+        device: torch.device | str = "cpu",
     ) -> ExpertParallelModel:
-        model = attention_model(checkpoint, dtype)
+        model = attention_model(checkpoint, dtype, device)
         dispatcher = Dispatcher(
             RoutingTable(routes), pool, model.config.moe.num_experts, tracer=tracer
         )
@@ -117,7 +130,7 @@ class ExpertParallelModel:
         checkpoint: str | Path,
         topology: Any,
         trace: np.ndarray | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         local: bool = True,
         emulate: bool | None = None,
         min_replicas: int = 1,
@@ -127,11 +140,15 @@ class ExpertParallelModel:
         """Start (`local`) or join the cluster, plan, start shards, and return the model.
 
         emulate: emulate node speeds and links (None: when `local`; pass True when joining
-        the embedded cluster that `expertmesh up` started)."""
+        the embedded cluster that `expertmesh up` started). dtype "auto": bf16 where a node
+        computes on a GPU, float32 on the CPU."""
         emulate = local if emulate is None else emulate
+        import ray
+
+        from .devices import attention_device, gpus_offered
         from .local import LocalCluster, emulation_for
         from .planning import embedded_reference_tflops, plan_for_topology
-        from .pool import RayShardPool
+        from .pool import RayShardPool, node_resource
 
         config = read_config(checkpoint)
         cluster = None
@@ -155,21 +172,44 @@ class ExpertParallelModel:
         # Every node gets a shard, the ones the plan leaves empty too: failover and rebalancing
         # move experts onto them without starting actors first.
         assignment = {n.name: held.get(n.name, {}) for n in topology.nodes}
+        head = topology.attention_nodes[0]
         try:
+            device = attention_device(
+                head.device, head.name, gpus_offered(node_resource(head.name), ray.nodes())
+            )
             pool = RayShardPool(
                 str(checkpoint),
                 assignment,
                 dtype,
                 emulation_for(topology) if emulate else None,
                 telemetry=telemetry_config,
+                devices={n.name: n.device for n in topology.nodes},
             )
         except Exception:
             if cluster is not None:
                 cluster.stop()
             raise
-        ep = cls.from_routes(checkpoint, routes, pool, dtype, placement, cluster, tracer)
+        ep = cls.from_routes(
+            checkpoint, routes, pool, dtype, placement, cluster, tracer, device=device
+        )
         ep.plan_options = options
         return ep
+
+    @classmethod
+    def attach(
+        cls,
+        pool: str,
+        checkpoint: str | Path | None = None,
+        topology: Any = None,
+        **options: Any,
+    ) -> ExpertParallelModel:
+        """Attach to the shared expert pool named `pool` instead of starting shards: one set
+        of shards and one supervisor per model, however many replicas attach; started here
+        from `checkpoint` and `topology` when none runs (`cluster/expert_pool.py`). `shutdown`
+        detaches; the pool keeps serving until `expert_pool.pool_down(pool)`."""
+        from .pool_attachment import attach_pool
+
+        return attach_pool(pool, checkpoint, topology, **options)
 
     def shutdown(self) -> None:
         if self.cluster is not None:

@@ -5,6 +5,10 @@ tensors), so expert weights never travel through the driver. It answers one call
 per step: "run these token rows through these experts" and returns unweighted outputs; the
 dispatcher weights and combines them.
 
+A shard computes on its node's device (`device`: cpu, cuda or auto; the pool settles it from
+Ray's node table, `cluster/devices.py`): on a GPU its experts are there (bf16 unless a dtype
+is given) and each call's rows cross host <-> device once, through pinned buffers.
+
 On the embedded single-machine cluster a shard *emulates* its node: it sleeps so that its
 compute appears `reference_speed / speed` times slower, and so that the bytes it receives and
 returns appear to cross its node's Ethernet link (latency + bytes / bandwidth). On a real
@@ -24,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from expertmesh.models.checkpoint import load_expert_bank, resolve_dtype
+from expertmesh.models.checkpoint import load_expert_bank
+from expertmesh.models.device import HostStaging, dtype_for, resolve_device
 from expertmesh.models.model import ExpertBank
 
 from .wire import Packed, ShardRequest, pack, unpack
@@ -89,6 +94,7 @@ class ExpertShard:
         emulation: NodeEmulation | None = None,
         torch_threads: int = SHARD_THREADS,
         telemetry: Mapping[str, Any] | None = None,
+        device: str = "cpu",
     ) -> None:
         torch.set_num_threads(torch_threads)
         self.tracer: Any = None
@@ -106,13 +112,17 @@ class ExpertShard:
             configure_json_logging(None, f"shard-{node}")
         self.node = node
         self.checkpoint = checkpoint
-        self.dtype = resolve_dtype(dtype)
+        self.device = resolve_device(device, node)
+        self.dtype = dtype_for(self.device, dtype)  # "auto": bf16 on CUDA, float32 on the CPU
+        self._staging = HostStaging()
         self.emulation = emulation or NodeEmulation()
         self.banks: dict[int, ExpertBank] = {}
         self._membership = threading.Lock()  # load / drop / ensure, one at a time
         for layer, ids in experts.items():
             if ids:
-                self.banks[layer] = load_expert_bank(checkpoint, layer, ids, self.dtype)
+                self.banks[layer] = load_expert_bank(
+                    checkpoint, layer, ids, self.dtype, self.device
+                )
         log.info(
             "shard up on %s with %d experts",
             node,
@@ -139,7 +149,9 @@ class ExpertShard:
         have = set(self.banks[layer].expert_ids) if layer in self.banks else set()
         want = have | set(ids)
         if want != have:
-            self.banks[layer] = load_expert_bank(self.checkpoint, layer, sorted(want), self.dtype)
+            self.banks[layer] = load_expert_bank(
+                self.checkpoint, layer, sorted(want), self.dtype, self.device
+            )
         return sorted(want)
 
     def drop(self, layer: int, ids: Sequence[int]) -> list[int]:
@@ -156,12 +168,14 @@ class ExpertShard:
             return []
         bank = self.banks[layer]
         if set(bank.state_dict()) != {"gate_up", "down"}:  # e.g. int8 experts with scales
-            self.banks[layer] = load_expert_bank(self.checkpoint, layer, keep, self.dtype)
+            self.banks[layer] = load_expert_bank(
+                self.checkpoint, layer, keep, self.dtype, self.device
+            )
             return keep
         slots = [bank.slot_of[e] for e in keep]
         with torch.device("meta"):
             smaller = ExpertBank(layer, bank.gate_up.shape[2], _moe_cfg(bank), bank.act, keep)
-        smaller = smaller.to_empty(device="cpu").to(bank.gate_up.dtype)
+        smaller = smaller.to_empty(device=bank.gate_up.device).to(bank.gate_up.dtype)
         with torch.no_grad():
             smaller.gate_up.copy_(bank.gate_up[slots])
             smaller.down.copy_(bank.down[slots])
@@ -212,8 +226,9 @@ class ExpertShard:
     def _compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> ShardReply:
         ids = torch.from_numpy(np.ascontiguousarray(expert_ids, dtype=np.int64))
         xs = torch.from_numpy(np.array(x, copy=True)).to(self.dtype)
+        xs = self._staging.to_device(xs, self.device)  # the same tensor on the CPU
         out, timings = self._expert_rows(layer, xs, ids, 2 * x.nbytes)  # fp32 rows out and back
-        return ShardReply(out.to(torch.float32).numpy(), *timings)
+        return ShardReply(out.to(torch.float32).cpu().numpy(), *timings)
 
     def _expert_rows(
         self, layer: int, xs: torch.Tensor, ids: torch.Tensor, link_bytes: int
@@ -227,7 +242,7 @@ class ExpertShard:
             from expertmesh.models.errors import ExpertNotLoaded
 
             raise ExpertNotLoaded(layer, sorted(set(ids.tolist())))
-        order = torch.argsort(ids, stable=True)
+        order = torch.argsort(ids, stable=True).to(xs.device)  # no-op on the CPU
         counts = torch.bincount(ids, minlength=bank.num_experts).tolist()
         with torch.inference_mode():
             out_sorted = bank.expert_outputs(xs[order], counts)
@@ -275,14 +290,14 @@ class ExpertShard:
             return self._compute_request(request)
 
     def _compute_request(self, request: ShardRequest) -> ShardReply:
-        rows = unpack(request.rows, self.dtype)
+        rows = self._staging.to_device(unpack(request.rows, self.dtype), self.device)
         ids = torch.from_numpy(request.experts.astype(np.int64))
-        xs = rows[torch.from_numpy(request.row_of.astype(np.int64))]
+        xs = rows[torch.from_numpy(request.row_of.astype(np.int64)).to(rows.device)]
         # Link bytes: the request, plus one output row per assignment in the same format.
         per_row = request.rows.nbytes // max(request.rows.rows, 1)
         link_bytes = request.nbytes + per_row * request.assignments
         out, timings = self._expert_rows(request.layer, xs, ids, link_bytes)
-        return ShardReply(pack(out, request.rows.fmt), *timings)
+        return ShardReply(pack(out.cpu(), request.rows.fmt), *timings)  # one copy to the host
 
     def open_channel(self, secret: bytes) -> tuple[str, int]:
         """Listen for a persistent channel (`cluster/transport_channel.py`) on this node's IP;
@@ -324,6 +339,7 @@ class ExpertShard:
             tokens=self.tokens,
             started_at=self.started_at,
             last_call_at=self.last_call_at,
+            extra={"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")},
         )
 
     def set_emulation(self, emulation: NodeEmulation) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 from typing import Literal, get_args
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -103,54 +102,69 @@ class HostStaging:
     """Pinned host buffers that a layer's routed rows cross in: device -> host once before
     dispatch (`to_host`), host -> device once for the replies (`to_device`).
 
-    Expert shards exchange numpy rows over Ray, so rows on a GPU must reach host memory. Page-
-    locked (pinned) memory is what the GPU's copy engine reads and writes directly: copies to
-    and from it run at full PCIe/NVLink speed and a host -> device copy can run asynchronously,
-    where a pageable buffer is first staged by the driver. The buffers grow to the largest
-    layer call seen (rounded up to a power of two rows) and are reused, so a decode step
-    allocates nothing.
+    Expert shards exchange rows with the attention worker over the network, so rows on a GPU
+    must reach host memory. Page-locked (pinned) memory is what the GPU's copy engine reads
+    and writes directly: copies to and from it run at full PCIe/NVLink speed, and a host ->
+    device copy from it can run asynchronously, where a pageable buffer is first staged by the
+    driver. Buffers are kept and reused (capacity rounded up to a power of two rows), so a
+    decode step allocates nothing; several layer calls may be in flight at once (micro-batch
+    overlap): each holds its own buffer from `to_host` until it hands it back (`release`).
 
-    CPU tensors pass straight through (`x.float().numpy()`, `torch.from_numpy(a).to(dtype)`),
-    exactly what the CPU path did before: no pinned memory is ever made without a GPU.
-
-    One caller at a time per instance (an attention worker runs one forward pass at a time):
-    the array `to_host` returns is a view of the buffer, valid until the next `to_host`.
+    CPU tensors pass straight through, the very same tensor and no copy: the CPU path is what
+    it was, and no pinned memory is ever made without a GPU.
     """
 
     def __init__(self) -> None:
-        self._out: torch.Tensor | None = None  # (rows, hidden) float32, pinned: device -> host
-        self._in: torch.Tensor | None = None  # (rows, hidden) float32, pinned: host -> device
-        self._in_done: torch.cuda.Event | None = None  # the last host -> device copy finished
+        self._free: list[torch.Tensor] = []  # pinned (capacity, width) buffers not in use
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr of a view we gave out -> its buffer
+        self._copying: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # async H2D sources
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _grown(buf: torch.Tensor | None, rows: int, width: int) -> torch.Tensor:
-        if buf is not None and buf.shape[0] >= rows and buf.shape[1] == width:
-            return buf
+    def _take(self, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned (>= rows, width) buffer of `dtype` (call with the lock held)."""
+        copying = []
+        for event, buf in self._copying:  # buffers whose host -> device copy has finished
+            if event.query():
+                self._free.append(buf)
+            else:
+                copying.append((event, buf))
+        self._copying = copying
+        for i, buf in enumerate(self._free):
+            if buf.dtype == dtype and buf.shape[1] == width and buf.shape[0] >= rows:
+                return self._free.pop(i)
         capacity = 1 << max(rows - 1, 0).bit_length()
-        return torch.empty(capacity, width, dtype=torch.float32, pin_memory=True)
+        return torch.empty(capacity, width, dtype=dtype, pin_memory=True)
 
-    def to_host(self, x: torch.Tensor) -> np.ndarray:
-        """x (n, width) on any device -> float32 numpy (n, width)."""
+    def to_host(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n, width) -> the same rows on the host, in x's dtype (a pinned view for a GPU
+        tensor: hand it back with `release` once nothing reads it)."""
         if x.device.type == "cpu":
-            return x.float().numpy()
+            return x
         with self._lock:
-            self._out = self._grown(self._out, x.shape[0], x.shape[1])
-            view = self._out[: x.shape[0]]
-            view.copy_(x)  # cast on the device, one DMA into pinned memory; waits for it
-            return view.numpy()
+            buf = self._take(x.shape[0], x.shape[1], x.dtype)
+            view = buf[: x.shape[0]]
+            self._lent[view.data_ptr()] = buf
+        view.copy_(x)  # one DMA into pinned memory; returns when the rows are there
+        return view
 
-    def to_device(self, rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """float32 numpy rows (n, width) -> a tensor on `device` in `dtype`."""
-        if device.type == "cpu":
-            return torch.from_numpy(rows).to(dtype)
+    def release(self, host: torch.Tensor) -> None:
+        """Hand back a view `to_host` gave out (nothing for a CPU tensor it passed through)."""
         with self._lock:
-            if self._in_done is not None:
-                self._in_done.synchronize()  # the previous copy has left the buffer
-            self._in = self._grown(self._in, rows.shape[0], rows.shape[1])
-            view = self._in[: rows.shape[0]]
-            view.numpy()[:] = rows
-            out = view.to(device, non_blocking=True)
-            self._in_done = torch.cuda.Event()
-            self._in_done.record()
-        return out.to(dtype)
+            buf = self._lent.pop(host.data_ptr(), None)
+            if buf is not None:
+                self._free.append(buf)
+
+    def to_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Host rows t (n, width) -> a tensor on `device` (t itself when `device` is the CPU)."""
+        if device.type == "cpu":
+            return t
+        with self._lock:
+            buf = self._take(t.shape[0], t.shape[1], t.dtype)
+        view = buf[: t.shape[0]]
+        view.copy_(t)
+        out = view.to(device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        with self._lock:  # reusable once the copy has left it
+            self._copying.append((done, buf))
+        return out
