@@ -5,7 +5,8 @@
   window of many CFS periods; all nodes at once, as they compute during a step.
 - Links: for every pair, a TCP bulk transfer from one namespace to the other (bandwidth, sized
   to last about half a second at the pair's rate) and 200 one-byte round trips (`probe.py`).
-  Probes run in the namespaces but outside the nodes' CPU groups: they measure the link.
+  Probes run in the namespaces but outside the nodes' CPU groups (in the rig's probe group:
+  no quota, the rig's priority): they measure the link, not a node's CPU or a busy machine.
 - Dispatch: the median round trip of an empty actor call from the driver (on the attention
   node) to each node, minus that link's TCP round trip: the fixed cost of one call.
 
@@ -17,6 +18,7 @@ what the planner reads on the rig.
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from typing import Any
 from expertmesh.cluster.pool import node_resource
 from expertmesh.cluster.topology import Link, LinkRules, PairLink, Topology
 
+from . import cgroups
 from .plan import RigPlan
 from .state import RigState
 from .system import RigError, in_netns
@@ -159,8 +162,14 @@ def probe_link(plan: RigPlan, src: str, dst: str, seconds: float = 0.5) -> dict[
     rate = plan.link(src, dst).rate_gbps
     nbytes = max(1 << 20, int(rate * 1e9 / 8 * seconds))
     py = sys.executable
+    enter = cgroups.ensure_probe_group()
+
+    def command(namespace: str, *args: str) -> list[str]:
+        argv = " ".join(shlex.quote(a) for a in in_netns(namespace, [py, str(PROBE), *args]))
+        return ["sh", "-c", f"{enter}; exec {argv}"]
+
     server = subprocess.Popen(
-        in_netns(b.namespace, [py, str(PROBE), "serve", b.ip, str(PROBE_PORT)]),
+        command(b.namespace, "serve", b.ip, str(PROBE_PORT)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -172,7 +181,7 @@ def probe_link(plan: RigPlan, src: str, dst: str, seconds: float = 0.5) -> dict[
                 f"link probe server in {b.namespace} did not start: {server.stderr.read() if server.stderr else ''}"
             )
         done = subprocess.run(
-            in_netns(a.namespace, [py, str(PROBE), "send", b.ip, str(PROBE_PORT), str(nbytes)]),
+            command(a.namespace, "send", b.ip, str(PROBE_PORT), str(nbytes)),
             capture_output=True,
             text=True,
             timeout=120,

@@ -56,6 +56,19 @@ def apply_cpu_quota(node: NodePlan, limited: bool = True) -> None:
     (cpu / "cpu.cfs_quota_us").write_text(str(node.cpu_quota_us if limited else -1))
 
 
+PROBE_GROUP = "probe"
+"""A group without a quota, under the rig's priority weight, for link probes: they measure
+the link, and must not be starved by the rest of a busy machine."""
+
+
+def ensure_probe_group() -> str:
+    """Create the probe group (cpu only); returns a shell prefix that enters it."""
+    group = group_dir("cpu", PROBE_GROUP)
+    group.parent.mkdir(exist_ok=True)
+    group.mkdir(exist_ok=True)
+    return f"echo $$ > {group / 'cgroup.procs'}"
+
+
 def procs_files(node: str) -> list[Path]:
     return [group_dir(c, node) / "cgroup.procs" for c in CONTROLLERS]
 

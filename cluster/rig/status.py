@@ -12,7 +12,7 @@ from .state import RigState
 from .system import RigError
 
 
-def rig_status(state: RigState, probe: bool = True, probe_s: float = 0.25) -> dict[str, Any]:
+def rig_status(state: RigState, probe: bool = True, probe_s: float = 0.5) -> dict[str, Any]:
     """Per node: namespace, IP, CPU quota (cores), memory limit and use, Ray node id and
     whether Ray sees it alive, and (probe) the measured bandwidth and round trip of its link
     from the attention node."""
