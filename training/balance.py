@@ -132,10 +132,16 @@ def load_spread(counts: torch.Tensor) -> float:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over data-parallel workers (identity without a process group)."""
+    """Sum over data-parallel workers (identity without a process group). NCCL reduces only
+    GPU tensors: a host tensor goes to this worker's GPU and back."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
+        home = t.device
+        if dist.get_backend() == "nccl" and home.type != "cuda":
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
+        else:
+            t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t = t.to(home)
     return t
 
 
@@ -160,6 +166,6 @@ class BiasBalancer:
     def update(self, counts: torch.Tensor) -> None:
         for router, layer_counts in zip(self.routers, counts):
             assert router.score_bias is not None
-            load = layer_counts.float()
+            load = layer_counts.float().to(router.score_bias.device)
             # sign(mean - load): overloaded experts go down, underloaded go up.
             router.score_bias.add_(self.gamma * torch.sign(load.mean() - load))

@@ -153,6 +153,10 @@ class RunSection(_Section):
     progress_bar: bool = True
     seed: int = 0
     """Data order and per-step sampling seed."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where workers train: auto = one GPU per worker (NCCL) when the Ray cluster has a GPU for
+    every worker, else the CPU (gloo); cuda insists on GPUs (an error where there are too
+    few); cpu never uses one."""
 
 
 class OutputSection(_Section):

@@ -77,10 +77,12 @@ class DistillTask(PretrainTask):
             distill=job.distill,
         )  # fmt: skip
 
-    def _teacher(self) -> MoEModel:
+    def _teacher(self, device: torch.device) -> MoEModel:
+        """The frozen teacher, on the student's device."""
         if self.teacher is None:
             assert self.distill is not None
-            self.teacher = load_model(Path(self.distill.teacher).resolve(), "float32")
+            path = Path(self.distill.teacher).resolve()
+            self.teacher = load_model(path, "float32", device=device)
             self.teacher.requires_grad_(False)
         return self.teacher
 
@@ -92,7 +94,7 @@ class DistillTask(PretrainTask):
         teacher = torch.empty(0)
         if self.distill.kl_weight > 0:
             with torch.no_grad():
-                teacher = self._teacher()(inputs)
+                teacher = self._teacher(inputs.device)(inputs)
         return distillation_loss(
             student, teacher, labels, self.distill.temperature, self.distill.kl_weight
         )

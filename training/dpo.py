@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.models.checkpoint import load_model
+from expertmesh.models.device import model_device
 from expertmesh.models.model import MoEModel
 from expertmesh.models.tokenizer import Tokenizer
 
@@ -72,6 +73,7 @@ def pack_pairs(
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B,) sum of log p(label) over each row's answer positions (labels != IGNORE)."""
+    labels = labels.to(logits.device)
     mask = labels != IGNORE
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -155,10 +157,12 @@ class DPOTask:
             job, payload["train"], payload["val"], payload["pad"], Path(payload["tok_dir"])
         )
 
-    def _reference(self) -> MoEModel:
-        if self.reference is None:  # frozen copy of the starting checkpoint
+    def _reference(self, device: torch.device) -> MoEModel:
+        """The frozen copy of the starting checkpoint, on the policy's device."""
+        if self.reference is None:
             assert self.job.model.checkpoint is not None
-            self.reference = load_model(Path(self.job.model.checkpoint).resolve(), "float32")
+            path = Path(self.job.model.checkpoint).resolve()
+            self.reference = load_model(path, "float32", device=device)
             self.reference.requires_grad_(False)
         return self.reference
 
@@ -179,7 +183,7 @@ class DPOTask:
         b = ids.shape[0] // 2
         policy = answer_logps(model(ids), labels)
         with torch.no_grad():
-            ref = answer_logps(self._reference()(ids), labels)
+            ref = answer_logps(self._reference(ids.device)(ids), labels)
         loss, margin = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], self.job.dpo.beta)
         return loss, {
             "reward_accuracy": float((margin > 0).float().mean()),
@@ -191,8 +195,9 @@ class DPOTask:
 
     def evaluate(self, model: MoEModel, rank: int, world: int) -> dict[str, float]:
         d = self.job.data
+        reference = self._reference(model_device(model))
         return preference_metrics(
-            model, self._reference(), self.val, d.seq_len, self.pad, self.job.dpo.beta, rank, world
+            model, reference, self.val, d.seq_len, self.pad, self.job.dpo.beta, rank, world
         )
 
 

@@ -21,7 +21,7 @@ def nll_sums(
     total, count = 0.0, 0
     for s in range(0, ids.shape[0], batch_size):
         logits = model(ids[s : s + batch_size])
-        y = labels[s : s + batch_size]
+        y = labels[s : s + batch_size].to(logits.device)
         total += F.cross_entropy(
             logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
         ).item()

@@ -146,8 +146,22 @@ def _save_checkpoint(
 def _restore(checkpoint: ray.train.Checkpoint) -> tuple[MoEModel, dict[str, Any]]:
     with checkpoint.as_directory() as d:
         model = load_model(d, dtype="float32").train()
-        state = torch.load(Path(d) / TRAINER_STATE, weights_only=False)
+        # On the host; the optimizer moves its state to the parameters' device when loaded.
+        state = torch.load(Path(d) / TRAINER_STATE, weights_only=False, map_location="cpu")
     return model, state
+
+
+def worker_device(use_gpu: bool, in_worker: bool) -> torch.device:
+    """This worker's device: its Ray Train GPU, the local GPU in local mode, or the CPU."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if in_worker:
+        return ray.train.torch.get_device()
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -168,6 +182,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         start_step = int(state["step"])
     else:
         model, state, start_step = task.build_model().train(), {}, 0
+    device = worker_device(bool(loop_config.get("use_gpu")), job.run.num_workers > 0)
+    model = model.to(device)  # fp32 master weights on the GPU too (no-op on the CPU)
     tap = RouterTap(model)
     balancer = (
         BiasBalancer(model, job.balance.bias_update_rate) if job.balance.bias_update_rate else None
@@ -194,7 +210,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             lr = lr_at(step, job.optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = task.batch(step, rank, world)
+            batch = _to(task.batch(step, rank, world), device)
             tap.records.clear()
             loss, extra = task.loss(ddp_model, batch)
             router = router_losses(tap.pop(), model.config.moe)
@@ -209,7 +225,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             # One all-reduce for the step's scalars and the expert counts of every MoE layer.
             scalars = torch.tensor([loss.item(), router.aux.item(), router.z.item()])
             reduced = all_reduce_sum(
-                torch.cat([scalars.double(), router.counts.double().flatten()])
+                torch.cat([scalars.double(), router.counts.double().flatten().cpu()])
             )
             mean_scalars = (reduced[:3] / world).tolist()
             counts = reduced[3:].view_as(router.counts).long()

@@ -1,7 +1,8 @@
 """The driver side of a training job: connect to Ray, run TorchTrainer, export the result.
 
 `run_training` starts (or joins) Ray, runs `loop.train_worker` on `run.num_workers`
-data-parallel workers (DDP over gloo, CPU) and, when the run reached `optim.max_steps`,
+data-parallel workers (DDP over NCCL with one GPU each where `run.device` gives them GPUs,
+over gloo on the CPU otherwise) and, when the run reached `optim.max_steps`,
 writes the last checkpoint to `output.dir` as a Hugging Face checkpoint in `output.dtype`,
 with the per-step log beside it.
 
@@ -24,6 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from expertmesh.models.checkpoint import load_model, save_model
 
+from .config import RunSection, TrainingConfigError
 from .loop import TRAIN_LOG, TaskFactory, TrainingJob, train_worker
 
 
@@ -53,6 +55,25 @@ def ensure_ray() -> None:
         ray.init(address="local")
 
 
+def wants_gpu(run: RunSection, cluster_gpus: float, driver_sees_cuda: bool) -> bool:
+    """Whether the workers train on GPUs (one each): `run.device` against what there is, the
+    Ray cluster's GPUs for `num_workers` workers, this process's CUDA for local mode (0)."""
+    if run.device == "cpu":
+        return False
+    enough = driver_sees_cuda if run.num_workers == 0 else cluster_gpus >= run.num_workers
+    if run.device == "cuda" and not enough:
+        have = (
+            "this process sees no CUDA device"
+            if run.num_workers == 0
+            else f"this Ray cluster offers {cluster_gpus:g} GPUs for {run.num_workers} workers"
+        )
+        raise TrainingConfigError(
+            f"run.device: cuda requested but {have}; set run.device: cpu or auto, or use "
+            "fewer workers"
+        )
+    return enough
+
+
 def run_training(
     job: TrainingJob, make_task: TaskFactory, payload: dict[str, Any]
 ) -> TrainingOutcome:
@@ -60,7 +81,14 @@ def run_training(
     ensure_ray()
     storage = Path(job.run.storage_path).resolve()
     log_path = storage / job.run.name / TRAIN_LOG
+    import torch
+
+    use_gpu = wants_gpu(
+        job.run, float(ray.cluster_resources().get("GPU", 0.0)), torch.cuda.is_available()
+    )
     resources = {"CPU": float(job.run.cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = 1.0
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -70,12 +98,12 @@ def run_training(
             "log_path": str(log_path),
             # Ray Train's local mode (no workers) keeps no checkpoint copies: write them here.
             "local_checkpoints": str(storage / job.run.name) if job.run.num_workers == 0 else None,
+            "use_gpu": use_gpu,
         },
-        # CPU only: the model core builds its position tables on the CPU, so NCCL/GPU
-        # training needs device placement there first.
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=job.run.num_workers,
+            use_gpu=use_gpu and job.run.num_workers > 0,
             resources_per_worker=resources if job.run.num_workers else None,
         ),
         run_config=RunConfig(
