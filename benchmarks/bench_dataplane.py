@@ -46,7 +46,7 @@ from expertmesh.cluster.pool import RayShardPool
 from expertmesh.cluster.runtime import ExpertParallelModel, routes_from_placement
 from expertmesh.cluster.topology import load_topology
 from expertmesh.cluster.transport import ChannelTransport, PoolTransport
-from expertmesh.cluster.wire import WIRE_FORMATS, ShardRequest, pack, unpack
+from expertmesh.cluster.wire import WIRE_FORMATS, ShardRequest, pack, unpack, wire_for
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.generate import Generator, SamplingParams
 from expertmesh.models.paths import DEMO_MODEL_DIR
@@ -198,7 +198,7 @@ def bf16_identical(
             DEMO_MODEL_DIR, ep.dispatcher.table.routes, pool, "bfloat16"
         )
         got = [c.token_ids for c in Generator(bf.model, TOKENIZER).generate(prompts, params)]
-        wire = bf.dispatcher.wire
+        wire = wire_for(bf.dispatcher.wire, torch.bfloat16)
     finally:
         _kill(pool)
     return {"wire": "auto (bf16 for a bf16 model)", "identical": got == want, "resolved": wire}
