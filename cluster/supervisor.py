@@ -37,16 +37,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from expertmesh.observability.detectors import Condition
 from expertmesh.observability.events import (
     ENGINE_STALLED,
     EXPERT_SHARD_LOST,
+    HEAD_FAILURE,
     NODE_DRAINED,
     NODE_LOST,
     ROUTER_IMBALANCE,
+    WEIGHTS_CORRUPT,
     FaultEvent,
+    SourcedEvents,
 )
 
 from . import ray_nodes
+from .detect import DispatchDetectors
 from .dispatch import RoutingTable, ShardLost
 from .placement import PlacementOptions, plan_increment
 from .planning import expert_shape, node_capacities
@@ -136,6 +141,13 @@ class Supervisor:
         self._last_rebalance = time.monotonic()
         self._stalled = False
         ep.dispatcher.on_failure = self._on_dispatch_failure
+        platform = SourcedEvents(events, "cluster.supervisor") if events is not None else None
+        self._head = Condition(platform, HEAD_FAILURE, "ray-head", "cluster.supervisor")
+        self.detectors = DispatchDetectors(
+            SourcedEvents(events, "cluster.dispatch") if events is not None else None
+        )
+        """Link and node-slowness detectors on every dispatch reply (`cluster/detect.py`)."""
+        ep.dispatcher.observers.append(self.detectors)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -148,6 +160,8 @@ class Supervisor:
         return self
 
     def stop(self) -> None:
+        if self.detectors in self.ep.dispatcher.observers:
+            self.ep.dispatcher.observers.remove(self.detectors)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -255,8 +269,10 @@ class Supervisor:
 
         try:
             infos = ray.nodes()
-        except Exception:  # the GCS itself unreachable: not evidence against any node
+        except Exception as e:  # the GCS itself unreachable: not evidence against any node
+            self._head.update(True, f"GCS does not answer: {e!r}"[:200])
             return None
+        self._head.update(False, "GCS answers again")
         return ray_nodes.offering([n.name for n in self.topology.nodes], infos)
 
     def _offering(self, node: str) -> set[str] | None:
@@ -397,10 +413,22 @@ class Supervisor:
         for m in moves:
             if m.dst is not None:
                 adds.setdefault(m.dst, {}).setdefault(layer_ids[m.layer], []).append(m.expert)
-        self.ep.pool.load_many(adds)  # type: ignore[attr-defined]
+        self.load_replicas(adds)
         self.ep.dispatcher.swap_table(RoutingTable(routes_from_placement(new)))
         self.ep.placement = new
         return moves, adds
+
+    def load_replicas(self, adds: dict[str, dict[int, list[int]]]) -> None:
+        """Load new replicas (`{node: {layer: [expert]}}`) onto their shards; a checkpoint
+        that cannot be read is reported as `weights_corrupt` before the error propagates
+        (nothing is swapped: serving goes on from the weights in memory)."""
+        try:
+            self.ep.pool.load_many(adds)  # type: ignore[attr-defined]
+        except Exception as e:
+            if _is_checkpoint_error(e):
+                target = ",".join(sorted(adds)) or "checkpoint"
+                self._emit("detected", WEIGHTS_CORRUPT, target, f"replica load failed: {e!r}"[:200])
+            raise
 
     def drain(self, node: str) -> float:
         """Planned removal of a node: move its experts, then stop its shard. Seconds taken."""
@@ -438,7 +466,9 @@ class Supervisor:
         self, kind: str, mode: str, target: str, detail: str, state: _Shard | None = None
     ) -> None:
         if self.events is not None:
-            self.events.emit(FaultEvent(kind, mode, target=target, detail=detail))  # type: ignore[arg-type]
+            self.events.emit(
+                FaultEvent(kind, mode, target=target, detail=detail, source="cluster.supervisor")  # type: ignore[arg-type]
+            )
         if self.tracer is not None:
             with self.tracer.start_as_current_span(
                 f"expertmesh.supervisor.{kind}",
@@ -456,3 +486,16 @@ class Supervisor:
         if self.tracer is None:
             return contextlib.nullcontext()
         return self.tracer.start_as_current_span(name, attributes={"expertmesh.node": node})
+
+
+def _is_checkpoint_error(error: BaseException) -> bool:
+    """A weights file that does not parse (`CheckpointError` from the models package),
+    possibly wrapped by Ray (`RayTaskError` keeps the cause and its text)."""
+    from expertmesh.models.errors import CheckpointError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, CheckpointError):
+            return True
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    return "CheckpointError" in repr(error)

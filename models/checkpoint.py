@@ -85,6 +85,17 @@ def _read_raw_and_adapter(path: Path) -> tuple[dict[str, Any], Adapter]:
     return raw, adapter_for(raw)
 
 
+def _open_weights(path: Path) -> Any:
+    """`safe_open` a weights file; one that does not parse (a corrupt header, a truncated copy)
+    is a `CheckpointError` naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own SafetensorError (not importable by name)
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); re-copy it from the source"
+        ) from e
+
+
 class CheckpointReader:
     """Lazy access to the tensors of one checkpoint directory by their checkpoint names."""
 
@@ -109,7 +120,7 @@ class CheckpointReader:
         single = self.path / SINGLE_FILE
         if not single.is_file():
             raise CheckpointError(f"{self.path} holds no {SINGLE_FILE} and no {INDEX_FILE}")
-        with safe_open(str(single), framework="pt") as f:
+        with _open_weights(single) as f:
             return {name: SINGLE_FILE for name in f.keys()}  # noqa: SIM118 - safe_open is not a dict
 
     def _handle(self, file: str) -> Any:
@@ -117,7 +128,7 @@ class CheckpointReader:
             full = self.path / file
             if not full.is_file():
                 raise CheckpointError(f"shard {full} named in {INDEX_FILE} does not exist")
-            handle = safe_open(str(full), framework="pt")
+            handle = _open_weights(full)
             self._handles[file] = handle
             self._keys[file] = set(handle.keys())
         return self._handles[file]

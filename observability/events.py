@@ -1,21 +1,28 @@
-"""Fault and recovery events: what the chaos runner injected and what the supervisor saw and did,
-one JSON object per line, for `expertmesh fmea` to pair up and score.
+"""Fault and recovery events: what the chaos runner injected and what the platform's own
+detectors saw and did, one JSON object per line, for `expertmesh fmea` to pair up and score.
 
     events = EventLog("events.jsonl", scenario="kill-shard")
-    events.emit(FaultEvent("fault", EXPERT_SHARD_LOST, target="shard-3"))       # chaos runner
+    events.emit(FaultEvent("fault", EXPERT_SHARD_LOST, target="shard-3", source=CHAOS))
     events.emit(FaultEvent("detected", EXPERT_SHARD_LOST, target="shard-3",
-                           attributes={"signal": "actor_death"}))              # supervisor
+                           source="cluster.supervisor", attributes={"signal": "actor_death"}))
     events.emit(FaultEvent("action", EXPERT_SHARD_LOST, target="shard-3",
-                           detail="restart and reload"))
-    events.emit(FaultEvent("recovered", EXPERT_SHARD_LOST, target="shard-3"))
+                           source="cluster.supervisor", detail="restart and reload"))
+    events.emit(FaultEvent("recovered", EXPERT_SHARD_LOST, target="shard-3",
+                           source="cluster.supervisor"))
     events.close()
     read_events("events.jsonl")   # -> [FaultEvent, ...] in file order
 
-An incident is one `fault` and the `detected`, `action` and `recovered` events that follow it
-for the same failure mode (and target, or `incident` id when the emitter knows one); see
-`fmea.pair_incidents`. A `detected` event with no `fault` before it is an incident nobody
-injected (a real failure). `request_lost` counts lost requests (`attributes["count"]`, default 1)
-against a failure mode.
+Every event names its `source`, the component that emitted it (`cluster.dispatch`,
+`cluster.supervisor`, `serving.engine`, `routing.budget`, `policies.source`, ...). The fault
+injector (`source="chaos"`) emits only `fault` (it broke something) and `restored` (it
+stopped breaking it); a `detected`, `action` or `recovered` from it is refused when the event
+is built, so a chaos run's detection column is written by the platform, never the injector.
+
+An incident is one `fault` and the `detected`, `action`, `restored` and `recovered` events
+that follow it for the same failure mode (and target, or `incident` id when the emitter knows
+one); see `fmea.pair_incidents`. A `detected` event with no `fault` before it is an incident
+nobody injected (a real failure, or in a chaos run a false positive). `request_lost` counts
+lost requests (`attributes["count"]`, default 1) against a failure mode.
 
 The failure modes are a fixed vocabulary, one runbook each (`docs/runbooks/<mode>.md`); an
 unknown mode is an error when the event is built, so a typo never reaches the file.
@@ -29,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, get_args
+from typing import Any, Literal, Protocol, Self, get_args
 
 from .errors import TelemetryError
 from .jsonl_exporter import _AppendOnlyFile, read_records
@@ -59,6 +66,9 @@ WEIGHTS_CORRUPT = "weights_corrupt"
 """A weights file does not match its checksum or cannot be parsed."""
 BUDGET_DB_LOCKED = "budget_db_locked"
 """The budget database is locked by another writer; reservations block or fail."""
+NODE_SLOW = "node_slow"
+"""A node computes slower than its calibrated speed (thermal throttling, a noisy neighbour):
+its experts' replies are late, the link is not."""
 
 FAILURE_MODES: tuple[str, ...] = (
     EXPERT_SHARD_LOST,
@@ -73,11 +83,16 @@ FAILURE_MODES: tuple[str, ...] = (
     HEAD_FAILURE,
     WEIGHTS_CORRUPT,
     BUDGET_DB_LOCKED,
+    NODE_SLOW,
 )
 """Every failure mode an event may name, in the order the FMEA table lists unobserved ones."""
 
-EventKind = Literal["fault", "detected", "action", "recovered", "request_lost"]
+EventKind = Literal["fault", "restored", "detected", "action", "recovered", "request_lost"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+CHAOS = "chaos"
+"""The fault injector's `source`."""
+INJECTOR_KINDS: tuple[str, ...] = ("fault", "restored")
+"""The only kinds the injector may emit."""
 
 
 class EventFileError(TelemetryError):
@@ -89,9 +104,11 @@ class FaultEvent:
     """One fault or recovery event. Times are Unix nanoseconds, like span and metric records."""
 
     kind: EventKind
-    """"fault": injected or first seen; "detected": the supervisor noticed; "action": it acted
+    """"fault": injected; "restored": the injector stopped injecting (the platform may still
+    be recovering); "detected": a platform detector noticed; "action": the platform acted
     (restart, reroute, drain...; one event per action, `detail` says which); "recovered":
-    serving normally again; "request_lost": a request failed for good because of this mode."""
+    serving normally again (the platform's verdict); "request_lost": a request failed for good
+    because of this mode."""
     failure_mode: str
     """One of `FAILURE_MODES`."""
     target: str
@@ -109,10 +126,22 @@ class FaultEvent:
     attributes: Mapping[str, Any] = field(default_factory=dict)
     """JSON-serialisable extras, e.g. {"signal": "heartbeat_timeout"} on "detected",
     {"count": 3} on "request_lost"."""
+    source: str = ""
+    """The component that emitted it: "chaos" (the injector), "cluster.dispatch",
+    "cluster.supervisor", "serving.engine", "routing.budget", "policies.source"...; "" in
+    recordings from before the field existed."""
 
     def __post_init__(self) -> None:
         if self.kind not in EVENT_KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(EVENT_KINDS)}")
+        if self.source == CHAOS and self.kind not in INJECTOR_KINDS:
+            raise ValueError(
+                f"the fault injector (source {CHAOS!r}) emits only "
+                f"{' and '.join(INJECTOR_KINDS)}, not {self.kind!r}: detection and recovery "
+                "come from the platform's own detectors"
+            )
+        if not isinstance(self.source, str):
+            raise ValueError(f"source must be a string, got {self.source!r}")
         if self.failure_mode not in FAILURE_MODES:
             raise ValueError(
                 f"failure_mode {self.failure_mode!r} is not one of {', '.join(FAILURE_MODES)}: "
@@ -141,6 +170,7 @@ class FaultEvent:
             "trace_id": self.trace_id,
             "incident": self.incident,
             "attributes": dict(self.attributes),
+            "source": self.source,
         }
 
     @classmethod
@@ -164,7 +194,13 @@ class FaultEvent:
             trace_id=record.get("trace_id"),
             incident=record.get("incident"),
             attributes=attributes,
+            source=record.get("source") or "",
         )
+
+    @property
+    def from_platform(self) -> bool:
+        """Emitted by the platform, not by the fault injector."""
+        return self.source != CHAOS
 
 
 class EventLog:
@@ -174,6 +210,7 @@ class EventLog:
     only as atomic as the OS makes them.
 
     `scenario`, when given, is filled into events that have none, so a chaos run sets it once.
+    `bind(source)` gives an emitter that stamps its component on every event.
     """
 
     def __init__(self, path: Path | str, *, scenario: str | None = None) -> None:
@@ -193,6 +230,10 @@ class EventLog:
             raise TelemetryError(f"event log {self.path} is closed")
         return event
 
+    def bind(self, source: str) -> SourcedEvents:
+        """An emitter for one component: events it emits without a source get `source`."""
+        return SourcedEvents(self, source)
+
     def close(self) -> None:
         self._file.close()
 
@@ -206,6 +247,24 @@ class EventLog:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class EventSink(Protocol):
+    def emit(self, event: FaultEvent) -> FaultEvent: ...
+
+
+class SourcedEvents:
+    """`emit` with a component's name filled into events that have no `source`
+    (`EventLog.bind`). Any `EventSink` underneath: a file, or a list in a test."""
+
+    def __init__(self, sink: EventSink, source: str) -> None:
+        self.sink = sink
+        self.source = source
+
+    def emit(self, event: FaultEvent) -> FaultEvent:
+        if not event.source:
+            event = dataclasses.replace(event, source=self.source)
+        return self.sink.emit(event)
 
 
 def read_events(path: Path | str) -> list[FaultEvent]:
@@ -233,20 +292,25 @@ __all__ = [
     "BAD_POLICY",
     "BUDGET_DB_LOCKED",
     "BUDGET_EXHAUSTED",
+    "CHAOS",
     "ENGINE_STALLED",
     "EVENT_KINDS",
     "EXPERT_SHARD_LOST",
     "FAILURE_MODES",
     "HEAD_FAILURE",
+    "INJECTOR_KINDS",
     "KV_CACHE_EXHAUSTED",
     "LINK_DEGRADED",
     "NODE_DRAINED",
     "NODE_LOST",
+    "NODE_SLOW",
     "ROUTER_IMBALANCE",
     "WEIGHTS_CORRUPT",
     "EventFileError",
     "EventKind",
     "EventLog",
+    "EventSink",
     "FaultEvent",
+    "SourcedEvents",
     "read_events",
 ]

@@ -47,6 +47,10 @@ class Incident:
     detected_ns: int | None
     recovered_ns: int | None
     actions: tuple[str, ...] = ()
+    restored_ns: int | None = None
+    """When the injector stopped injecting (`restored`), for a transient fault."""
+    detected_by: str = ""
+    """The `source` of the detection (the platform component that noticed)."""
 
     @property
     def start_ns(self) -> int:
@@ -78,6 +82,8 @@ class _OpenIncident:
     detected_ns: int | None = None
     recovered_ns: int | None = None
     actions: list[str] = field(default_factory=list)
+    restored_ns: int | None = None
+    detected_by: str = ""
 
     def freeze(self) -> Incident:
         return Incident(
@@ -88,6 +94,8 @@ class _OpenIncident:
             self.detected_ns,
             self.recovered_ns,
             tuple(self.actions),
+            self.restored_ns,
+            self.detected_by,
         )
 
 
@@ -106,11 +114,13 @@ def _match(candidates: list[_OpenIncident], event: FaultEvent) -> _OpenIncident 
 
 
 def pair_incidents(events: Iterable[FaultEvent]) -> tuple[list[Incident], int]:
-    """Group events into incidents, in time order. A "fault" opens one; "detected", "action" and
-    "recovered" join the earliest open incident of their mode that lacks that stage (same
-    incident id first, then same target); "recovered" closes it. A "detected" with nothing to
-    join opens an uninjected incident. Returns the incidents and the number of "recovered"
-    events that matched nothing."""
+    """Group events into incidents, in time order. A "fault" opens one; "detected", "action",
+    "restored" and "recovered" join the earliest open incident of their mode that lacks that
+    stage (same incident id first, then same target); "recovered" closes it. A "detected" with
+    nothing to join opens an uninjected incident. Only the platform detects: the time to detect
+    is the first platform "detected" after the fault (the injector cannot emit one, see
+    `events.FaultEvent`). Returns the incidents and the number of "recovered" events that
+    matched nothing."""
     open_: list[_OpenIncident] = []
     done: list[_OpenIncident] = []
     unmatched_recoveries = 0
@@ -129,6 +139,13 @@ def pair_incidents(events: Iterable[FaultEvent]) -> tuple[list[Incident], int]:
                 )
                 open_.append(found)
             found.detected_ns = t
+            found.detected_by = event.source
+        elif event.kind == "restored":
+            found = _match(
+                [c for c in of_mode if c.fault_ns is not None and c.restored_ns is None], event
+            )
+            if found is not None:
+                found.restored_ns = t
         elif event.kind == "action":
             found = _match(of_mode, event)
             if found is not None:
@@ -325,6 +342,10 @@ class FmeaRow:
     time_to_detect_p95_s: float | None
     time_to_recover_p50_s: float | None
     time_to_recover_p95_s: float | None
+    false_positives: int = 0
+    """In a recording with injected faults (a chaos run): detections that matched no fault."""
+    detected_by: tuple[str, ...] = ()
+    """The platform components whose detections were counted."""
 
     @property
     def observed(self) -> bool:
@@ -399,6 +420,7 @@ def build_fmea(inputs: FmeaInputs) -> FmeaReport:
     lost: dict[str, int] = {}
     for event in inputs.events:
         lost[event.failure_mode] = lost.get(event.failure_mode, 0) + event.lost_count
+    chaos_run = any(e.kind == "fault" and not e.from_platform for e in inputs.events)
 
     rows = [
         _row(
@@ -409,6 +431,7 @@ def build_fmea(inputs: FmeaInputs) -> FmeaReport:
             threshold_ms,
             lost.get(mode, 0),
             recorded_s,
+            chaos_run,
         )
         for mode in FAILURE_MODES
     ]
@@ -449,6 +472,7 @@ def _row(
     threshold_ms: float | None,
     requests_lost: int,
     recorded_s: float,
+    chaos_run: bool = False,
 ) -> FmeaRow:
     profile = MODE_PROFILES[mode]
     injected = [i for i in incidents if i.fault_ns is not None]
@@ -501,6 +525,8 @@ def _row(
         time_to_detect_p95_s=ttd95,
         time_to_recover_p50_s=ttr50,
         time_to_recover_p95_s=ttr95,
+        false_positives=sum(1 for i in incidents if i.fault_ns is None) if chaos_run else 0,
+        detected_by=tuple(sorted({i.detected_by for i in injected if i.detected_by})),
     )
 
 

@@ -99,8 +99,11 @@ def _row_cells(row: FmeaRow) -> tuple[str, ...]:
         _detection(row),
         str(row.rpn),
         row.action_priority,
-        str(row.incidents) + (f" ({row.undetected} undetected)" if row.undetected else ""),
-        _pair(row.time_to_detect_p50_s, row.time_to_detect_p95_s),
+        str(row.incidents)
+        + (f" ({row.undetected} undetected)" if row.undetected else "")
+        + (f" ({row.false_positives} false positive)" if row.false_positives else ""),
+        _pair(row.time_to_detect_p50_s, row.time_to_detect_p95_s)
+        + (f" by {', '.join(row.detected_by)}" if row.detected_by else ""),
         _pair(row.time_to_recover_p50_s, row.time_to_recover_p95_s),
         str(row.requests_lost),
     )
@@ -113,7 +116,8 @@ def _incident_cells(incident: Incident, start_ns: int | None) -> tuple[str, ...]
         incident.target,
         incident.scenario or "-",
         f"+{at:.2f} s" + ("" if incident.fault_ns is not None else " (not injected)"),
-        _seconds(incident.time_to_detect_s),
+        _seconds(incident.time_to_detect_s)
+        + (f" ({incident.detected_by})" if incident.detected_by else ""),
         _seconds(incident.time_to_recover_s),
         "; ".join(incident.actions) or "-",
     )

@@ -32,6 +32,7 @@ from .events import (
     LINK_DEGRADED,
     NODE_DRAINED,
     NODE_LOST,
+    NODE_SLOW,
     ROUTER_IMBALANCE,
     WEIGHTS_CORRUPT,
 )
@@ -80,21 +81,39 @@ MODE_PROFILES: Mapping[str, ModeProfile] = {
     LINK_DEGRADED: ModeProfile(
         effect="expert dispatch over the link is late; time per output token rises",
         cause="congestion, failing NIC or cable, misconfigured MTU",
-        detection_signal="`expertmesh.link.bytes` rate drop; dispatch span latency",
+        detection_signal=(
+            "dispatch round trip minus shard busy time, per node, against its baseline for the "
+            "bytes sent (`cluster/detect.py`); `expertmesh_tpot_spread`"
+        ),
+        severity=5,
+        design_detection=6,
+    ),
+    NODE_SLOW: ModeProfile(
+        effect="tokens routed to the node's experts come back late; time per output token rises",
+        cause="thermal throttling, a noisy neighbour, a failing disk or memory",
+        detection_signal=(
+            "shard busy time per row against the node's own baseline (`cluster/detect.py`)"
+        ),
         severity=5,
         design_detection=6,
     ),
     ROUTER_IMBALANCE: ModeProfile(
         effect="hot experts queue tokens; latency tail grows",
         cause="input distribution drift, router collapse",
-        detection_signal="`expertmesh.router.imbalance` (max/mean tokens per layer)",
+        detection_signal=(
+            "predicted imbalance of the observed load (supervisor's rebalancer); "
+            "`expertmesh_router_imbalance`, `expertmesh_router_churn` per layer"
+        ),
         severity=4,
         design_detection=5,
     ),
     KV_CACHE_EXHAUSTED: ModeProfile(
         effect="new requests queue, running ones are preempted",
         cause="long contexts, too many concurrent requests, leak",
-        detection_signal="`expertmesh.kv_cache.bytes_in_use` at capacity; `expertmesh.engine.requests` (waiting)",
+        detection_signal=(
+            "KV reservations near the engine's budget with requests waiting, or queue-full "
+            "refusals (429) (`serving.engine`); `expertmesh.kv_cache.bytes_in_use`"
+        ),
         severity=6,
         design_detection=3,
     ),
@@ -129,14 +148,14 @@ MODE_PROFILES: Mapping[str, ModeProfile] = {
     WEIGHTS_CORRUPT: ModeProfile(
         effect="a shard cannot load, or serves wrong outputs if unchecked",
         cause="partial copy, disk error, wrong file",
-        detection_signal="checksum mismatch or parse error on load",
+        detection_signal="checkpoint parse error on a replica load (supervisor)",
         severity=9,
         design_detection=4,
     ),
     BUDGET_DB_LOCKED: ModeProfile(
         effect="budget reservations block or fail; requests wait or are refused",
         cause="another writer holds the database lock",
-        detection_signal="`database is locked` errors; reserve latency",
+        detection_signal="ledger write lock not taken within its probe (`routing.budget`)",
         severity=6,
         design_detection=4,
     ),

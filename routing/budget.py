@@ -30,6 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from expertmesh.policies.policy import MICRO_PER_USD, Budget
 
@@ -79,6 +80,28 @@ class Spend:
     month_reserved: int
 
 
+class LedgerMonitor(Protocol):
+    """Told how the ledger's write lock behaves and when budgets refuse (the platform's
+    detectors listen: `routing/budget_watch.py`). Called on the request's thread."""
+
+    def lock_busy(self, waited_s: float) -> None:
+        """The write lock was not free for `waited_s` so far (another writer holds it)."""
+
+    def lock_taken(self, waited_s: float) -> None:
+        """The write lock was taken after `waited_s`."""
+
+    def refused(self, tenant: str, period: str) -> None:
+        """A reservation was refused: the tenant's `period` budget is spent."""
+
+    def reserved(self, tenant: str) -> None:
+        """A reservation for `tenant` was held."""
+
+
+LOCK_PROBE_S = 0.25
+"""The write lock is asked for in turns of this long (up to the busy timeout), so a held lock
+is reported while requests wait, not after."""
+
+
 def period_keys(now: float) -> tuple[str, str]:
     t = dt.datetime.fromtimestamp(now, dt.UTC)
     return f"day:{t:%Y-%m-%d}", f"month:{t:%Y-%m}"
@@ -94,10 +117,12 @@ class BudgetLedger:
         durable: bool = True,
         stale_after_s: float = 3600.0,
         busy_timeout_s: float = 30.0,
+        monitor: LedgerMonitor | None = None,
     ) -> None:
         self.path = Path(path)
         self._durable = durable
         self._busy_timeout_s = busy_timeout_s
+        self.monitor = monitor
         self._local = threading.local()
         conn = self._conn()
         conn.executescript(_SCHEMA)
@@ -116,8 +141,32 @@ class BudgetLedger:
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'NORMAL'}")
+            # Statements after set-up wait at most one probe; `_begin` asks again in turns.
+            probe_ms = int(min(LOCK_PROBE_S, self._busy_timeout_s) * 1000)
+            conn.execute(f"PRAGMA busy_timeout = {probe_ms}")
             self._local.conn = conn
         return conn
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE (take the write lock), asking in turns of `LOCK_PROBE_S` up to the
+        busy timeout and telling the monitor about each turn the lock stayed held; the last
+        "database is locked" error propagates."""
+        t0 = time.monotonic()
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                waited = time.monotonic() - t0
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                if self.monitor is not None:
+                    self.monitor.lock_busy(waited)
+                if waited >= self._busy_timeout_s:
+                    raise
+                continue
+            if self.monitor is not None:
+                self.monitor.lock_taken(time.monotonic() - t0)
+            return
 
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""
@@ -140,7 +189,7 @@ class BudgetLedger:
         )
         rid = uuid.uuid4().hex
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin(conn)
         try:
             for key, name, limit in limits:
                 if limit is None:
@@ -151,6 +200,8 @@ class BudgetLedger:
                 ).fetchone()
                 committed = row[0] if row else 0
                 if committed + cost_micro_usd > limit:
+                    if self.monitor is not None:
+                        self.monitor.refused(tenant, name)
                     raise BudgetExceeded(
                         tenant,
                         name,
@@ -173,6 +224,8 @@ class BudgetLedger:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        if self.monitor is not None:
+            self.monitor.reserved(tenant)
         return Reservation(rid, tenant, cost_micro_usd, day, month)
 
     def settle(self, reservation_id: str, actual_micro_usd: int) -> int:
@@ -191,7 +244,7 @@ class BudgetLedger:
 
     def _close_reservation(self, reservation_id: str, charge: int) -> None:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin(conn)
         try:
             row = conn.execute(
                 "SELECT tenant, day, month, amount FROM reservations WHERE id = ?",

@@ -7,6 +7,8 @@ Prometheus on /metrics when telemetry.metrics_exporter is "prometheus"):
 | `expertmesh.router.imbalance` | gauge | layer | max / mean tokens per expert since the last collection |
 | `expertmesh.router.entropy` | gauge | layer | entropy of the expert load, normalised to [0, 1] (1 = uniform) |
 | `expertmesh.router.flip_rate` | gauge | layer | share of decode tokens whose top-1 expert differs from the same request's previous step |
+| `expertmesh.router.churn` | gauge | layer | share of a decode token's top-k experts not in the same request's previous top-k, averaged |
+| `expertmesh.tpot.spread` | gauge | | p99 / p50 time per output token of the requests finished in the last `TPOT_WINDOW_S` |
 | `expertmesh.kv_cache.bytes_in_use` | gauge | | KV bytes holding live tokens |
 | `expertmesh.kv_cache.compression_ratio` | gauge | mode | bytes per token of a full-precision cache / of the mode in use |
 | `expertmesh.engine.steps` | counter | kind | scheduler steps that ran prefill or decode |
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +33,10 @@ import torch
 
 from expertmesh.models.kv_cache import kv_bytes_per_token
 from expertmesh.models.router_stats import RouterStats
+from expertmesh.observability.detectors import spread
+
+TPOT_WINDOW_S = 60.0
+"""Requests finished this long ago or less make the TPOT spread."""
 
 
 class EngineMetrics:
@@ -51,7 +59,12 @@ class EngineMetrics:
         self._window = torch.zeros_like(self.stats.tokens)
         self._flips = dict.fromkeys(config.moe_layer_ids, 0)
         self._flip_total = dict.fromkeys(config.moe_layer_ids, 0)
-        self._prev_top1: dict[str, dict[int, int]] = {}
+        self._churn = dict.fromkeys(config.moe_layer_ids, 0.0)
+        self._prev_top1: dict[str, dict[int, tuple[int, frozenset[int]]]] = {}
+        self._decode_times: dict[str, tuple[float, float, int]] = {}
+        """request id -> (first decode step, last decode step, decode steps) monotonic."""
+        self.tpot: deque[tuple[float, float]] = deque(maxlen=1024)
+        """(finished at, time per output token) of recent requests."""
         self._link_seen: dict[str, int] = {}
         self._restarts_seen = 0
         self.expert_tokens = meter.create_counter(
@@ -65,12 +78,13 @@ class EngineMetrics:
         self.compression = full / max(used, 1)
 
         def router(_: CallbackOptions) -> Any:
-            imbalance, entropy, flips = self._collect()
+            imbalance, entropy, flips, churn = self._collect()
             out = []
             for layer in config.moe_layer_ids:
                 out.append(("imbalance", Observation(imbalance[layer], {"layer": layer})))
                 out.append(("entropy", Observation(entropy[layer], {"layer": layer})))
                 out.append(("flip", Observation(flips[layer], {"layer": layer})))
+                out.append(("churn", Observation(churn[layer], {"layer": layer})))
             return out
 
         cache: dict[str, Any] = {}
@@ -86,6 +100,16 @@ class EngineMetrics:
         meter.create_observable_gauge("expertmesh.router.imbalance", callbacks=[pick("imbalance")])
         meter.create_observable_gauge("expertmesh.router.entropy", callbacks=[pick("entropy")])
         meter.create_observable_gauge("expertmesh.router.flip_rate", callbacks=[pick("flip")])
+        meter.create_observable_gauge(
+            "expertmesh.router.churn",
+            description="Share of a decode token's top-k experts not in its previous top-k",
+            callbacks=[pick("churn")],
+        )
+        meter.create_observable_gauge(
+            "expertmesh.tpot.spread",
+            description="p99 / p50 time per output token of recently finished requests",
+            callbacks=[lambda _: [Observation(self.tpot_spread())]],
+        )
         meter.create_observable_gauge(
             "expertmesh.kv_cache.bytes_in_use",
             unit="By",
@@ -120,21 +144,38 @@ class EngineMetrics:
                 )
             self._window += tokens
             if decode:
+                now = time.monotonic()
+                for rid in decode_request_ids:
+                    first, _, n = self._decode_times.get(rid, (now, now, 0))
+                    self._decode_times[rid] = (first, now, n + 1)
                 for layer, (ids, _) in self.stats.last.items():
                     if ids.shape[0] != len(decode_request_ids):
                         continue
-                    top1 = ids[:, 0].tolist()
-                    for rid, e in zip(decode_request_ids, top1):
+                    k = ids.shape[1]
+                    for rid, row in zip(decode_request_ids, ids.tolist()):
+                        chosen = (row[0], frozenset(row))
                         prev = self._prev_top1.setdefault(rid, {})
                         if layer in prev:
                             self._flip_total[layer] += 1
-                            self._flips[layer] += int(prev[layer] != e)
-                        prev[layer] = e
+                            self._flips[layer] += int(prev[layer][0] != chosen[0])
+                            self._churn[layer] += len(chosen[1] - prev[layer][1]) / k
+                        prev[layer] = chosen
         self.stats.reset()
         self._link_and_restarts()
 
     def forget(self, request_id: str) -> None:
+        """The request ended: its time per output token joins the spread's window."""
         self._prev_top1.pop(request_id, None)
+        times = self._decode_times.pop(request_id, None)
+        if times is not None and times[2] >= 2:
+            first, last, n = times
+            self.tpot.append((last, (last - first) / (n - 1)))
+
+    def tpot_spread(self, now: float | None = None) -> float:
+        """p99 / p50 time per output token over the requests finished in the last
+        `TPOT_WINDOW_S` (1.0 with fewer than two)."""
+        cutoff = (time.monotonic() if now is None else now) - TPOT_WINDOW_S
+        return spread([t for at, t in list(self.tpot) if at >= cutoff])
 
     def _link_and_restarts(self) -> None:
         d = self.dispatcher
@@ -151,7 +192,9 @@ class EngineMetrics:
 
     # ----------------------------------------------------------------- collection
 
-    def _collect(self) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
+    def _collect(
+        self,
+    ) -> tuple[dict[int, float], dict[int, float], dict[int, float], dict[int, float]]:
         with self._lock:
             window = self._window.clone()
             self._window.zero_()
@@ -159,6 +202,11 @@ class EngineMetrics:
                 k: (self._flips[k] / self._flip_total[k]) if self._flip_total[k] else 0.0
                 for k in self._flips
             }
+            churn = {
+                k: (self._churn[k] / self._flip_total[k]) if self._flip_total[k] else 0.0
+                for k in self._churn
+            }
+            self._churn = dict.fromkeys(self._churn, 0.0)
             self._flips = dict.fromkeys(self._flips, 0)
             self._flip_total = dict.fromkeys(self._flip_total, 0)
         imbalance, entropy = {}, {}
@@ -173,4 +221,4 @@ class EngineMetrics:
             p = t / total
             h = -float((p[p > 0] * p[p > 0].log()).sum())
             entropy[layer] = h / math.log(E) if E > 1 else 1.0
-        return imbalance, entropy, flips
+        return imbalance, entropy, flips, churn

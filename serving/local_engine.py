@@ -26,6 +26,7 @@ from .engine import (
     EngineRequest,
     InvalidRequest,
     ModelCard,
+    Overloaded,
     UnknownModel,
 )
 from .scheduler import ContinuousBatcher, SchedulerConfig, SchedulerEvent
@@ -46,6 +47,38 @@ _COUNTED_KEPT = 1024
 
 def _prompt_key(request: EngineRequest) -> object:
     return request.prompt if request.messages is None else request.messages
+
+
+def _pool_fields(
+    dtype: str,
+    embedded: bool,
+    telemetry_config: dict[str, Any] | None,
+    spec: SupervisorSpec | None,
+    log_dir: str | Path | None,
+) -> dict[str, Any]:
+    """`PoolSpec` fields for a shared expert pool this replica may have to start."""
+    from expertmesh.cluster.supervisor import SupervisorConfig
+    from expertmesh.observability.logs import default_log_dir
+
+    spec = spec or SupervisorSpec()
+    config = SupervisorConfig(
+        check_interval_s=spec.check_interval_s,
+        ping_timeout_s=spec.ping_timeout_s,
+        node_lost_after_s=spec.node_lost_after_s,
+        rebalance_every_s=spec.rebalance_every_s if spec.enabled else 0.0,
+        drain_when_ray_drains=spec.drain_when_ray_drains,
+        rejoin_lost_nodes=spec.rejoin_lost_nodes,
+    )
+    directory = Path(log_dir) if log_dir is not None else default_log_dir()
+    return {
+        "dtype": dtype,
+        "emulate": embedded,
+        "telemetry": telemetry_config,
+        "supervisor": config,
+        "rebalance_threshold": spec.rebalance_threshold,
+        "rebalance_min_tokens": spec.rebalance_min_tokens,
+        "events_path": str(directory / "events.jsonl"),
+    }
 
 
 class ExpertMeshEngine:
@@ -78,6 +111,8 @@ class ExpertMeshEngine:
         self._counted: OrderedDict[str, tuple[object, list[int]]] = OrderedDict()
         """request id -> (its prompt, its ids) from `count_prompt_tokens`, for `generate`."""
         self.supervisor: Any = None
+        self.kv_pressure: Any = None
+        """`engine_detect.KvPressure` once `supervise` gave the engine an event log."""
         self._events: Any = None
         self.batcher.start()
 
@@ -95,6 +130,7 @@ class ExpertMeshEngine:
         telemetry_config: dict[str, Any] | None = None,
         supervisor: SupervisorSpec | None = None,
         log_dir: str | Path | None = None,
+        expert_pool: str | None = None,
     ) -> ExpertMeshEngine:
         """Load a checkpoint in this process, or (with `topology`) place its experts on an
         expert-parallel cluster: a running Ray cluster with the topology's node resources, or
@@ -112,6 +148,15 @@ class ExpertMeshEngine:
 
         local = not ray.is_initialized()
         layout = load_topology(topology)
+        if expert_pool is not None:  # the pool's controller supervises, not this replica
+            ep = ExpertParallelModel.attach(
+                expert_pool,
+                checkpoint,
+                layout,
+                tracer=tracer,
+                **_pool_fields(dtype, embedded, telemetry_config, supervisor, log_dir),
+            )
+            return cls(name, ep.model, tokenizer, scheduler, kv_mode, ep, tracer, meter)
         ep = ExpertParallelModel.launch(
             checkpoint,
             layout,
@@ -140,13 +185,16 @@ class ExpertMeshEngine:
         `shutdown` stops it."""
         from expertmesh.cluster.rebalance import Rebalancer
         from expertmesh.cluster.supervisor import Supervisor, SupervisorConfig
-        from expertmesh.observability.events import EventLog
+        from expertmesh.observability.events import EventLog, SourcedEvents
         from expertmesh.observability.logs import default_log_dir
 
         if events is None:
             directory = Path(log_dir) if log_dir is not None else default_log_dir()
             directory.mkdir(parents=True, exist_ok=True)
             events = self._events = EventLog(directory / "events.jsonl")
+        from .engine_detect import SOURCE, KvPressure
+
+        self.kv_pressure = KvPressure(SourcedEvents(events, SOURCE), self.batcher)
         rebalancer = None
         if spec.rebalance_every_s > 0:
             rebalancer = Rebalancer(
@@ -167,9 +215,15 @@ class ExpertMeshEngine:
             events=events,
             tracer=tracer,
             rebalancer=rebalancer,
-            engine_health=lambda: self.health().healthy,
+            engine_health=self._engine_health,
         ).start()
         return self.supervisor
+
+    def _engine_health(self) -> bool:
+        """The supervisor's engine round: KV pressure, then the progress heartbeat."""
+        if self.kv_pressure is not None:
+            self.kv_pressure.check()
+        return self.health().healthy
 
     def _out_of_service(self) -> int:
         return len(self.supervisor.removed) if self.supervisor is not None else 0
@@ -219,14 +273,19 @@ class ExpertMeshEngine:
 
         from opentelemetry import context as otel_context
 
-        self.batcher.submit(
-            request.request_id,
-            ids,
-            request.params,
-            sink,
-            request.deadline_s,
-            parent=otel_context.get_current(),
-        )
+        try:
+            self.batcher.submit(
+                request.request_id,
+                ids,
+                request.params,
+                sink,
+                request.deadline_s,
+                parent=otel_context.get_current(),
+            )
+        except Overloaded:
+            if self.kv_pressure is not None:
+                self.kv_pressure.refused()
+            raise
         finished = False
         try:
             while True:

@@ -53,7 +53,7 @@ def test_unknown_failure_mode_or_kind_is_rejected_when_built() -> None:
 
 
 def test_vocabulary_matches_the_runbooks() -> None:
-    assert len(FAILURE_MODES) == 12
+    assert len(FAILURE_MODES) == 13
     assert EXPERT_SHARD_LOST in FAILURE_MODES and "budget_db_locked" in FAILURE_MODES
 
 
