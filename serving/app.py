@@ -56,6 +56,7 @@ def build_engine(config: ServingConfig, telemetry: Any = None) -> Engine:
             telemetry_config=config.telemetry,
             supervisor=config.supervisor,
             log_dir=config.log_dir,
+            expert_pool=config.expert_pool,
         )
     if config.engine == "remote":
         from .remote_engine import RemoteOpenAIEngine

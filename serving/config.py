@@ -129,6 +129,13 @@ class ServingConfig(_Spec):
     route_prefix: str = "/"
     supervisor: SupervisorSpec = SupervisorSpec()
     """Recovery of the expert-parallel cluster (only with a `topology`)."""
+    expert_pool: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    """Attach to the shared expert pool of this name instead of starting this replica's own
+    shards: one set of shards and one supervisor per model however many replicas run
+    (`num_replicas`, autoscaling); the first replica starts it from `topology` and
+    `supervisor`, restarted and added replicas attach, and it outlives them all (stop it with
+    `expertmesh.cluster.expert_pool.pool_down`). Needs `topology` and a running Ray cluster
+    (docs/cluster.md, "One expert pool, many API replicas")."""
     log_dir: str | None = None
     """Directory of the JSON log files every process writes (`expertmesh logs --request ID`
     reads them); default `$EXPERTMESH_HOME/logs`, else `~/.expertmesh/logs`."""
@@ -143,6 +150,10 @@ class ServingConfig(_Spec):
             )
         if self.topology is not None and self.engine != "expertmesh":
             raise ValueError("`topology` is only used with engine 'expertmesh'")
+        if self.expert_pool is not None and self.topology is None:
+            raise ValueError(
+                "`expert_pool` needs a `topology` (the pool's experts are placed on it)"
+            )
         return self
 
 
