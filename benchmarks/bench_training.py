@@ -83,6 +83,23 @@ def main() -> None:
     speed_steps, balance_steps = (6, 12) if args.quick else (30, 160)
     console = make_console()
     results: dict[str, Any] = {"speed": {}, "balance": {}}
+
+    def save(complete: bool) -> Path:
+        """Write what is measured so far (after each phase too: a run that dies in the balance
+        phase on a crowded machine keeps its throughput figures, marked `complete: false`)."""
+        return write_result(
+            "bench_training" + ("_quick" if args.quick else ""),
+            {
+                "quick": args.quick,
+                "complete": complete,
+                "speed_steps": speed_steps,
+                "balance_steps": balance_steps,
+                **results,
+            },
+            baseline="throughput: 1 worker with 2 CPUs; balance: no router regulariser; both "
+            "alternating with the other set-ups in the same run",
+        )
+
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         storage = Path(tmp)
         none = {"aux_loss_coef": 0.0, "z_loss_coef": 0.0, "bias_update_rate": 0.0}
@@ -94,6 +111,7 @@ def main() -> None:
                 results["speed"].setdefault(name, []).append(
                     run(job(f"{name}-{rep}", storage, speed_steps, workers, cpus, batch, 256, none))
                 )
+        save(complete=False)
         variants = {
             "no balancing": none,
             "aux loss + z-loss": {"aux_loss_coef": 0.01, "z_loss_coef": 0.001, "bias_update_rate": 0.0},
@@ -104,6 +122,7 @@ def main() -> None:
             results["balance"][label] = run(
                 job(f"balance-{i}", storage, balance_steps, 1, 2, 16, 128, balance)
             )
+            save(complete=False)
 
     speed = {
         name: statistics.median(r["tokens_per_s"] for r in runs)
@@ -133,17 +152,7 @@ def main() -> None:
         ],
         console,
     )
-    path = write_result(
-        "bench_training" + ("_quick" if args.quick else ""),
-        {
-            "quick": args.quick,
-            "speed_steps": speed_steps,
-            "balance_steps": balance_steps,
-            **results,
-        },
-        baseline="throughput: 1 worker with 2 CPUs; balance: no router regulariser; both "
-        "alternating with the other set-ups in the same run",
-    )
+    path = save(complete=True)
     console.print(f"wrote {path}")
 
 
