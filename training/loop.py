@@ -245,6 +245,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 "grad_norm": grad_norm,
                 "step_s": step_s,
                 "tokens_per_s": tokens_done / timed_s if timed_s else 0.0,
+                "device": device.type,
                 **extra,
             }
             if step % job.run.eval_every == 0 or step == last:
