@@ -16,10 +16,12 @@ transformers: one forward, as `generate` does), then `--new-tokens` greedy token
 timed (wall and process CPU time: the build machine is shared, and CPU time is what other
 processes disturb least). Baseline: transformers on the same checkpoint, same run, same threads, at the contexts
 up to `--transformers-max` (8k: its MLA attention has q/k head dim 80 and v head dim 64, so
-PyTorch runs the math kernel over the whole prompt at once, h x L x L scores: 5.4 GB peak at
-8k, about 34 GB at 32k, more than the machine has). Cache bytes: ours from the cache's tensors; the MHA-equivalent cache
-(our `full` mode, what transformers holds) from the shapes, and transformers' own measured
-from its cache object. Results: benchmarks/results/bench_long_context.json.
+PyTorch runs the math kernel over the whole prompt at once, h x L x L fp32 scores: 3.1 GB
+peak RSS at 8k; at 32k the scores alone are 4 x 32k^2 x 4 B = 17 GB, more than the shared
+machine has). Cache bytes: ours from the cache's tensors; the MHA-equivalent cache (our
+`full` mode: per-head K and V) from the shapes; transformers' own from its cache object
+(transformers 5.25 caches DeepSeek's latent too: the same size as ours).
+Results: benchmarks/results/bench_long_context.json.
 """
 
 from __future__ import annotations
@@ -106,6 +108,55 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def run_ours_tiled(path: Path, context: int, new_tokens: int, prefilled: int) -> dict[str, Any]:
+    """Decode at `context` without its O(L^2) prefill: prefill the first `prefilled` tokens for
+    real (chunked, latent cache), then fill positions up to `context` with copies of those
+    cache entries. Each decode step then reads and attends over `context` real-sized entries,
+    so time per token and cache memory are those of that context; the tokens are not."""
+    from expertmesh.models.checkpoint import load_model
+    from expertmesh.models.kv_cache import KVCache, kv_bytes_per_token
+
+    model = load_model(path)
+    prompt = torch.tensor([_prompt(prefilled, model.config.vocab_size)])
+    loaded = _rss_mib()
+    cache = KVCache(model.config, "latent", 1, context + new_tokens)
+    steps: list[float] = []
+    cpu_steps: list[float] = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for start in range(0, prefilled, CHUNK):
+            logits = model(prompt[:, start : start + CHUNK], cache, None, "last")
+        partial_prefill_s = time.perf_counter() - t0
+        for layer in cache.layers:
+            for store in (layer.first, layer.second):
+                done = prefilled
+                while done < context:
+                    n = min(prefilled, context - done)
+                    store.data[0, done : done + n] = store.data[0, :n]
+                    done += n
+        cache.lengths[0] = context
+        tokens = [int(logits[0, -1].argmax())]
+        for _ in range(new_tokens - 1):
+            t0, c0 = time.perf_counter(), time.process_time()
+            logits = model(torch.tensor([[tokens[-1]]]), cache, None, "last")
+            tokens.append(int(logits[0, -1].argmax()))
+            steps.append(time.perf_counter() - t0)
+            cpu_steps.append(time.process_time() - c0)
+    return {
+        "prefill_s": None,
+        "prefilled_tokens": prefilled,
+        "partial_prefill_s": partial_prefill_s,
+        "per_token_s": statistics.median(steps),
+        "per_token_cpu_s": statistics.median(cpu_steps),
+        "decode_s": sum(steps),
+        "tokens": tokens,
+        "rss_loaded_mib": loaded,
+        "peak_rss_mib": _rss_mib(),
+        "cache_bytes": cache.nbytes,
+        "mha_cache_bytes": kv_bytes_per_token(model.config, "full", 4) * (context + new_tokens),
+    }
+
+
 def run_ours(path: Path, context: int, new_tokens: int) -> dict[str, Any]:
     from expertmesh.models.checkpoint import load_model
     from expertmesh.models.generate import Generator, SamplingParams
@@ -184,17 +235,20 @@ def run_transformers(path: Path, context: int, new_tokens: int) -> dict[str, Any
 
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    run = run_ours if args.worker == "ours" else run_transformers
-    result = run(Path(args.checkpoint), args.context, args.new_tokens)
+    path = Path(args.checkpoint)
+    if args.worker == "ours-tiled":
+        result = run_ours_tiled(path, args.context, args.new_tokens, args.tile_prefill)
+    else:
+        run = run_ours if args.worker == "ours" else run_transformers
+        result = run(path, args.context, args.new_tokens)
     print("RESULT " + json.dumps(result))
 
 
-def measure(
-    engine: str, path: Path, context: int, new_tokens: int, threads: int, timeout: float
-) -> dict[str, Any]:
+def measure(engine: str, path: Path, context: int, args: argparse.Namespace) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--worker", engine, "--checkpoint", str(path)]
-    argv += ["--context", str(context), "--new-tokens", str(new_tokens)]
-    argv += ["--threads", str(threads)]
+    argv += ["--context", str(context), "--new-tokens", str(args.new_tokens)]
+    argv += ["--threads", str(args.threads), "--tile-prefill", str(args.tile_prefill)]
+    timeout = args.timeout
     row: dict[str, Any] = {"engine": engine, "context": context}
     t0 = time.perf_counter()
     try:
@@ -219,7 +273,28 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3000.0, help="per process, seconds")
-    parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--prefill-max",
+        type=int,
+        default=32768,
+        help="longer contexts: real chunked prefill of this many tokens, the rest of the cache "
+        "filled with copies (decode time and memory only; see run_ours_tiled)",
+    )
+    parser.add_argument(
+        "--tile-prefill",
+        type=int,
+        default=8192,
+        help="tokens prefilled for real before the copies, beyond --prefill-max",
+    )
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        help="JSON lines of runs measured earlier with this script and config; those "
+        "(engine, context) pairs are taken from it instead of run again",
+    )
+    parser.add_argument(
+        "--worker", choices=["ours", "ours-tiled", "transformers"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,17 +302,25 @@ def main() -> None:
         worker(args)
         return
     contexts = [2048, 8192] if args.quick else args.contexts
+    previous = {}
+    if args.previous:
+        for line in args.previous.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                previous[row["engine"], row["context"]] = {**row, "from_previous_run": True}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "deepseek-v3-yarn-tiny"
         build_checkpoint(path)
         for context in contexts:
-            engines = ["ours"] + (["transformers"] if context <= args.transformers_max else [])
+            ours_engine = "ours" if context <= args.prefill_max else "ours-tiled"
+            engines = [ours_engine]
+            engines += ["transformers"] if context <= args.transformers_max else []
             for engine in engines:
-                row = measure(engine, path, context, args.new_tokens, args.threads, args.timeout)
-                print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
+                row = previous.get((engine, context)) or measure(engine, path, context, args)
+                print(json.dumps(row), flush=True)
                 rows.append(row)
-    ours = {r["context"]: r for r in rows if r["engine"] == "ours" and "error" not in r}
+    ours = {r["context"]: r for r in rows if r["engine"].startswith("ours") and "error" not in r}
     ref = {r["context"]: r for r in rows if r["engine"] == "transformers" and "error" not in r}
     first = min(ours) if ours else None
     summary = []
@@ -249,6 +332,8 @@ def main() -> None:
                 "ours_per_token_ms": o and o["per_token_s"] * 1e3,
                 "ours_per_token_cpu_ms": o and o["per_token_cpu_s"] * 1e3,
                 "ours_prefill_s": o and o["prefill_s"],
+                "ours_cache_filled_by": o
+                and ("copies" if o.get("prefilled_tokens") else "prefill"),
                 "ours_peak_rss_mib": o and o["peak_rss_mib"],
                 "ours_cache_mib": o and o["cache_bytes"] / 2**20,
                 "mha_cache_mib": o and o["mha_cache_bytes"] / 2**20,
