@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("ray", reason="ray is not installed (the embedded cluster runs on Ray)")
 import torch
 import yaml
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+pytest.importorskip("ray", reason="ray is not installed (training runs on Ray Train)")
+
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.training.config import PretrainConfig, parse_config
