@@ -45,7 +45,11 @@ from expertmesh.observability.events import (
     read_events,
 )
 
+from .rig_faults import RIG_FAULT_MODES, RIG_FAULTS, inject
+
 FaultKind = Literal[
+    "link_cut",  # rig only (chaos/rig_faults.py)
+    "bandwidth_drop",  # rig only
     "kill_actor",
     "kill_node",
     "drain_node",
@@ -58,6 +62,7 @@ FaultKind = Literal[
     "lock_budget_db",
 ]
 MODE_OF: dict[str, str] = {
+    **RIG_FAULT_MODES,  # chaos/rig_faults.py
     "kill_actor": EXPERT_SHARD_LOST,
     "kill_node": NODE_LOST,
     "drain_node": NODE_DRAINED,
@@ -124,6 +129,8 @@ class Scenario(_Spec):
     name: str
     description: str = ""
     topology: str = "examples/topologies/mixed.yaml"
+    rig: bool = False
+    """Run on the rig (real links and CPU quotas, `chaos/rig_faults.py`), not the embedded one."""
     load: LoadSpec = LoadSpec()
     faults: list[FaultSpec] = Field(min_length=1)
     expect: ExpectSpec = ExpectSpec()
@@ -219,7 +226,12 @@ class Platform:
         self.events = EventLog(out / "events.jsonl", scenario=scenario.name)
         self.topology = load_topology(root / scenario.topology)
         tracer = self.telemetry.tracer
-        self.ep = ExpertParallelModel.launch(self.checkpoint, self.topology, tracer=tracer)
+        if scenario.rig:
+            from .rig_faults import launch
+
+            self.topology, self.ep = launch(self.checkpoint, tracer)
+        else:
+            self.ep = ExpertParallelModel.launch(self.checkpoint, self.topology, tracer=tracer)
         self.engine = ExpertMeshEngine(
             "expertmesh-demo",
             self.ep.model,
@@ -242,8 +254,10 @@ class Platform:
         )
         self.gate = SelectorGate(selector, self.engine)
         self.app = make_api(self.engine, gate=self.gate, meter=self.telemetry.meter, tracer=tracer)
-        spec = SupervisorSpec(
-            rebalance_every_s=1.0, rebalance_threshold=1.1, rebalance_min_tokens=64
+        spec = SupervisorSpec(  # on the rig the placement is held (rig_faults.py says why)
+            rebalance_every_s=0.0 if scenario.rig else 1.0,
+            rebalance_threshold=1.1,
+            rebalance_min_tokens=64,
         )
         self.supervisor = self.engine.supervise(
             self.ep, self.topology, spec, tracer=tracer, events=self.events
@@ -275,6 +289,12 @@ class Runner:
             [{"role": "user", "content": PROMPT}]
         )
         self.expected = gen.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS))[0].text
+        from .rig_faults import on_rig
+
+        with on_rig(self.scenario, self.root):
+            return self._run()
+
+    def _run(self) -> ChaosReport:
         platform = Platform(self.scenario, self.out, self.root)
         try:
             # Load on a thread, faults on this one: starting a Ray node (a node coming back)
@@ -351,6 +371,9 @@ class Runner:
                     detail=fault.kind,
                 )
             )
+            if fault.kind in RIG_FAULTS:
+                inject(platform, fault, self.scenario.name)
+                continue
             getattr(self, f"_fault_{fault.kind}")(platform, fault)
 
     def _fault_kill_actor(self, p: Platform, f: FaultSpec) -> None:

@@ -13,16 +13,13 @@ own shaped veth, as it would leave a real attention node.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from .plan import NodePlan, RigPlan
 from .state import RigState
-from .system import RigError, in_netns, quiet, run
+from .system import HOME_NETNS, RigError, in_netns, quiet, run, setns
 
-CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
 
 
@@ -79,13 +76,6 @@ def namespace_pids(name: str) -> list[int]:
     return [int(p) for p in out if p.isdigit()]
 
 
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise RigError(f"setns failed: {os.strerror(err)}")
-
-
 @contextlib.contextmanager
 def entered(namespace: str) -> Iterator[None]:
     """Run this thread (and the threads it starts) in `namespace`: sockets opened inside are
@@ -94,8 +84,10 @@ def entered(namespace: str) -> Iterator[None]:
     if not target.exists():
         raise RigError(f"no network namespace {namespace!r} (is the rig up? `expertmesh rig up`)")
     with open("/proc/thread-self/ns/net") as home, open(target) as ns:
-        _setns(ns.fileno())
+        HOME_NETNS.append(home.fileno())
+        setns(ns.fileno())
         try:
             yield
         finally:
-            _setns(home.fileno())
+            setns(home.fileno())
+            HOME_NETNS.remove(home.fileno())

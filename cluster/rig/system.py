@@ -7,6 +7,7 @@ names each missing feature (root, `ip`, `tc`, network namespaces, veth, bridge, 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+CLONE_NEWNET = 0x40000000
 CGROUP_ROOT = Path(os.environ.get("EXPERTMESH_CGROUP_ROOT", "/sys/fs/cgroup"))
 
 
@@ -33,10 +35,31 @@ class RigUnsupported(RigError):
         )
 
 
+HOME_NETNS: list[int] = []
+"""File descriptors of the namespaces `netns.entered` left, outermost first: commands run
+there (the bridge and the host-side veths live in the namespace the rig was made from, not in
+the head's, where a driver's threads are)."""
+
+
+def setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        raise RigError(f"setns failed: {os.strerror(ctypes.get_errno())}")
+
+
 def run(
     argv: Sequence[str], check: bool = True, timeout_s: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s)
+    """Run a command in the namespace the rig was made from (even from inside a driver)."""
+    if HOME_NETNS:
+        with open("/proc/thread-self/ns/net") as here:
+            setns(HOME_NETNS[0])
+            try:
+                done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s)
+            finally:
+                setns(here.fileno())
+    else:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s)
     if check and done.returncode != 0:
         raise RigError(f"`{' '.join(argv)}` failed ({done.returncode}): {done.stderr.strip()}")
     return done
