@@ -225,6 +225,7 @@ class _PoolSupervisor(Supervisor):
     def check(self) -> None:
         super().check()
         self._controller.sync_shards()
+        self._controller.save_state_if_changed()
 
     def rebalance_now(self, load: np.ndarray | None, threshold: float | None) -> Any:
         """One rebalance under the supervisor's repair lock (never beside a re-placement)."""
@@ -404,6 +405,18 @@ class PoolController:
         raw = internal_kv._internal_kv_get(_STATE_KEY, namespace=self.namespace)
         return None if raw is None else cast(dict[str, Any], cloudpickle.loads(raw))
 
+    def _service_state(self) -> tuple[Any, ...]:
+        sup = getattr(self, "supervisor", None)
+        if sup is None:
+            return (sorted(self._restored_removed), sorted(self._restored_lost))
+        return (sorted(sup.removed), sorted(sup.lost))
+
+    def save_state_if_changed(self) -> None:
+        """Save when the nodes out of service changed (a supervisor round drained, lost or
+        took back a node)."""
+        if self._service_state() != self._saved_service:
+            self.save_state()
+
     def save_state(self) -> None:
         """Write what a restarted controller needs to the GCS key-value store."""
         from ray import cloudpickle
@@ -426,6 +439,7 @@ class PoolController:
         internal_kv._internal_kv_put(
             _STATE_KEY, cloudpickle.dumps(state), overwrite=True, namespace=self.namespace
         )
+        self._saved_service = self._service_state()
 
     # ------------------------------------------------------------------ versions
 
@@ -558,11 +572,14 @@ class PoolController:
     # ------------------------------------------------------------------ operators' calls
 
     def drain(self, node: str) -> float:
-        return self.supervisor.drain(node)
+        took = self.supervisor.drain(node)
+        self.save_state()
+        return took
 
     def rejoin(self, node: str) -> float:
         took = self.supervisor.rejoin(node)
         self.sync_shards()
+        self.save_state()
         return took
 
     def rebalance(
