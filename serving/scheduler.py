@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from expertmesh.models.config import KVMode
+from expertmesh.models.device import model_device
 from expertmesh.models.generate import RequestState, SamplingParams, StreamEvent, sample
 from expertmesh.models.kv_cache import KVCache
 from expertmesh.models.model import MoEModel
@@ -137,7 +138,14 @@ class ContinuousBatcher:
         )
         self.kv_budget = self.config.kv_budget_tokens or self.config.num_slots * self.max_len
         mode = model.config.check_kv_mode(kv_mode or model.config.default_kv_mode)
-        self.cache = KVCache(model.config, mode, self.config.num_slots, self.max_len, model.dtype)
+        self.cache = KVCache(  # on the attention worker's device (the CPU unless a GPU)
+            model.config,
+            mode,
+            self.config.num_slots,
+            self.max_len,
+            model.dtype,
+            model_device(model),
+        )
         eos = set(model.config.eos_token_ids) | (
             set(tokenizer.eos_token_ids) if tokenizer else set()
         )
