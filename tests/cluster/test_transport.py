@@ -157,3 +157,34 @@ def test_lost_channel_with_no_live_shard_fails_loudly(hf_checkpoint):
     ep.dispatcher.recovery_timeout_s = 1.0
     with pytest.raises(ShardLost, match="'c'"), torch.no_grad():
         ep.model(torch.randint(0, 256, (2, 12)))
+
+
+@pytest.mark.e2e
+def test_ray_shards_default_to_channels_and_a_killed_shard_is_reached_again(hf_checkpoint):
+    """Real Ray actors: the pool's default transport is the channel; a killed shard's standby
+    is promoted, its channel reopened, the output unchanged; the actor-call fallback agrees."""
+    import ray
+
+    from expertmesh.cluster.pool import RayShardPool, node_resource
+    from expertmesh.cluster.transport import PoolTransport
+
+    path, _ = hf_checkpoint("mixtral")
+    routes = {
+        k: [("a", 1.0)] if k[1] % 2 else [("b", 1.0)] for k in spread_routes(read_config(path))
+    }
+    single = load_model(path)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = [c.token_ids for c in Generator(single).generate(PROMPTS, params)]
+    ray.init(address="local", num_cpus=2, resources={node_resource("a"): 1, node_resource("b"): 1})
+    try:
+        pool = RayShardPool(str(path), RoutingTable(routes).node_experts())
+        ep = ExpertParallelModel.from_routes(path, routes, pool)
+        assert isinstance(ep.dispatcher.transport, ChannelTransport)
+        assert [c.token_ids for c in Generator(ep.model).generate(PROMPTS, params)] == want
+        pool.kill("a")
+        assert [c.token_ids for c in Generator(ep.model).generate(PROMPTS, params)] == want
+        assert pool.promotions >= 1 and ep.dispatcher.transport.reconnects >= 1
+        ep.dispatcher.transport = PoolTransport(pool)
+        assert [c.token_ids for c in Generator(ep.model).generate(PROMPTS, params)] == want
+    finally:
+        ray.shutdown()
