@@ -69,7 +69,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .cmd_agents import expected_errors
     from .cmd_rig import expected_errors as rig_errors
 
-    errors += expected_errors() + rig_errors()
+    errors += [*expected_errors(), *rig_errors()]
     try:
         from expertmesh.observability import TelemetryError
 

@@ -212,9 +212,10 @@ def run_up(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology)
     trace = load_trace(args.trace, read_config(path)) if args.trace else None
     if args.rig:
-        from .cmd_rig import launch_on_rig
+        from .cmd_rig import rig_model
 
-        return launch_on_rig(args, path, topology, trace, console)
+        with rig_model(args, path, topology, trace, console) as (measured, ep):
+            return serve_one(args, console, measured, ep, path)
     console.print(
         f"starting the embedded cluster for '{topology.name}' ({len(topology.nodes)} Ray nodes); "
         "it emulates node speed and links by sleeping (`--rig` for the real thing)..."

@@ -9,6 +9,7 @@ expertmesh rig down              # removes everything; idempotent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -210,25 +211,64 @@ def run_rig_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_on_rig(args: argparse.Namespace, path, topology, trace, console: Console) -> int:  # type: ignore[no-untyped-def]
-    """`cluster up --rig`: this process becomes the attention worker on the rig's head node."""
+@contextlib.contextmanager
+def rig_model(args: argparse.Namespace, path, topology, trace, console: Console):  # type: ignore[no-untyped-def]
+    """`cluster up --rig`: this process becomes the attention worker on the rig's head node;
+    yields (measured topology, the model placed on the rig)."""
     from expertmesh.cluster.rig.rig import check_topology, driver, launch, measured_topology
-    from expertmesh.cluster.rig.state import RigState, state_path
-    from expertmesh.cluster.rig.system import RigError
 
-    from .cmd_cluster import serve_one
-
-    state = RigState.load()
-    if state is None or state.phase != "up":
-        raise RigError(
-            f"no rig is up (state {state_path()}); `expertmesh rig up --topology "
-            f"{args.topology}` first"
-        )
+    state = _up_state()
     check_topology(state, topology)
     console.print(
         f"joining the rig at {state.ray_address} (the planner reads the measured topology; "
         "shards run at their node's CPU quota behind tc-limited links, nothing sleeps)..."
     )
     with driver(state):
-        ep = launch(path, state, trace, min_replicas=args.min_replicas)
-        return serve_one(args, console, measured_topology(state), ep, path)
+        yield measured_topology(state), launch(path, state, trace, min_replicas=args.min_replicas)
+
+
+def _up_state():  # type: ignore[no-untyped-def]
+    from expertmesh.cluster.rig.state import RigState, state_path
+    from expertmesh.cluster.rig.system import RigError
+
+    state = RigState.load()
+    if state is None or state.phase != "up":
+        raise RigError(f"no rig is up (state {state_path()}); `expertmesh rig up` first")
+    return state
+
+
+def measured_topology_file() -> Path:
+    """The rig's measured topology as a YAML file (what `up --rig` plans on)."""
+    out = write_measured_topology(_up_state())
+    if out is None:
+        from expertmesh.cluster.rig.system import RigError
+
+        raise RigError("the rig was brought up with --no-calibrate: nothing measured to plan on")
+    return out
+
+
+def enter_rig_for_serving(stack, host: str, console: Console) -> str:  # type: ignore[no-untyped-def]
+    """`up --rig`: connect this process to the rig from the head's namespace (a Ray driver
+    needs a raylet at its own address); the API listens on the head's address (reachable from
+    this machine through the bridge) unless --host names another. Returns the host."""
+    from expertmesh.cluster.rig.rig import driver, rig_plan
+
+    state = _up_state()
+    stack.enter_context(driver(state, join_cgroups=False))
+    head = rig_plan(state).head
+    console.print(f"serving on the rig at {state.ray_address} (head {head.name})...")
+    return head.ip if host in ("127.0.0.1", "localhost") else host
+
+
+def pin_to_attention_node(app):  # type: ignore[no-untyped-def]
+    """The API deployment's replicas on the attention node: they are the attention worker."""
+    from ray.serve import Application
+
+    from expertmesh.cluster.pool import node_resource
+    from expertmesh.cluster.rig.rig import rig_plan
+
+    head = rig_plan(_up_state()).head.name
+    bound = app._bound_deployment  # Serve keeps the bound deployment here; options keep its args
+    actor = dict(bound.ray_actor_options or {})
+    actor["resources"] = {**actor.get("resources", {}), node_resource(head): 0.001}
+    return Application(bound.options(ray_actor_options=actor))

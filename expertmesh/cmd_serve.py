@@ -54,6 +54,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=DEFAULT_PORT)
     up.add_argument("--detach", action="store_true", help="run in the background")
+    up.add_argument(
+        "--rig",
+        action="store_true",
+        help="serve on the rig `expertmesh rig up` brought up (the API on the head node's "
+        "address, experts on the rig's nodes, planned on its measured topology; docs/rig.md)",
+    )
     up.add_argument("--no-mcp", action="store_true", help="do not serve MCP on /mcp")
     up.add_argument(
         "--request",
@@ -87,6 +93,10 @@ def serving_config(args: argparse.Namespace) -> Any:
         updates["policy"] = str(args.policy.resolve())
     if updates.get("topology") or serving.topology:
         updates["embedded"] = True  # `up` runs the embedded cluster: emulate speeds and links
+    if getattr(args, "rig", False):  # real links and quotas: plan on what the rig measured
+        from .cmd_rig import measured_topology_file
+
+        updates.update(topology=str(measured_topology_file()), embedded=False)
     policy = updates.get("policy", serving.policy)
     if config.agents.mcp is None and policy is not None and not args.no_mcp:
         updates["mcp"] = default_mcp(args.host, args.port, policy)
@@ -186,7 +196,12 @@ def _serve_foreground(args: argparse.Namespace, platform: Any, console: Console)
     config = platform.serving
 
     cluster = None
-    if config.topology is not None:
+    rig = contextlib.ExitStack()
+    if getattr(args, "rig", False):
+        from .cmd_rig import enter_rig_for_serving
+
+        args.host = enter_rig_for_serving(rig, args.host, console)
+    elif config.topology is not None:
         from expertmesh.cluster.local import LocalCluster
         from expertmesh.cluster.topology import load_topology
 
@@ -201,7 +216,12 @@ def _serve_foreground(args: argparse.Namespace, platform: Any, console: Console)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         console.print("deploying the API on Ray Serve...")
-        serve.run(build_app(platform), name="expertmesh", route_prefix=config.route_prefix)
+        app = build_app(platform)
+        if getattr(args, "rig", False):
+            from .cmd_rig import pin_to_attention_node
+
+            app = pin_to_attention_node(app)
+        serve.run(app, name="expertmesh", route_prefix=config.route_prefix)
         mcp = platform.agents.mcp
         _write_state(
             {
@@ -249,6 +269,7 @@ def _serve_foreground(args: argparse.Namespace, platform: Any, console: Console)
             cluster.stop()
         else:
             ray.shutdown()
+        rig.close()
 
 
 def _print_placement(url: str, console: Console) -> None:
