@@ -163,7 +163,8 @@ def pipelined_hidden_states(
     coroutines = []
     for lo, hi in parts:
         ctx = model.context(hi - lo, T, cache, all_rows[lo:hi])
-        coroutines.append(_micro_batch(model, model.embed(input_ids[lo:hi]), ctx, router_stats))
+        ids = input_ids[lo:hi].to(model.embed.weight.device)  # host ids, a GPU model too
+        coroutines.append(_micro_batch(model, model.embed(ids), ctx, router_stats))
     outs: list[torch.Tensor | None] = [None] * len(coroutines)
     active = list(range(len(coroutines)))
     try:

@@ -350,7 +350,7 @@ class Generator:
                 for start in range(0, length, self.prefill_chunk):
                     chunk = batch[:, start : start + self.prefill_chunk]
                     out = self.model(chunk, cache, rows, "last", self.router_stats)
-            last[rows] = out[:, -1]
+            last[rows.to(last.device)] = out[:, -1]
         return last
 
     def _accept(self, row: RequestState, token: int, on_token: TokenCallback | None) -> None:
