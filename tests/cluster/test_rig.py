@@ -197,6 +197,26 @@ def test_greedy_request_equals_the_single_process_output(rig, placement: str) ->
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["link-cut", "bandwidth-drop"])
+def test_link_faults_mid_stream_lose_nothing_and_change_no_output(
+    rig, scenario: str, tmp_path: Path
+) -> None:
+    from expertmesh.chaos.runner import Runner, load_scenario
+    from expertmesh.cluster.rig import netns
+    from expertmesh.cluster.rig.links import pair_rate_gbps
+    from expertmesh.cluster.rig.rig import rig_plan
+
+    spec = load_scenario(ROOT / "examples" / "chaos" / f"{scenario}.yaml").shortened()
+    report = Runner(spec, tmp_path / scenario).run()
+    assert report.ok > 0 and report.lost == 0 and report.wrong_outputs == 0, report.to_dict()
+    plan = rig_plan(rig)  # the link is back as it was
+    assert pair_rate_gbps(plan, "gpu-0", "cpu-fast") == pytest.approx(1.0)
+    assert "UP" in system.run(["ip", "link", "show", plan.node("cpu-fast").host_veth]).stdout
+    assert netns.namespaces("emrig")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_down_leaves_no_namespace_cgroup_link_or_process(rig) -> None:
     from expertmesh.cluster.rig import cgroups
     from expertmesh.cluster.rig.rig import leftovers, rig_down
