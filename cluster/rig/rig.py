@@ -212,7 +212,7 @@ def rig_down() -> dict[str, int]:
         if left:
             raise RigError(f"node {name!r}: {left} processes survived SIGKILL")
     for ns in netns.namespaces(PREFIX):
-        for pid in netns.namespace_pids(ns):
+        for pid in set(netns.namespace_pids(ns)) - {os.getpid()}:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
     for path in cgroups.leftover_groups():
