@@ -91,6 +91,27 @@ def test_without_root_the_error_names_root(monkeypatch: pytest.MonkeyPatch) -> N
         system.check_support()
 
 
+def test_cli_without_root_names_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from expertmesh.cli import main
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert main(["rig", "up", "--topology", str(MIXED)]) == 2
+    err = capsys.readouterr().err
+    assert "root" in err and "emulates node speed and links by sleeping" in err
+
+
+def test_cli_status_without_a_rig_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from expertmesh.cli import main
+
+    monkeypatch.setenv("EXPERTMESH_RIG_STATE", str(tmp_path / "state.json"))
+    assert main(["rig", "status"]) == 2
+    assert "no rig is up" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ the real rig
 
 
