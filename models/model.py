@@ -257,6 +257,33 @@ def cache_update(
     )
 
 
+def _latent_decode(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    c_all: torch.Tensor,
+    kr_all: torch.Tensor,
+    ctx: StepContext,
+    scale: float,
+) -> torch.Tensor:
+    """One decode step over the latent cache: q_lat (B, h, 1, r), q_rope (B, 1, h, dr),
+    c_all (B, L, r), kr_all (B, L, dr) -> (B, h, 1, r).
+
+    Every head reads the same latent keys, so the h heads are h query rows of one multi-query
+    attention, and the key's two parts are multiplied separately: the cache is read once per
+    step, not once per head, and never copied into a concatenated key (at 128k context that
+    copy and the per-head reads were most of a step; benchmarks/RESULTS.md)."""
+    B, h = q_lat.shape[0], q_lat.shape[1]
+    scores = torch.baddbmm(
+        torch.bmm(q_lat.view(B, h, -1), c_all.transpose(1, 2)),
+        q_rope.reshape(B, h, -1),
+        kr_all.transpose(1, 2),
+    )  # (B, h, L)
+    if ctx.mask is not None:  # rows of different lengths: (B, 1, 1, L) -> (B, 1, L)
+        scores = scores.masked_fill(~ctx.mask[:, 0], float("-inf"))
+    probs = (scores.float() * scale).softmax(dim=-1).to(c_all.dtype)
+    return torch.bmm(probs, c_all).view(B, h, 1, -1)
+
+
 class MLAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3).
 
@@ -309,13 +336,16 @@ class MLAttention(nn.Module):
             w = self.kv_b_proj.weight.view(h, dn + dv, r)
             w_uk, w_uv = w[:, :dn], w[:, dn:]  # (h, dn, r), (h, dv, r)
             q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)
-            query = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # (B, h, T, r + dr)
-            key = torch.cat((c_all, kr_all), dim=-1).unsqueeze(1)  # (B, 1, L, r + dr)
-            # The value is c_kv, the key's first r dims: pass the key itself and drop the rope
-            # dims of the output. Equal q/k/v head dims let PyTorch's CPU flash kernel run;
-            # with v narrower it falls back to the math kernel, which materialises h x T x L
-            # scores (1.3 GB per 512-token chunk at 32k context; 3x slower; RESULTS.md).
-            out_lat = sdpa(query, key, key, ctx, cfg.softmax_scale)[..., :r]  # (B, h, T, r)
+            if T == 1:
+                out_lat = _latent_decode(q_lat, q_rope, c_all, kr_all, ctx, cfg.softmax_scale)
+            else:
+                query = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # (B, h, T, r + dr)
+                key = torch.cat((c_all, kr_all), dim=-1).unsqueeze(1)  # (B, 1, L, r + dr)
+                # The value is c_kv, the key's first r dims: pass the key itself and drop the
+                # rope dims of the output. Equal q/k/v head dims let PyTorch's CPU flash kernel
+                # run; with v narrower it falls back to the math kernel, which materialises
+                # h x T x L scores (1.3 GB per 512-token chunk at 32k context; 3x slower).
+                out_lat = sdpa(query, key, key, ctx, cfg.softmax_scale)[..., :r]  # (B, h, T, r)
             out = torch.einsum("bhtr,hvr->bthv", out_lat, w_uv)
         else:
             kv = self.kv_b_proj(c_kv).view(B, T, h, dn + dv)
