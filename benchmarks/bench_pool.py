@@ -1,13 +1,13 @@
 """One shared expert pool vs today's private pools, for 1, 2 and 3 attention (API) replicas.
 
     .venv/bin/python benchmarks/bench_pool.py [--replicas 1 2 3] [--batch 4] [--max-tokens 16]
-        [--repeats 2] [--quick]
+        [--repeats 2] [--rounds 3] [--quick]
     # -> benchmarks/results/bench_pool.json (--quick: bench_pool_quick.json)
 
 On the embedded mixed topology (three Ray nodes, speeds and links emulated), each replica is
 its own Ray actor running the demo model's attention side with greedy batches:
 
-- `shared`: the replicas attach to one pool (`ExpertParallelModel.attach`, one set of shards
+- `shared`: the replicas attach to one pool (`pool_attachment.attach_pool`, one set of shards
   and one controller for all of them);
 - `private` (the baseline, what `num_replicas > 1` does today): each replica plans and starts
   its own shards and standbys (`RayShardPool`), as `ExpertParallelModel.launch` does.
@@ -22,6 +22,7 @@ says what the data path costs, not how attention scales across machines (that ne
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,12 +43,12 @@ def worker_class() -> Any:
 
     class AttentionReplica:
         def __init__(self, mode: str, checkpoint: str, topology: str, prefix: str) -> None:
-            from expertmesh.cluster.runtime import ExpertParallelModel
+            from expertmesh.cluster.pool_attachment import attach_pool
 
             self.checkpoint = checkpoint
             self.mode = mode
             if mode == "shared":
-                self.ep = ExpertParallelModel.attach(POOL, checkpoint)
+                self.ep = attach_pool(POOL, checkpoint)
             else:
                 self.ep = self._private(checkpoint, topology, prefix)
 
@@ -101,6 +102,22 @@ def worker_class() -> Any:
 
             return sum(shard_expert_bytes(self.ep.config, self.ep.pool.handles).values())
 
+        def dispatch_stats(self) -> dict[str, Any]:
+            st = self.ep.dispatcher.stats
+            out = {
+                "layer_calls": st.steps,
+                "failovers": st.failovers,
+                "recoveries": st.recoveries,
+                "wait_s": round(st.wait_s, 3),
+                "dispatch_wall_s": round(st.wall_s, 3),
+                "reconnects": getattr(self.ep.dispatcher.transport, "reconnects", None),
+            }
+            attachment = getattr(self.ep, "attachment", None)
+            if attachment is not None:
+                out["table_swaps"] = attachment.stats.swaps
+                out["mixed_steps"] = attachment.stats.mixed_steps
+            return out
+
         def shard_processes(self) -> int:
             return len(self.ep.pool.handles) + len(getattr(self.ep.pool, "standbys", {}))
 
@@ -117,16 +134,21 @@ def worker_class() -> Any:
 
 
 def measure(
-    workers: list[Any], batch: int, max_tokens: int, repeats: int
-) -> tuple[float, list[Any], float]:
-    """Every replica at once: (tok/s over all, texts, wall seconds)."""
+    workers: list[Any], batch: int, max_tokens: int, repeats: int, rounds: int
+) -> tuple[float, list[Any], list[float]]:
+    """Every replica at once, `rounds` times: (median tok/s over all replicas, texts, the
+    rounds' wall seconds)."""
     import ray
 
     ray.get([w.run.remote(batch, 1, 1) for w in workers])  # warm-up (channels, overlap policy)
-    t0 = time.perf_counter()
-    runs = ray.get([w.run.remote(batch, max_tokens, repeats) for w in workers])
-    wall = time.perf_counter() - t0
-    return sum(r["tokens"] for r in runs) / wall, [r["texts"] for r in runs], wall
+    walls, tok_s, texts = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        runs = ray.get([w.run.remote(batch, max_tokens, repeats) for w in workers])
+        walls.append(time.perf_counter() - t0)
+        tok_s.append(sum(r["tokens"] for r in runs) / walls[-1])
+        texts += [r["texts"] for r in runs]
+    return statistics.median(tok_s), texts, walls
 
 
 def main() -> None:
@@ -135,10 +157,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median taken)")
     parser.add_argument("--quick", action="store_true", help="1 and 2 replicas, 4 tokens")
     args = parser.parse_args()
     if args.quick:
-        args.replicas, args.max_tokens, args.repeats = [1, 2], 4, 1
+        args.replicas, args.max_tokens, args.repeats, args.rounds = [1, 2], 4, 1, 1
 
     import ray
 
@@ -173,10 +196,12 @@ def main() -> None:
                     for i in range(n)
                 ]
                 ray.get([w.shard_processes.remote() for w in workers], timeout=900)
-                tok_s, texts, wall = measure(workers, args.batch, args.max_tokens, args.repeats)
+                tok_s, texts, walls = measure(
+                    workers, args.batch, args.max_tokens, args.repeats, args.rounds
+                )
                 if setup == "shared":
                     expert_bytes = sum(ray.get(controller.expert_bytes.remote()).values())
-                    processes = ray.get(workers[0].shard_processes.remote())
+                    processes = ray.get(controller.status.remote())["shard_processes"]
                 else:
                     expert_bytes = sum(ray.get([w.expert_bytes.remote() for w in workers]))
                     processes = sum(ray.get([w.shard_processes.remote() for w in workers]))
@@ -187,8 +212,9 @@ def main() -> None:
                         "expert_bytes_total": expert_bytes,
                         "shard_processes": processes,
                         "tok_s": round(tok_s, 2),
-                        "wall_s": round(wall, 3),
+                        "round_wall_s": [round(w, 3) for w in walls],
                         "outputs_identical": all(t == expected for t in texts),
+                        "dispatch": ray.get([w.dispatch_stats.remote() for w in workers]),
                     }
                 )
                 ray.get([w.shutdown.remote() for w in workers], timeout=120)
@@ -233,6 +259,7 @@ def main() -> None:
             "batch": args.batch,
             "max_tokens": args.max_tokens,
             "repeats": args.repeats,
+            "rounds": args.rounds,
             "results": rows,
             "pool_status_at_end": status,
         },

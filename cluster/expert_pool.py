@@ -1,6 +1,6 @@
 """One expert pool per model, shared by every API replica (attention and experts scaled apart).
 
-    ep = ExpertParallelModel.attach("demo", "ckpt/", topology)   # in each API replica
+    ep = attach_pool("demo", "ckpt/", topology)   # in each API replica (pool_attachment.py)
     pool_down("demo")                                            # the operator, explicitly
 
 A pool is a set of detached Ray actors in the namespace `expertmesh-pool-<name>`:
@@ -608,6 +608,7 @@ class PoolController:
             "replicas": replicas,
             "nodes": self._published.nodes,
             "generations": dict(self.generations),
+            "shard_processes": len(self.shards.handles) + len(self.shards.standbys),
             "out_of_service": sorted(self.supervisor.removed),
             "restarts": stats.restarts,
             "nodes_replaced": stats.nodes_replaced,

@@ -1,7 +1,7 @@
 """A replica's side of a shared expert pool (`cluster/expert_pool.py`): attach by name, dispatch
 to the pool's shards, follow the controller's table versions between steps.
 
-    ep = attach_pool("demo", "ckpt/", topology)     # what ExpertParallelModel.attach does
+    ep = attach_pool("demo", "ckpt/", topology)     # an AttachedModel (an ExpertParallelModel)
     Generator(ep.model, tokenizer).generate(["Hello"])
     ep.shutdown()                                   # detaches; the pool keeps serving
 

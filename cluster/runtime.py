@@ -195,22 +195,6 @@ class ExpertParallelModel:
         ep.plan_options = options
         return ep
 
-    @classmethod
-    def attach(
-        cls,
-        pool: str,
-        checkpoint: str | Path | None = None,
-        topology: Any = None,
-        **options: Any,
-    ) -> ExpertParallelModel:
-        """Attach to the shared expert pool named `pool` instead of starting shards: one set
-        of shards and one supervisor per model, however many replicas attach; started here
-        from `checkpoint` and `topology` when none runs (`cluster/expert_pool.py`). `shutdown`
-        detaches; the pool keeps serving until `expert_pool.pool_down(pool)`."""
-        from .pool_attachment import attach_pool
-
-        return attach_pool(pool, checkpoint, topology, **options)
-
     def shutdown(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()

@@ -149,7 +149,9 @@ class ExpertMeshEngine:
         local = not ray.is_initialized()
         layout = load_topology(topology)
         if expert_pool is not None:  # the pool's controller supervises, not this replica
-            ep = ExpertParallelModel.attach(
+            from expertmesh.cluster.pool_attachment import attach_pool
+
+            ep = attach_pool(
                 expert_pool,
                 checkpoint,
                 layout,

@@ -40,10 +40,10 @@ def replica_class() -> Any:
 
     class AttentionReplica:
         def __init__(self, pool: str, checkpoint: str) -> None:
-            from expertmesh.cluster.runtime import ExpertParallelModel
+            from expertmesh.cluster.pool_attachment import attach_pool
 
             self.checkpoint = checkpoint
-            self.ep = ExpertParallelModel.attach(pool, checkpoint)
+            self.ep = attach_pool(pool, checkpoint)
 
         def generate(self, prompt: str, max_tokens: int) -> str | None:
             from expertmesh.models.generate import Generator, SamplingParams
