@@ -70,8 +70,9 @@ PROMPTS = [
 
 
 def echo_requests(ep: ExpertParallelModel, rows: int) -> dict[str, ShardRequest]:
-    """What one decode layer call sends each node, echoed back instead of computed."""
-    nodes = ep.dispatcher.table.nodes
+    """What one decode layer call sends each node, echoed back instead of computed: every
+    node that runs a shard (empty ones included: the harder case than the nodes with work)."""
+    nodes = sorted(getattr(ep.pool, "handles", {}) or ep.dispatcher.table.nodes)
     x = torch.randn(rows, ep.config.hidden_size)
     req = ShardRequest(
         ep.config.moe_layer_ids[0],
