@@ -293,6 +293,9 @@ def main() -> None:
         "(engine, context) pairs are taken from it instead of run again",
     )
     parser.add_argument(
+        "--result-name", default="bench_long_context", help="benchmarks/results/<name>.json"
+    )
+    parser.add_argument(
         "--worker", choices=["ours", "ours-tiled", "transformers"], help=argparse.SUPPRESS
     )
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -366,7 +369,7 @@ def main() -> None:
     )  # fmt: skip
     errors = [r for r in rows if "error" in r]
     path = write_result(
-        "bench_long_context",
+        args.result_name,
         {
             "config": CONFIG,
             "prefill_chunk": CHUNK,
