@@ -425,7 +425,10 @@ class Dispatcher:
     def _request(self, call: LayerCall, idx: np.ndarray) -> ShardRequest:
         """A node's assignments `idx` -> its request: each distinct token row once."""
         tokens = call.token[idx]
-        rows, row_of = np.unique(tokens, return_inverse=True)
+        needed = np.zeros(call.x.shape[0], dtype=bool)  # np.unique, without its sort
+        needed[tokens] = True
+        rows = np.flatnonzero(needed)
+        row_of = (np.cumsum(needed) - 1)[tokens]
         packed = pack(call.x[torch.from_numpy(rows)], call.wire)
         return ShardRequest(
             call.layer,
