@@ -34,9 +34,9 @@ SOURCE = "cluster.dispatch"
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    link_ratio: float = 3.0
+    link_ratio: float = 3.5
     """Wire time at least this many times its baseline..."""
-    link_min_excess_s: float = 0.003
+    link_min_excess_s: float = 0.0035
     """...and at least this much more (seconds), over the window, to call the link degraded."""
     slow_ratio: float = 2.5
     """Busy time at least this many times the node's baseline..."""
@@ -45,6 +45,10 @@ class DetectorConfig:
     window_s: float = 1.0
     baseline_s: float = 30.0
     evaluate_every_s: float = 0.1
+    warmup: int = 5
+    """Replies per node ignored at the start (first calls: cold caches, channels opening)."""
+    min_baseline: int = 10
+    """Baseline replies a size bin needs before calls of that size are judged."""
 
 
 class DispatchDetectors:
@@ -74,6 +78,8 @@ class DispatchDetectors:
                     min_excess=c.link_min_excess_s,
                     window_s=c.window_s,
                     baseline_s=c.baseline_s,
+                    warmup=c.warmup,
+                    min_baseline=c.min_baseline,
                 ),
                 Condition(self.events, LINK_DEGRADED, node, SOURCE),
             )
@@ -83,6 +89,8 @@ class DispatchDetectors:
                     min_excess=c.slow_min_excess_s,
                     window_s=c.window_s,
                     baseline_s=c.baseline_s,
+                    warmup=c.warmup,
+                    min_baseline=c.min_baseline,
                 ),
                 Condition(self.events, NODE_SLOW, node, SOURCE),
             )
@@ -111,18 +119,36 @@ class DispatchDetectors:
 
     def evaluate(self, now: float) -> None:
         """Judge every node; each against its own baseline, divided by how much the other
-        nodes' signal rose at the same time (what all nodes see at once is the machine or
-        the attention worker, not one node's link or compute)."""
-        for signal, watches, unit in (
-            ("wire", self._link, "wire time"),
-            ("busy", self._slow, "busy time"),
+        nodes' signal and its own other signal rose at the same time (what all signals see at
+        once is the machine or the attention worker, not one node's link or compute). A node's replies are read
+        when the attention worker gets to them: while a node computes slowly, every reply of
+        the step (and of the micro-batch after it) is read late, so no link is judged
+        degraded then (the slow node explains it)."""
+        busy = {node: w.measure(now) for node, (w, _) in self._slow.items()}
+        wire = {node: w.measure(now) for node, (w, _) in self._link.items()}
+        slow_now = {
+            n for n, m in busy.items() if m is not None and m.ratio >= self.config.slow_ratio
+        }
+        for signal, watches, measured, unit in (
+            ("busy", self._slow, busy, "busy time"),
+            ("wire", self._link, wire, "wire time"),
         ):
-            measured = {node: w.measure(now) for node, (w, _) in watches.items()}
             for node, (watch, condition) in watches.items():
                 m = measured[node]
                 if m is None:
                     continue
+                others = [n for n in measured if n != node]
                 peers = [v.ratio for n, v in measured.items() if n != node and v is not None]
+                if others and not peers:
+                    continue  # peers exist but none can be judged yet: no reference
+                if signal == "wire" and slow_now and not watch.active:
+                    continue
+                # What the machine did meanwhile: the other nodes' same signal, and this
+                # node's other signal (contention stretches compute and transport alike; a
+                # slow link stretches only the wire, a slow node only its compute).
+                own_other = (wire if signal == "busy" else busy).get(node)
+                if own_other is not None:
+                    peers.append(own_other.ratio)
                 reference = float(np.median(peers)) if peers else 1.0
                 verdict = watch.judge(m, reference)
                 self.last[(signal, node)] = verdict.ratio

@@ -143,6 +143,7 @@ class Supervisor:
         ep.dispatcher.on_failure = self._on_dispatch_failure
         platform = SourcedEvents(events, "cluster.supervisor") if events is not None else None
         self._head = Condition(platform, HEAD_FAILURE, "ray-head", "cluster.supervisor")
+        self._imbalance = Condition(platform, ROUTER_IMBALANCE, "placement", "cluster.supervisor")
         self.detectors = DispatchDetectors(
             SourcedEvents(events, "cluster.dispatch") if events is not None else None
         )
@@ -349,17 +350,14 @@ class Supervisor:
             return
         self._last_rebalance = time.monotonic()
         report = self.rebalancer.check(exclude=self.removed)
-        if report.triggered:
-            self._emit(
-                "detected",
-                ROUTER_IMBALANCE,
-                "placement",
-                f"predicted imbalance {report.balancedness_before:.2f}",
-            )
+        if report.triggered:  # reported once per incident, until the load fits again
+            self._imbalance.update(True, f"predicted imbalance {report.balancedness_before:.2f}")
         if report.applied:
             self.stats.rebalances += 1
             self._emit("action", ROUTER_IMBALANCE, "placement", f"moved {report.moves} replicas")
-            self._emit("recovered", ROUTER_IMBALANCE, "placement", "rebalanced")
+            self._imbalance.update(False, "rebalanced")
+        elif not report.triggered:
+            self._imbalance.update(False, f"balanced ({report.balancedness_before:.2f})")
 
     # ----------------------------------------------------------------- actions
 

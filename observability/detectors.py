@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .events import EventSink, FaultEvent
+from .events import EventKind, EventSink, FaultEvent
 
 
 class Condition:
@@ -69,7 +69,7 @@ class Condition:
             self.active = active
             if active:
                 self.detections += 1
-        kind = "detected" if active else "recovered"
+        kind: EventKind = "detected" if active else "recovered"
         if self.events is not None:
             self.events.emit(
                 FaultEvent(

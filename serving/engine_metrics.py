@@ -7,7 +7,7 @@ Prometheus on /metrics when telemetry.metrics_exporter is "prometheus"):
 | `expertmesh.router.imbalance` | gauge | layer | max / mean tokens per expert since the last collection |
 | `expertmesh.router.entropy` | gauge | layer | entropy of the expert load, normalised to [0, 1] (1 = uniform) |
 | `expertmesh.router.flip_rate` | gauge | layer | share of decode tokens whose top-1 expert differs from the same request's previous step |
-| `expertmesh.router.churn` | gauge | layer | share of a decode token's top-k experts not in the same request's previous top-k, averaged |
+| `expertmesh.router.churn` | gauge | layer | share of the layer's k hottest experts (k = experts per token) in this collection window that were not among the k hottest of the previous window |
 | `expertmesh.tpot.spread` | gauge | | p99 / p50 time per output token of the requests finished in the last `TPOT_WINDOW_S` |
 | `expertmesh.kv_cache.bytes_in_use` | gauge | | KV bytes holding live tokens |
 | `expertmesh.kv_cache.compression_ratio` | gauge | mode | bytes per token of a full-precision cache / of the mode in use |
@@ -55,12 +55,14 @@ class EngineMetrics:
         self.dispatcher = dispatcher
         config = batcher.model.config
         self.stats = RouterStats(config, keep_last=True)
+        self.top_k = config.moe.top_k
         self._lock = threading.Lock()
         self._window = torch.zeros_like(self.stats.tokens)
         self._flips = dict.fromkeys(config.moe_layer_ids, 0)
         self._flip_total = dict.fromkeys(config.moe_layer_ids, 0)
-        self._churn = dict.fromkeys(config.moe_layer_ids, 0.0)
-        self._prev_top1: dict[str, dict[int, tuple[int, frozenset[int]]]] = {}
+        self._prev_hot: dict[int, frozenset[int]] = {}
+        """layer -> its k hottest experts in the previous collection window."""
+        self._prev_top1: dict[str, dict[int, int]] = {}
         self._decode_times: dict[str, tuple[float, float, int]] = {}
         """request id -> (first decode step, last decode step, decode steps) monotonic."""
         self.tpot: deque[tuple[float, float]] = deque(maxlen=1024)
@@ -102,7 +104,7 @@ class EngineMetrics:
         meter.create_observable_gauge("expertmesh.router.flip_rate", callbacks=[pick("flip")])
         meter.create_observable_gauge(
             "expertmesh.router.churn",
-            description="Share of a decode token's top-k experts not in its previous top-k",
+            description="Share of a layer's k hottest experts that were not hot the window before",
             callbacks=[pick("churn")],
         )
         meter.create_observable_gauge(
@@ -151,15 +153,13 @@ class EngineMetrics:
                 for layer, (ids, _) in self.stats.last.items():
                     if ids.shape[0] != len(decode_request_ids):
                         continue
-                    k = ids.shape[1]
-                    for rid, row in zip(decode_request_ids, ids.tolist()):
-                        chosen = (row[0], frozenset(row))
+                    top1 = ids[:, 0].tolist()
+                    for rid, e in zip(decode_request_ids, top1):
                         prev = self._prev_top1.setdefault(rid, {})
                         if layer in prev:
                             self._flip_total[layer] += 1
-                            self._flips[layer] += int(prev[layer][0] != chosen[0])
-                            self._churn[layer] += len(chosen[1] - prev[layer][1]) / k
-                        prev[layer] = chosen
+                            self._flips[layer] += int(prev[layer] != e)
+                        prev[layer] = e
         self.stats.reset()
         self._link_and_restarts()
 
@@ -202,21 +202,22 @@ class EngineMetrics:
                 k: (self._flips[k] / self._flip_total[k]) if self._flip_total[k] else 0.0
                 for k in self._flips
             }
-            churn = {
-                k: (self._churn[k] / self._flip_total[k]) if self._flip_total[k] else 0.0
-                for k in self._churn
-            }
-            self._churn = dict.fromkeys(self._churn, 0.0)
             self._flips = dict.fromkeys(self._flips, 0)
             self._flip_total = dict.fromkeys(self._flip_total, 0)
-        imbalance, entropy = {}, {}
+        imbalance, entropy, churn = {}, {}, {}
         E = window.shape[1]
+        k = min(self.top_k, E)
         for layer in flips:
             t = window[layer].double()
             total = float(t.sum())
+            churn[layer] = 0.0
             if total <= 0:
                 imbalance[layer], entropy[layer] = 1.0, 1.0
                 continue
+            hot = frozenset(torch.topk(t, k).indices.tolist())
+            prev = self._prev_hot.get(layer)
+            churn[layer] = len(hot - prev) / k if prev is not None else 0.0
+            self._prev_hot[layer] = hot
             imbalance[layer] = float(t.max() / t.mean())
             p = t / total
             h = -float((p[p > 0] * p[p > 0].log()).sum())

@@ -60,7 +60,7 @@ def test_added_link_latency_is_detected_as_link_degraded_then_recovered(hf_check
     drive(ep, 3.0)
     assert sink.events == []
     faulted = time.time_ns()
-    shard.set_emulation(NodeEmulation(BASE.slowdown, BASE.link_gbps, BASE.link_latency_us + 5000))
+    shard.set_emulation(NodeEmulation(BASE.slowdown, BASE.link_gbps, BASE.link_latency_us + 20_000))
     drive(ep, 1.5)
     shard.set_emulation(BASE)
     drive(ep, 1.5)
@@ -75,7 +75,7 @@ def test_slower_compute_is_detected_as_node_slow_not_as_the_link(hf_checkpoint):
     path, _ = hf_checkpoint("mixtral")
     ep, shard, sink = watched(path)
     drive(ep, 3.0)
-    shard.set_emulation(NodeEmulation(BASE.slowdown * 4, BASE.link_gbps, BASE.link_latency_us))
+    shard.set_emulation(NodeEmulation(BASE.slowdown * 8, BASE.link_gbps, BASE.link_latency_us))
     drive(ep, 1.5)
     kinds = [(e.kind, e.failure_mode) for e in sink.events]
     assert ("detected", NODE_SLOW) in kinds and ("detected", LINK_DEGRADED) not in kinds, kinds
