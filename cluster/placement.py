@@ -507,6 +507,7 @@ def plan_placement(
     cost = cost_model(nodes, shape, options)
     caps = _layer_caps(nodes, shape, cost)
     plans = [_plan(a, nodes, shape, options, cost, budget, caps)]
+    best = plans[0].step_time_s
     for dropped in _drop_order(a, caps, cost):
         sub = caps.copy()
         sub[:, dropped] = 0
@@ -514,13 +515,20 @@ def plan_placement(
             sub.sum(axis=1) < shape.num_experts * options.min_replicas
         ).any():
             break  # too few slots left for every expert
+        if _lower_bound_s(a, sub, cost) >= best:
+            continue  # even a perfect plan on these nodes could not win
         try:
-            plans.append(_plan(a, nodes, shape, options, cost, min(budget, int(sub.sum())), sub))
+            plan = _plan(a, nodes, shape, options, cost, min(budget, int(sub.sum())), sub)
         except PlacementError:
             break
-    eplb = _eplb_candidate(a, nodes, shape, options, caps)
-    if eplb is not None:
-        plans.append(eplb)
+        plans.append(plan)
+        best = min(best, plan.step_time_s)
+    # EPLB's plan can win layers where slots are tight; it costs more to compute than ours, so
+    # only when ours is not already within EPLB_SKIP of what any plan could reach.
+    if best > _lower_bound_s(a, caps, cost) * (1 + EPLB_SKIP):
+        eplb = _eplb_candidate(a, nodes, shape, options, caps)
+        if eplb is not None:
+            plans.append(eplb)
     return _best_per_layer(plans, a, nodes, shape, options, cost)
 
 
@@ -576,6 +584,18 @@ def eplb_placement(
         used[p.replica_node],
         p.replica_share,
     )
+
+
+EPLB_SKIP = 0.02
+"""Skip the EPLB candidate when ours is within this fraction of the lower bound (no plan can
+then beat ours by more; EPLB's own run would cost more than planning)."""
+
+
+def _lower_bound_s(a: np.ndarray, caps: np.ndarray, cost: CostModel) -> float:
+    """A step time no plan within `caps` beats: per layer, every usable node finishing
+    together (tau of `_layer_bounds`) plus one dispatch call."""
+    tau, _ = _layer_bounds(a, caps, cost)
+    return float(tau.sum() + cost.call_s * len(tau))
 
 
 def _drop_order(a: np.ndarray, caps: np.ndarray, cost: CostModel) -> list[list[int]]:

@@ -45,9 +45,8 @@ def test_every_topology_node_runs_a_shard_on_its_own_ray_node(cluster):
     import ray
 
     statuses = cluster.pool.statuses()
-    assert set(statuses) == {
-        n.name for n in load_topology(TOPOLOGY).nodes if cluster.placement.experts_on(n.name)
-    }
+    # the nodes the plan leaves empty too: failover and rebalancing load experts there at once
+    assert set(statuses) == {n.name for n in load_topology(TOPOLOGY).nodes}
     assert len({s.pid for s in statuses.values()}) == len(statuses)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3
 
@@ -59,7 +58,7 @@ def test_cluster_output_equals_single_process(cluster, single_process_texts):
 def test_killed_shard_is_restarted_and_reloaded_without_changing_output(
     cluster, single_process_texts
 ):
-    node = next(iter(cluster.pool.handles))
+    node = next(n for n in cluster.pool.handles if cluster.placement.experts_on(n))
     cluster.pool.kill(node)
     start = time.perf_counter()
     assert _texts(cluster) == single_process_texts

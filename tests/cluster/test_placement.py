@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from expertmesh.cluster.eplb import rebalance_experts
 from expertmesh.cluster.placement import (
+    EPLB_SKIP,
     ExpertShape,
     NodeCapacity,
     Placement,
@@ -308,7 +309,7 @@ def test_far_slow_nodes_stay_empty_while_the_fast_ones_are_enough(tflops):
     p = plan_placement(nodes, SHAPE, load, options)
     check_invariants(p, nodes, SHAPE, 1)
     eplb_s, alone_s = baselines(nodes, SHAPE, load, options)
-    assert p.step_time_s <= min(eplb_s, alone_s) * (1 + 1e-9)
+    assert p.step_time_s <= min(eplb_s, alone_s) * (1 + EPLB_SKIP)
     if tflops == 50.0:  # compute is nearly free: every far layer call costs 400 us for nothing
         assert all(p.node_tokens[f"far-{i}"] == 0 for i in range(4))
     # and never worse than keeping every expert on the two fast nodes
@@ -369,4 +370,4 @@ def test_ours_is_never_worse_than_eplb_or_the_attention_node_alone(
     p = plan_placement(nodes, SHAPE, load, options)
     check_invariants(p, nodes, SHAPE, 1)
     eplb_s, alone_s = baselines(nodes, SHAPE, load, options)
-    assert p.step_time_s <= min(eplb_s, alone_s) * (1 + 1e-9)
+    assert p.step_time_s <= min(eplb_s, alone_s) * (1 + EPLB_SKIP)
