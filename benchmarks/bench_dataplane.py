@@ -40,12 +40,12 @@ import numpy as np
 import torch
 from common import REPO_ROOT, make_console, median_times, print_table, write_result
 
-from expertmesh.cluster.dispatch import DispatchStats
+from expertmesh.cluster.dispatch import DispatchStats, PoolTransport
 from expertmesh.cluster.planning import baseline_placement
 from expertmesh.cluster.pool import RayShardPool
 from expertmesh.cluster.runtime import ExpertParallelModel, routes_from_placement
 from expertmesh.cluster.topology import load_topology
-from expertmesh.cluster.transport import ChannelTransport, PoolTransport
+from expertmesh.cluster.transport import ChannelTransport
 from expertmesh.cluster.wire import WIRE_FORMATS, ShardRequest, pack, unpack, wire_for
 from expertmesh.models.checkpoint import load_model
 from expertmesh.models.generate import Generator, SamplingParams

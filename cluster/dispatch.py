@@ -257,6 +257,47 @@ class LayerCall:
     """The call's `expertmesh.dispatch` span (ended by `finish`), when tracing."""
 
 
+@dataclass
+class Sent:
+    """Requests in flight, for `replies`."""
+
+    handles: dict[str, Any] = field(default_factory=dict)
+    request_bytes: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, ShardLost] = field(default_factory=dict)
+    """Nodes whose request could not even be sent."""
+
+
+class PoolTransport:
+    """One call per node through the `ShardPool` (Ray actor tasks on a Ray pool)."""
+
+    name = "actor-call"
+
+    def __init__(self, pool: ShardPool) -> None:
+        self.pool = pool
+
+    def send(
+        self, requests: Mapping[str, ShardRequest], trace: dict[str, str] | None = None
+    ) -> Sent:
+        sent = Sent()
+        for node, request in requests.items():
+            sent.request_bytes[node] = request.nbytes
+            try:
+                sent.handles[node] = self.pool.submit_request(node, request, trace)
+            except ShardLost as e:
+                sent.lost[node] = e
+        return sent
+
+    def replies(self, sent: Sent) -> Iterator[tuple[str, ShardReply | ShardLost]]:
+        yield from sent.lost.items()
+        as_completed = getattr(self.pool, "as_completed", None)
+        order = as_completed(sent.handles) if as_completed is not None else iter(sent.handles)
+        for node in order:
+            try:
+                yield node, self.pool.result(sent.handles[node])
+            except ShardLost as e:
+                yield node, e
+
+
 class Dispatcher:
     """Sends one layer's expert work to the shards and gathers the results.
 
@@ -307,8 +348,6 @@ class Dispatcher:
             if default is not None:
                 transport = default()
             else:
-                from .transport import PoolTransport
-
                 transport = PoolTransport(pool)
         self.transport: Transport = transport
 
@@ -537,9 +576,7 @@ class Dispatcher:
         while True:
             with self._cond:  # the lock _adopt needs (its waiters are told)
                 adopted = self._adopt()
-            if adopted and any(
-                n not in self.dead for n, _ in self.table.replicas(layer, expert)
-            ):
+            if adopted and any(n not in self.dead for n, _ in self.table.replicas(layer, expert)):
                 return
             if node in self.table.nodes:
                 experts = self.table.node_experts().get(node, {})

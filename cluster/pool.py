@@ -131,7 +131,8 @@ class RayShardPool:
     def default_transport(self) -> Any:
         """Persistent channels to the shard actors (`cluster/transport.py`), unless this pool
         was made with `transport="actor-call"` (one Ray task per node per layer)."""
-        from .transport import ChannelTransport, PoolTransport
+        from .dispatch import PoolTransport
+        from .transport import ChannelTransport
 
         return ChannelTransport(self) if self.transport == "channel" else PoolTransport(self)
 

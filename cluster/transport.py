@@ -6,7 +6,8 @@
   a node changes (a standby promoted, a node rejoined) or the channel breaks. The default on
   a Ray pool. A dead actor shows as a closed channel: its node's reply is `ShardLost`, and
   the dispatcher's failover runs exactly as on the fallback path.
-- `PoolTransport`: one `ShardPool.submit_request` per node, read with `result` (on a Ray
+- `PoolTransport` (in `cluster/dispatch.py`, the dispatcher's default without a pool
+  transport, so the two modules import one way): one `ShardPool.submit_request` per node, read with `result` (on a Ray
   pool: one Ray actor task per node per layer, replies taken as they complete). The
   fallback, and the in-process pool's transport.
 """
@@ -19,10 +20,9 @@ import select
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from .dispatch import ShardLost, ShardPool
+from .dispatch import Sent, ShardLost
 from .shard import ShardReply
 from .transport_channel import ChannelClosed, connect, recv_frame, send_frame
 from .wire import EXPERT_NOT_LOADED, OK, ShardRequest, frame_request, read_reply
@@ -49,47 +49,6 @@ class ShardCallFailed(RuntimeError):
     def __init__(self, node: str, error: str) -> None:
         super().__init__(f"expert shard on node '{node}' failed a layer call: {error}")
         self.node = node
-
-
-@dataclass
-class Sent:
-    """Requests in flight, for `replies`."""
-
-    handles: dict[str, Any] = field(default_factory=dict)
-    request_bytes: dict[str, int] = field(default_factory=dict)
-    lost: dict[str, ShardLost] = field(default_factory=dict)
-    """Nodes whose request could not even be sent."""
-
-
-class PoolTransport:
-    """One call per node through the `ShardPool` (Ray actor tasks on a Ray pool)."""
-
-    name = "actor-call"
-
-    def __init__(self, pool: ShardPool) -> None:
-        self.pool = pool
-
-    def send(
-        self, requests: Mapping[str, ShardRequest], trace: dict[str, str] | None = None
-    ) -> Sent:
-        sent = Sent()
-        for node, request in requests.items():
-            sent.request_bytes[node] = request.nbytes
-            try:
-                sent.handles[node] = self.pool.submit_request(node, request, trace)
-            except ShardLost as e:
-                sent.lost[node] = e
-        return sent
-
-    def replies(self, sent: Sent) -> Iterator[tuple[str, ShardReply | ShardLost]]:
-        yield from sent.lost.items()
-        as_completed = getattr(self.pool, "as_completed", None)
-        order = as_completed(sent.handles) if as_completed is not None else iter(sent.handles)
-        for node in order:
-            try:
-                yield node, self.pool.result(sent.handles[node])
-            except ShardLost as e:
-                yield node, e
 
 
 class _Channel:

@@ -165,8 +165,8 @@ def test_ray_shards_default_to_channels_and_a_killed_shard_is_reached_again(hf_c
     is promoted, its channel reopened, the output unchanged; the actor-call fallback agrees."""
     import ray
 
+    from expertmesh.cluster.dispatch import PoolTransport
     from expertmesh.cluster.pool import RayShardPool, node_resource
-    from expertmesh.cluster.transport import PoolTransport
 
     path, _ = hf_checkpoint("mixtral")
     routes = {
