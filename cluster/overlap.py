@@ -54,11 +54,14 @@ class OverlapPolicy:
 
     mode: str = "auto"
     """'on': always (batches of 2+ rows), 'off': never, 'auto': when measured to help."""
-    min_ratio: float = 0.2
-    """auto: below this ratio of waiting to attention-side compute, overlap stays off."""
-    min_rows: int = 2
+    min_ratio: float = 0.5
+    """auto: below this ratio of waiting to attention-side compute, overlap stays off (a
+    split pass costs a second layer call per layer and, for the second micro-batch, a KV
+    cache read by row index instead of a prefix; measured, it pays only when the wait is a
+    large part of the pass)."""
+    min_rows: int = 4
     """Fewest token rows (batch x new tokens) per micro-batch."""
-    probe_every: int = 64
+    probe_every: int = 256
     """auto: every this many passes of a bucket, run one in the mode not chosen."""
     smoothing: float = 0.3
     """Weight of a new measurement in the running per-row times."""
@@ -98,10 +101,9 @@ class OverlapPolicy:
         b = self.buckets.setdefault(_bucket(rows), _Bucket())
         per_row = wall_s / max(rows, 1)
         a = self.smoothing
-        if overlapped:
-            b.on_s_per_row = (
-                per_row if b.on_s_per_row is None else (1 - a) * b.on_s_per_row + a * per_row
-            )
+        if overlapped:  # a slower overlapped pass counts in full: trying it is the cost
+            on = b.on_s_per_row
+            b.on_s_per_row = per_row if on is None or per_row > on else (1 - a) * on + a * per_row
             return
         b.off_s_per_row = (
             per_row if b.off_s_per_row is None else (1 - a) * b.off_s_per_row + a * per_row
