@@ -75,11 +75,15 @@ class OverlapPolicy:
                 f"overlap: unknown mode {self.mode!r}; use one of {', '.join(OVERLAP_MODES)}"
             )
 
-    def decide(self, rows: int) -> bool:
+    def decide(self, rows: int, new_tokens: int = 1) -> bool:
+        """Split this pass of `rows` token rows (`new_tokens` per sequence)? In auto, only
+        decode passes: prefill shapes vary too much for one trial per bucket to pay back."""
         if self.mode == "off" or rows < 2 * self.min_rows:
             return False
         if self.mode == "on":
             return True
+        if new_tokens > 1:
+            return False
         b = self.buckets.setdefault(_bucket(rows), _Bucket())
         b.passes += 1
         if b.off_s_per_row is None or b.ratio is None:
@@ -134,14 +138,14 @@ def install_overlap(
         B, T = input_ids.shape
         keeps_last = router_stats is not None and getattr(router_stats, "keep_last", False)
         split = B >= 2 and not keeps_last and not torch.is_grad_enabled()
-        overlap = split and policy.decide(B * T)
+        overlap = split and policy.decide(B * T, T)
         wait0 = dispatcher.stats.wait_s
         t0 = time.perf_counter()
         if overlap:
             out = pipelined_hidden_states(self, input_ids, cache, rows, router_stats)
         else:
             out = plain(input_ids, cache, rows, router_stats)
-        if split:
+        if split and (overlap or T == 1):
             policy.record(B * T, overlap, time.perf_counter() - t0, dispatcher.stats.wait_s - wait0)
         return out
 

@@ -91,3 +91,11 @@ def test_a_failed_overlapped_pass_leaves_no_call_in_flight(hf_checkpoint):
         ep.model(torch.randint(0, 256, (4, 6)))
     assert ep.dispatcher._inflight == 0
     ep.dispatcher.swap_table(ep.dispatcher.table)  # returns at once
+
+
+def test_auto_policy_tries_overlap_on_decode_passes_only():
+    policy = OverlapPolicy("auto", min_ratio=0.2)
+    policy.record(64, False, wall_s=1.0, wait_s=0.6)  # plenty to hide
+    assert policy.decide(64, new_tokens=8) is False  # prefill: never in auto
+    assert policy.decide(64, new_tokens=1) is True
+    assert OverlapPolicy("on").decide(64, new_tokens=8) is True
