@@ -29,7 +29,9 @@ class ListSink:
 
 def one_node_model(path):
     config = read_config(path)
-    routes = {(la, e): [("a", 1.0)] for la in config.moe_layer_ids for e in range(config.moe.num_experts)}
+    routes = {
+        (la, e): [("a", 1.0)] for la in config.moe_layer_ids for e in range(config.moe.num_experts)
+    }
     shard = ExpertShard("a", str(path), RoutingTable(routes).node_experts()["a"], emulation=BASE)
     return ExpertParallelModel.from_routes(path, routes, InProcessShardPool({"a": shard})), shard
 
