@@ -47,6 +47,8 @@ class DetectorConfig:
     evaluate_every_s: float = 0.1
     warmup: int = 5
     """Replies per node ignored at the start (first calls: cold caches, channels opening)."""
+    min_samples: int = 10
+    """Replies in the window before it is judged (fewer: a few stalls decide the median)."""
     min_baseline: int = 10
     """Baseline replies a size bin needs before calls of that size are judged."""
 
@@ -80,6 +82,7 @@ class DispatchDetectors:
                     baseline_s=c.baseline_s,
                     warmup=c.warmup,
                     min_baseline=c.min_baseline,
+                    min_samples=c.min_samples,
                 ),
                 Condition(self.events, LINK_DEGRADED, node, SOURCE),
             )
@@ -91,6 +94,7 @@ class DispatchDetectors:
                     baseline_s=c.baseline_s,
                     warmup=c.warmup,
                     min_baseline=c.min_baseline,
+                    min_samples=c.min_samples,
                 ),
                 Condition(self.events, NODE_SLOW, node, SOURCE),
             )
@@ -129,6 +133,7 @@ class DispatchDetectors:
         slow_now = {
             n for n, m in busy.items() if m is not None and m.ratio >= self.config.slow_ratio
         }
+        thresholds = {"busy": self.config.slow_ratio, "wire": self.config.link_ratio}
         for signal, watches, measured, unit in (
             ("busy", self._slow, busy, "busy time"),
             ("wire", self._link, wire, "wire time"),
@@ -142,6 +147,15 @@ class DispatchDetectors:
                 if others and not peers:
                     continue  # peers exist but none can be judged yet: no reference
                 if signal == "wire" and slow_now and not watch.active:
+                    continue
+                # One node's link or compute fails at a time; several nodes' crossing at once
+                # (of three or more) is the attention worker reading late, or the machine.
+                rising = [
+                    n
+                    for n, v in measured.items()
+                    if v is not None and v.ratio >= thresholds[signal]
+                ]
+                if len(measured) >= 3 and len(rising) > 1 and not watch.active:
                     continue
                 # What the machine did meanwhile: the other nodes' same signal, and this
                 # node's other signal (contention stretches compute and transport alike; a

@@ -16,6 +16,11 @@ def add_chaos(sub: argparse._SubParsersAction) -> None:
     run.add_argument("scenarios", nargs="+", type=Path, help="scenario YAML files")
     run.add_argument("--short", action="store_true", help="the short version the tests run")
     run.add_argument("--out", type=Path, default=Path("chaos-out"), help="spans, metrics, events")
+    run.add_argument(
+        "--control",
+        action="store_true",
+        help="the same load for the same length with no fault: every detection is a false positive",
+    )
     run.set_defaults(func=run_chaos)
 
 
@@ -25,15 +30,18 @@ def run_chaos(args: argparse.Namespace) -> int:
     console = Console()
     scenarios = [load_scenario(p) for p in args.scenarios]  # all valid before any starts
     table = Table(title="Chaos scenarios")
-    for col in ("scenario", "requests", "ok", "429", "lost", "wrong", "recovery s (max)", "result"):
+    columns = ("scenario", "requests", "ok", "429", "lost", "wrong", "detect s (max)")
+    for col in (*columns, "false pos.", "recovery s (max)", "result"):
         table.add_column(col)
     failed = 0
     for scenario in scenarios:
         if args.short:
             scenario = scenario.shortened()
         console.print(f"running {scenario.name}: {scenario.description}")
-        report = Runner(scenario, args.out / scenario.name).run()
+        out = args.out / (scenario.name + ("-control" if args.control else ""))
+        report = Runner(scenario, out, control=args.control).run()
         worst = max((max(v) for v in report.recovery_s.values()), default=0.0)
+        detect = max((max(v) for v in report.time_to_detect_s.values()), default=0.0)
         table.add_row(
             scenario.name,
             str(report.requests),
@@ -41,6 +49,8 @@ def run_chaos(args: argparse.Namespace) -> int:
             str(report.rejected),
             str(report.lost),
             str(report.wrong_outputs),
+            f"{detect:.2f}",
+            str(len(report.false_positives)),
             f"{worst:.2f}",
             "pass" if report.passed else "FAIL: " + "; ".join(report.failures),
         )

@@ -1,5 +1,7 @@
 """The chaos suite, short version of every scenario: no request lost, outputs equal to a
-fault-free run, recovery within each scenario's bound; then `expertmesh fmea` on a run."""
+fault-free run, recovery within each scenario's bound, every fault detected by the platform
+(never by the injector) within the scenario's deadline; a fault-free control run of the same
+length detects nothing; then `expertmesh fmea` on a run."""
 
 from __future__ import annotations
 
@@ -7,21 +9,32 @@ from pathlib import Path
 
 import pytest
 
-from expertmesh.chaos.runner import ChaosError, Runner, load_scenario
+from expertmesh.chaos.runner import MODE_OF, ChaosError, Runner, detections, load_scenario
 from expertmesh.cli import main
+from expertmesh.observability.events import CHAOS, LINK_DEGRADED, FaultEvent, read_events
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "examples" / "chaos").glob("*.yaml"))
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
 def test_scenario_passes_in_its_short_version(path, tmp_path):
     scenario = load_scenario(path).shortened()
     report = Runner(scenario, tmp_path / scenario.name).run()
+    print(
+        f"{scenario.name}: time to detect {report.time_to_detect_s}; "
+        f"false positives {report.false_positives}"
+    )
     assert report.passed, report.failures
     assert report.ok > 0 and report.lost == 0 and report.wrong_outputs == 0
+    for fault in scenario.faults:
+        assert MODE_OF[fault.kind] in report.time_to_detect_s
     for mode in scenario.expect.detected:
         assert mode in report.detected
+    events = read_events(tmp_path / scenario.name / "events.jsonl")
+    assert {e.kind for e in events if e.source == CHAOS} <= {"fault", "restored"}
+    assert all(e.source for e in events), "every event names its source"
     if path.stem == "kill-shard":
         out = tmp_path / "fmea"
         run = tmp_path / scenario.name
@@ -44,6 +57,39 @@ def test_scenario_passes_in_its_short_version(path, tmp_path):
         table = (out / "fmea.md").read_text()
         assert "expert_shard_lost" in table and "docs/runbooks/expert_shard_lost.md" in table
         assert "<img" in (out / "fmea.html").read_text()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_fault_free_run_of_the_same_length_detects_nothing(tmp_path):
+    """The control for every detector: the longest short scenario's load, no fault."""
+    scenario = load_scenario(SCENARIOS[0].parent / "kill-node.yaml").shortened()
+    report = Runner(scenario, tmp_path / "control", control=True).run()
+    print(f"control run: {report.requests} requests, false positives {report.false_positives}")
+    assert report.passed, report.failures
+    assert report.false_positives == [] and report.detected == []
+
+
+def _at(kind, seconds, source, mode=LINK_DEGRADED, target="cpu-fast"):
+    return FaultEvent(kind, mode, target, time_unix_nano=int(seconds * 1e9), source=source)
+
+
+def test_time_to_detect_is_the_first_platform_detection_after_the_fault():
+    events = [
+        _at("detected", 0.5, "cluster.dispatch"),  # before any fault: a false positive
+        _at("fault", 1.0, CHAOS),
+        _at("detected", 1.4, "cluster.dispatch"),
+        _at("detected", 1.6, "cluster.dispatch"),  # the same incident seen again
+        _at("restored", 3.0, CHAOS),
+        _at("fault", 10.0, CHAOS),  # never detected
+        _at("restored", 12.0, CHAOS),
+        _at("detected", 30.0, "cluster.dispatch"),  # long after: answers that fault too late
+    ]
+    ttd, misses, false_positives = detections(events, within_s=5.0)
+    assert ttd[LINK_DEGRADED][0] == pytest.approx(0.4)
+    assert ttd[LINK_DEGRADED][1] == pytest.approx(20.0)
+    assert len(misses) == 1 and "only after 20.00 s" in misses[0]
+    assert false_positives == ["link_degraded@cpu-fast by cluster.dispatch"]
 
 
 def test_bad_scenario_names_the_field(tmp_path):

@@ -1,6 +1,8 @@
 """The dispatcher's detectors on a real dispatcher and a real shard (in this process, emulating
-its node): a slower link and a slower node are each detected as themselves, and a run of the
-same length with nothing changed detects nothing."""
+its node): a slower link and a slower node are each detected as themselves. The fault-free
+control is the chaos suite's (`tests/chaos`: three nodes, whose peers divide out what the
+whole machine does); a lone in-process node has no peer, and on the shared 2-core machine
+contention alone moves its timings several-fold."""
 
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def drive(ep, seconds: float) -> None:
 def watched(path):
     ep, shard = one_node_model(path)
     sink = ListSink()
-    detectors = DispatchDetectors(sink, DetectorConfig(baseline_s=30.0))
+    detectors = DispatchDetectors(sink, DetectorConfig(baseline_s=30.0, min_samples=6))
     ep.dispatcher.observers.append(detectors)
     return ep, shard, sink
 
@@ -81,10 +83,3 @@ def test_slower_compute_is_detected_as_node_slow_not_as_the_link(hf_checkpoint):
     drive(ep, 1.5)
     kinds = [(e.kind, e.failure_mode) for e in sink.events]
     assert ("detected", NODE_SLOW) in kinds and ("detected", LINK_DEGRADED) not in kinds, kinds
-
-
-def test_a_fault_free_run_of_the_same_length_detects_nothing(hf_checkpoint):
-    path, _ = hf_checkpoint("mixtral")
-    ep, _, sink = watched(path)
-    drive(ep, 6.0)
-    assert [e for e in sink.events if e.kind == "detected"] == []
