@@ -1,24 +1,34 @@
-"""Generation throughput of our engine against `transformers` on the same checkpoint, plus
-KV-cache bytes per token for each cache mode.
+"""Offline generation throughput: our engine against vLLM's offline engine (`vllm.LLM`, the
+baseline) and `transformers` `generate`, on one checkpoint, in one run; plus KV-cache bytes
+per token for each cache mode.
 
-    .venv/bin/python benchmarks/bench_engine.py                  # ~1.5 min on 2 idle cores
-    .venv/bin/python benchmarks/bench_engine.py --quick          # 1 timed repeat
-    .venv/bin/python benchmarks/bench_engine.py --threads 2 --out benchmarks/out/bench_engine.json
+    .venv/bin/python benchmarks/bench_engine.py            # ~5 min on 2 idle cores
+    .venv/bin/python benchmarks/bench_engine.py --quick    # 1 timed call, batch 1 and 8
+    .venv/bin/python benchmarks/bench_engine.py --no-vllm  # without .venv-vllm
 
-What is measured: a randomly initialised OLMoE-shaped model of about 100M parameters is built
-with `transformers.OlmoeConfig`, re-initialised with a fixed seed and saved once with
-`save_pretrained`; both engines load that one checkpoint in fp32, in this process, with the
-same torch thread count. Each engine generates 64 tokens greedily (no early stop) after a
-128-token random prompt, at batch 1 and batch 8. After one warm-up call per engine and batch
-size, R calls per engine are timed, interleaved (ours, transformers, ours, ...) so changes in
-machine load hit both alike, and the median kept; tokens/s = generated tokens / wall time,
-prefill included. Greedy outputs of the two engines are compared token for token.
+vLLM runs from its own venv (`make venv-vllm`): `benchmarks/vllm_peer.py` under
+`.venv-vllm/bin/python`, a subprocess this script drives over stdin/stdout (JSON lines), so
+vLLM's timed calls interleave with ours and transformers' (ours, vLLM, transformers, ours, ...)
+and a change in machine load hits all three alike. The JSON goes to
+benchmarks/results/bench_engine.json (`--quick`: bench_engine_quick.json, not committed).
 
-Weights are drawn with std 0.1 (norms 1), not the usual 0.02: at 0.02 this model's greedy
-output collapses to 1-3 distinct tokens per row, which makes the identical-output check
-nearly vacuous and routes every decode step to the same experts (unrealistically
-cache-friendly). At 0.1 rows generate ~60 distinct tokens of 64 and still match exactly.
-The shared build machine is noisy: read the load average recorded in the JSON with results.
+What is measured: `models/synthetic.py`'s QWEN3_MOE_70M (Qwen3-MoE, hidden 512, 8 layers,
+16 experts top-2, 61M parameters; weights N(0, 0.1), norms near 1) is written once in
+transformers' format; every engine loads those files in fp32. Each generates 64 tokens
+greedily after a 128-token random prompt (EOS ignored: no engine stops early) at batch 1, 8
+and 32, all rows submitted at once; tokens/s = generated tokens / wall time of the call,
+prefill included. After one warm-up call per engine and batch size, R calls are timed,
+interleaved, and the median kept. Outputs are compared token for token against vLLM's; where
+they differ, the share of tokens before each row's first difference is reported. Each call's
+CPU time is recorded too (user + system, every thread; for vLLM its front end, engine core and
+worker processes): on a shared machine wall time follows other processes' load, CPU seconds
+per generated token much less so (read the load averages in the JSON with the results).
+
+Threads: torch uses `--threads` in this process (ours, transformers); vLLM's worker is bound
+to as many cores (`VLLM_CPU_OMP_THREADS_BIND=0-<threads-1>`; vLLM's own default, `auto`, binds
+one fewer and keeps a core for its scheduler process: `--vllm-bind auto`). vLLM: eager mode
+(`enforce_eager`, its CPU default), prefix caching off (the timed calls repeat their prompts;
+ours has no prefix cache), no detokenisation (none of the engines detokenises here).
 
 KV-cache bytes per token are computed (not measured) with `kv_bytes_per_token` for this model
 and for a DeepSeek-V3-shaped config with its real attention sizes.
@@ -27,53 +37,31 @@ and for a DeepSeek-V3-shaped config with its real attention sizes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timing, make_console, median_times, print_table, write_json
+from common import REPO_ROOT, Timing, make_console, median_times, print_table, write_result
 
 from expertmesh.models.adapters import adapter_for
 from expertmesh.models.checkpoint import load_model, read_config
 from expertmesh.models.config import KVMode, ModelConfig
 from expertmesh.models.generate import Generator, SamplingParams
 from expertmesh.models.kv_cache import kv_bytes_per_token
-
-# OLMoE shape scaled down to ~100M parameters. Expert intermediate 304 (a multiple of 16)
-# lands at 101.0M: 32.8M embeddings + LM head, 8.4M attention, 59.8M experts.
-OLMOE_SIZES: dict[str, Any] = dict(
-    vocab_size=32000,
-    hidden_size=512,
-    intermediate_size=304,  # per expert in OLMoE
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    num_experts=16,
-    num_experts_per_tok=2,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-    # No EOS/pad: neither engine may stop early or suppress a token, so greedy outputs are
-    # comparable token for token (transformers' min_new_tokens would mask an EOS id).
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
+from expertmesh.models.synthetic import QWEN3_MOE_70M, save_random_checkpoint
 
 # DeepSeek-V3 (671B) config.json fields that the cache size depends on, at their real sizes;
 # the rest are real too so the adapter parses a faithful config.
@@ -92,6 +80,7 @@ DEEPSEEK_V3_RAW: dict[str, Any] = dict(
     first_k_dense_replace=3,
     n_group=8,
     topk_group=4,
+    topk_method="noaux_tc",
     routed_scaling_factor=2.5,
     norm_topk_prob=True,
     q_lora_rank=1536,
@@ -107,57 +96,84 @@ DEEPSEEK_V3_RAW: dict[str, Any] = dict(
 
 PROMPT_LEN = 128
 NEW_TOKENS = 64
-BATCH_SIZES = (1, 8)
-ENGINES = ("ours", "transformers")
+BATCH_SIZES = (1, 8, 32)
+QUICK_BATCH_SIZES = (1, 8)
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_PEER = Path(__file__).resolve().parent / "vllm_peer.py"
+LOG_DIR = REPO_ROOT / "benchmarks" / "out"
+"""Where vLLM's log goes (ignored by git)."""
+
+Tokens = list[list[int]]
 
 
-def build_checkpoint(path: Path, seed: int = 0, std: float = 0.1) -> int:
-    """Save the random OLMoE-shaped model to `path` with `save_pretrained`; its parameter count.
-
-    Every weight is redrawn from N(0, std) with a seeded generator, norms set to 1, so the
-    checkpoint is the same on every run whatever transformers' own init does.
-    """
-    import transformers
-
-    config = transformers.OlmoeConfig(**OLMOE_SIZES)
-    model = transformers.OlmoeForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    model.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
-
-
-def random_prompts(batch: int, vocab: int, seed: int) -> torch.Tensor:
+def random_prompts(batch: int, vocab: int, seed: int) -> Tokens:
     """(batch, PROMPT_LEN) token ids; row i is the same whatever `batch` is."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (max(BATCH_SIZES), PROMPT_LEN), generator=gen)[:batch]
+    rows = torch.randint(0, vocab, (max(BATCH_SIZES), PROMPT_LEN), generator=gen)[:batch]
+    return [[int(t) for t in row] for row in rows.tolist()]
+
+
+class CpuClock:
+    """CPU seconds (user + system, all threads) each call of a function used: of this process
+    (pid None: ours, transformers) or of a process and its children (vLLM's front end, engine
+    core and worker). On a shared machine wall time grows with other processes' load; the
+    CPU time an engine spends per token is a second, load-robust measure of its work."""
+
+    def __init__(self, pid: int | None) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.pid = pid
+        self.calls_s: list[float] = []
+
+    def _now(self) -> float:
+        if self.pid is None:
+            return time.process_time()
+        total = 0.0
+        for p in [self.root, *self.root.children(recursive=True)]:
+            with contextlib.suppress(Exception):  # a process that just exited
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def timed(self, fn: Callable[[], Tokens]) -> Callable[[], Tokens]:
+        def run() -> Tokens:
+            t0 = self._now()
+            out = fn()
+            self.calls_s.append(self._now() - t0)
+            return out
+
+        return run
 
 
 class OursEngine:
-    """`load_model` + `Generator`, greedy, EOS ignored."""
+    """`load_model` + `Generator` (models/generate.py), greedy, EOS ignored."""
 
     name = "ours"
 
     def __init__(self, checkpoint: Path) -> None:
         self.generator = Generator(load_model(checkpoint, dtype="float32"))
         self.params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+        self.cpu = CpuClock(None)
 
-    def runner(self, prompts: torch.Tensor) -> Callable[[], list[list[int]]]:
-        rows = prompts.tolist()
-        return lambda: [c.token_ids for c in self.generator.generate(rows, self.params)]
+    def runner(self, prompts: Tokens) -> Callable[[], Tokens]:
+        return self.cpu.timed(
+            lambda: [c.token_ids for c in self.generator.generate(prompts, self.params)]
+        )
 
     def last_split_s(self) -> dict[str, float] | None:
         stats = self.generator.stats
         return {"prefill_s": stats.prefill_s, "decode_s": stats.decode_s}
 
+    def close(self) -> None:
+        pass
+
 
 class TransformersEngine:
-    """`AutoModelForCausalLM.from_pretrained` + `generate`, greedy, exactly NEW_TOKENS tokens."""
+    """`AutoModelForCausalLM.from_pretrained` + `generate`, greedy, exactly NEW_TOKENS tokens.
+
+    The generation config's end tokens are dropped (not `min_new_tokens`, which would mask
+    their logits and change the greedy choice where an end token is the argmax)."""
 
     name = "transformers"
 
@@ -167,33 +183,108 @@ class TransformersEngine:
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             checkpoint, dtype=torch.float32
         ).eval()
+        self.generation_config = transformers.GenerationConfig(
+            do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0
+        )
+        self.cpu = CpuClock(None)
 
-    def runner(self, prompts: torch.Tensor) -> Callable[[], list[list[int]]]:
-        mask = torch.ones_like(prompts)  # equal lengths: no padding
+    def runner(self, prompts: Tokens) -> Callable[[], Tokens]:
+        ids = torch.tensor(prompts)
+        mask = torch.ones_like(ids)  # equal lengths: no padding
 
         @torch.inference_mode()
-        def run() -> list[list[int]]:
+        def run() -> Tokens:
             out = self.model.generate(
-                input_ids=prompts,
-                attention_mask=mask,
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                do_sample=False,
+                input_ids=ids, attention_mask=mask, generation_config=self.generation_config
             )
             return out[:, PROMPT_LEN:].tolist()
 
-        return run
+        return self.cpu.timed(run)
 
     def last_split_s(self) -> dict[str, float] | None:
         return None
+
+    def close(self) -> None:
+        pass
+
+
+class VLLMPeer:
+    """vLLM's offline engine in `.venv-vllm`, behind `benchmarks/vllm_peer.py` (a subprocess)."""
+
+    name = "vllm"
+
+    def __init__(self, checkpoint: Path, threads: int, bind: str, log: IO[str]) -> None:
+        if not VLLM_PYTHON.exists():
+            raise SystemExit(
+                f"{VLLM_PYTHON} not found: run `make venv-vllm` first, or pass --no-vllm"
+            )
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: 32 x 192 tokens need ~50 MB
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}" if bind == "threads" else bind
+        self.bind = env["VLLM_CPU_OMP_THREADS_BIND"]
+        self.log = log
+        self.proc = subprocess.Popen(
+            [str(VLLM_PYTHON), str(VLLM_PEER), "--checkpoint", str(checkpoint)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+        )
+        self.ready = self._read()
+        self.child_times_s: list[float] = []
+        self.cpu = CpuClock(self.proc.pid)
+
+    def _read(self) -> dict[str, Any]:
+        """The next answer line; vLLM's log lines go to the log file."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("@@vllm "):
+                return dict(json.loads(line[len("@@vllm ") :]))
+            self.log.write(line)
+        raise RuntimeError(
+            f"vLLM peer exited (code {self.proc.wait()}) before answering; see {self.log.name}"
+        )
+
+    def runner(self, prompts: Tokens) -> Callable[[], Tokens]:
+        request = json.dumps({"prompts": prompts, "max_tokens": NEW_TOKENS}) + "\n"
+
+        def run() -> Tokens:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(request)
+            self.proc.stdin.flush()
+            reply = self._read()
+            self.child_times_s.append(float(reply["time_s"]))
+            return [list(map(int, row)) for row in reply["token_ids"]]
+
+        return self.cpu.timed(run)
+
+    def last_split_s(self) -> dict[str, float] | None:
+        return None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+            self.proc.stdin.flush()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+Engine = OursEngine | TransformersEngine | VLLMPeer
 
 
 @dataclass(frozen=True)
 class Measurement:
     engine: str
     batch_size: int
-    timing: Timing[list[list[int]]]
+    timing: Timing[Tokens]
     split_s: dict[str, float] | None  # our prefill/decode split of the last timed call
+    cpu_s: tuple[float, ...]  # CPU seconds of each timed call (CpuClock)
 
     @property
     def generated_tokens(self) -> int:
@@ -203,65 +294,158 @@ class Measurement:
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.timing.median_s
 
+    @property
+    def cpu_ms_per_token(self) -> float:
+        return 1e3 * statistics.median(self.cpu_s) / self.generated_tokens
+
     def to_json(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "median_s": self.timing.median_s,
             "times_s": list(self.timing.times_s),
             "generated_tokens": self.generated_tokens,
             "tokens_per_s": self.tokens_per_s,
+            "cpu_s": list(self.cpu_s),
+            "cpu_ms_per_token": self.cpu_ms_per_token,
         }
         if self.split_s is not None:
             out["last_call_split_s"] = self.split_s
         return out
 
 
-def first_mismatch(a: list[list[int]], b: list[list[int]]) -> dict[str, int] | None:
-    for row, (x, y) in enumerate(zip(a, b)):
-        for pos, (s, t) in enumerate(zip(x, y)):
-            if s != t:
-                return {"row": row, "position": pos}
-        if len(x) != len(y):
-            return {"row": row, "position": min(len(x), len(y))}
-    return None
+def agreement(a: Tokens, b: Tokens) -> dict[str, Any]:
+    """How far two engines' greedy outputs agree: identical rows, and the share of tokens
+    before each row's first difference (after one, the rows continue from different text)."""
+    prefix = 0
+    identical = 0
+    first: dict[str, int] | None = None
+    for row, (x, y) in enumerate(zip(a, b, strict=True)):
+        n = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        prefix += n
+        if n == len(x) == len(y):
+            identical += 1
+        elif first is None:
+            first = {"row": row, "position": n}
+    total = sum(len(x) for x in a)
+    return {
+        "identical": identical == len(a),
+        "identical_rows": identical,
+        "rows": len(a),
+        "prefix_match_rate": prefix / total if total else 1.0,
+        "first_mismatch": first,
+    }
 
 
-def measure_throughput(
-    checkpoint: Path, vocab: int, repeats: int, seed: int, console: Console
+def measure(
+    engines: dict[str, Engine],
+    batch_sizes: tuple[int, ...],
+    vocab: int,
+    repeats: int,
+    seed: int,
+    console: Console,
 ) -> dict[int, dict[str, Measurement]]:
-    """{batch_size: {engine: Measurement}}; engines loaded once, timed calls interleaved."""
-    results: dict[int, dict[str, Measurement]] = {b: {} for b in BATCH_SIZES}
-    progress = Progress(
-        TextColumn("{task.description:<28}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
-    with progress:
-        load = progress.add_task("loading engines", total=len(ENGINES))
-        engines: dict[str, OursEngine | TransformersEngine] = {}
-        for cls in (OursEngine, TransformersEngine):
-            engines[cls.name] = cls(checkpoint)
-            progress.advance(load)
-        for batch in BATCH_SIZES:
-            prompts = random_prompts(batch, vocab, seed)
-            tasks = {e: progress.add_task(f"{e} batch {batch}", total=1 + repeats) for e in ENGINES}
-
-            def advance(engine: str, tasks: dict[str, TaskID] = tasks) -> None:
-                progress.advance(tasks[engine])
-
-            timings = median_times(
-                {e: engines[e].runner(prompts) for e in ENGINES}, repeats, warmup=1, on_call=advance
+    """{batch_size: {engine: Measurement}}; timed calls interleaved across engines."""
+    results: dict[int, dict[str, Measurement]] = {}
+    for batch in batch_sizes:
+        prompts = random_prompts(batch, vocab, seed)
+        timings = median_times(
+            {name: e.runner(prompts) for name, e in engines.items()}, repeats, warmup=1
+        )
+        results[batch] = {}
+        for name, timing in timings.items():
+            clock = engines[name].cpu
+            cpu_s = tuple(clock.calls_s[-repeats:])
+            clock.calls_s.clear()
+            m = Measurement(name, batch, timing, engines[name].last_split_s(), cpu_s)
+            results[batch][name] = m
+            times = ", ".join(f"{t:.2f}" for t in timing.times_s)
+            console.print(
+                f"{name} batch {batch}: {m.tokens_per_s:,.1f} tok/s "
+                f"(median {timing.median_s:.2f} s of [{times}] s; "
+                f"{m.cpu_ms_per_token:.2f} CPU ms/token; load {os.getloadavg()[0]:.1f})"
             )
-            for engine, timing in timings.items():
-                m = Measurement(engine, batch, timing, engines[engine].last_split_s())
-                results[batch][engine] = m
-                times = ", ".join(f"{t:.2f}" for t in timing.times_s)
-                progress.console.print(
-                    f"{engine} batch {batch}: {m.tokens_per_s:.2f} tok/s "
-                    f"(median {timing.median_s:.2f} s of [{times}] s)"
-                )
     return results
+
+
+def report_throughput(
+    results: dict[int, dict[str, Measurement]], threads: int, console: Console
+) -> list[dict[str, Any]]:
+    """Print the throughput table; its rows for the JSON, with the output comparisons."""
+    table, rows_json = [], []
+    for batch, by_engine in results.items():
+        base_name = "vllm" if "vllm" in by_engine else "transformers"
+        base = by_engine[base_name]
+        ours, hf = by_engine["ours"], by_engine["transformers"]
+        row: dict[str, Any] = {"batch_size": batch, "baseline": base_name}
+        for name, m in by_engine.items():
+            row[name] = m.to_json()
+        row["ratio_ours_over_vllm"] = (
+            ours.tokens_per_s / by_engine["vllm"].tokens_per_s if "vllm" in by_engine else None
+        )
+        row["ratio_ours_over_transformers"] = ours.tokens_per_s / hf.tokens_per_s
+        row["ratio_transformers_over_vllm"] = (
+            hf.tokens_per_s / by_engine["vllm"].tokens_per_s if "vllm" in by_engine else None
+        )
+        row["ours_vs_" + base_name] = agreement(ours.timing.result, base.timing.result)
+        row["transformers_vs_" + base_name] = (
+            agreement(hf.timing.result, base.timing.result) if base is not hf else None
+        )
+        row["distinct_tokens_generated"] = len({t for r in ours.timing.result for t in r})
+        rows_json.append(row)
+
+        def match(a: dict[str, Any] | None) -> str:
+            if a is None:
+                return "-"
+            if a["identical"]:
+                return "identical"
+            return f"{a['identical_rows']}/{a['rows']} rows, {a['prefix_match_rate']:.1%} tok"
+
+        vllm_tps = by_engine["vllm"].tokens_per_s if "vllm" in by_engine else float("nan")
+        vllm_cpu = by_engine["vllm"].cpu_ms_per_token if "vllm" in by_engine else float("nan")
+        row["cpu_ratio_vllm_over_ours"] = (
+            vllm_cpu / ours.cpu_ms_per_token if "vllm" in by_engine else None
+        )
+        table.append(
+            [
+                batch,
+                vllm_tps,
+                ours.tokens_per_s,
+                hf.tokens_per_s,
+                f"{row['ratio_ours_over_vllm']:.2f}x" if row["ratio_ours_over_vllm"] else "-",
+                f"{row['ratio_transformers_over_vllm']:.2f}x"
+                if row["ratio_transformers_over_vllm"]
+                else "-",
+                vllm_cpu,
+                ours.cpu_ms_per_token,
+                hf.cpu_ms_per_token,
+                f"{row['cpu_ratio_vllm_over_ours']:.2f}x"
+                if row["cpu_ratio_vllm_over_ours"]
+                else "-",
+                match(row["ours_vs_" + base_name]),
+                match(row["transformers_vs_" + base_name]),
+            ]
+        )
+    base_label = "vLLM" if all("vllm" in r for r in results.values()) else "transformers"
+    print_table(
+        f"Greedy generation, fp32, {threads} threads, prompt {PROMPT_LEN}, {NEW_TOKENS} new "
+        "tokens (tokens/s = generated / wall, prefill included)",
+        [
+            "batch",
+            "vLLM tok/s",
+            "ours tok/s",
+            "transformers tok/s",
+            "ours / vLLM",
+            "transformers / vLLM",
+            "vLLM CPU ms/tok",
+            "ours CPU ms/tok",
+            "transformers CPU ms/tok",
+            "vLLM CPU / ours CPU",
+            f"ours = {base_label}",
+            f"transformers = {base_label}",
+        ],
+        table,
+        console,
+    )
+    return rows_json
 
 
 def kv_rows(name: str, config: ModelConfig, modes: tuple[KVMode, ...]) -> list[dict[str, Any]]:
@@ -283,50 +467,10 @@ def kv_rows(name: str, config: ModelConfig, modes: tuple[KVMode, ...]) -> list[d
     return rows
 
 
-def report_throughput(
-    results: dict[int, dict[str, Measurement]], threads: int, console: Console
-) -> list[dict[str, Any]]:
-    """Print the throughput table; its rows for the JSON, with the output comparison."""
-    throughput_rows, throughput_json = [], []
-    for batch in BATCH_SIZES:
-        ours, ref = results[batch]["ours"], results[batch]["transformers"]
-        mismatch = first_mismatch(ours.timing.result, ref.timing.result)
-        identical = mismatch is None
-        ratio = ours.tokens_per_s / ref.tokens_per_s
-        throughput_rows.append(
-            [batch, ours.generated_tokens, ours.tokens_per_s, ref.tokens_per_s, ratio, identical]
-        )
-        throughput_json.append(
-            {
-                "batch_size": batch,
-                "ours": ours.to_json(),
-                "transformers": ref.to_json(),
-                "ratio_ours_over_transformers": ratio,
-                "outputs_identical": identical,
-                "first_mismatch": mismatch,
-                "distinct_tokens_generated": len({t for row in ours.timing.result for t in row}),
-            }
-        )
-    print_table(
-        f"Greedy generation, fp32, {threads} threads (tokens/s = generated / wall, prefill included)",
-        [
-            "batch",
-            "generated",
-            "ours tok/s",
-            "transformers tok/s",
-            "ours/transformers",
-            "outputs identical",
-        ],
-        throughput_rows,
-        console,
-    )
-    return throughput_json
-
-
 def report_kv_bytes(model_config: ModelConfig, console: Console) -> list[dict[str, Any]]:
     """Print KV-cache bytes per token, this model and the DeepSeek-V3 shape; JSON rows."""
     deepseek = adapter_for(DEEPSEEK_V3_RAW).parse_config(DEEPSEEK_V3_RAW)
-    kv = kv_rows("OLMoE-100M", model_config, ("full", "int8")) + kv_rows(
+    kv = kv_rows("Qwen3-MoE-70M", model_config, ("full", "int8")) + kv_rows(
         "DeepSeek-V3", deepseek, ("full", "int8", "latent", "latent-int8")
     )
     print_table(
@@ -348,22 +492,50 @@ def report_kv_bytes(model_config: ModelConfig, console: Console) -> list[dict[st
     return kv
 
 
+def load_engines(
+    checkpoint: Path, args: argparse.Namespace, log: IO[str], console: Console
+) -> dict[str, Engine]:
+    """Ours, vLLM (unless --no-vllm), transformers: the order their timed calls go round in."""
+    engines: dict[str, Engine] = {}
+    with console.status("loading our engine"):
+        engines["ours"] = OursEngine(checkpoint)
+    if not args.no_vllm:
+        with console.status(f"starting vLLM ({VLLM_PYTHON}); its log: {log.name}"):
+            peer = VLLMPeer(checkpoint, args.threads, args.vllm_bind, log)
+        console.print(
+            f"vLLM {peer.ready['vllm']} loaded in {peer.ready['load_s']:.1f} s "
+            f"(VLLM_CPU_OMP_THREADS_BIND={peer.bind})"
+        )
+        engines["vllm"] = peer
+    with console.status("loading transformers"):
+        engines["transformers"] = TransformersEngine(checkpoint)
+    return engines
+
+
+def open_log(name: str) -> IO[str]:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    return (LOG_DIR / name).open("w")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 timed repeat instead of --repeats")
+    parser.add_argument("--quick", action="store_true", help="1 timed call, batch 1 and 8")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per engine and batch")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed calls per engine and batch size"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (both engines)"
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (every engine)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
+    parser.add_argument("--no-vllm", action="store_true", help="skip vLLM (no .venv-vllm)")
     parser.add_argument(
-        "--init-std", type=float, default=0.1, help="std of the random weights (see module doc)"
+        "--vllm-bind",
+        default="threads",
+        help="VLLM_CPU_OMP_THREADS_BIND for vLLM: 'threads' (cores 0..threads-1, the default), "
+        "'auto' (vLLM's own default) or a core list",
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_engine.json"))
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    batch_sizes = QUICK_BATCH_SIZES if args.quick else BATCH_SIZES
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     console = make_console()
@@ -371,48 +543,69 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()  # generation-config chatter, not results
-    transformers.logging.disable_progress_bar()  # we show our own progress
-    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    transformers.logging.disable_progress_bar()
 
-    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp,
+        open_log("bench_engine_vllm.log") as log,
+    ):
         checkpoint = Path(tmp)
-        with console.status("building and saving the ~100M-parameter checkpoint"):
-            params = build_checkpoint(checkpoint, args.seed, args.init_std)
+        params = save_random_checkpoint("qwen3_moe", QWEN3_MOE_70M, checkpoint, seed=args.seed)
         console.print(
-            f"OLMoE-shaped model: [bold]{params:,}[/] parameters, fp32; "
-            f"{args.threads} torch threads; prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens; "
-            f"median of {repeats} after 1 warm-up"
+            f"Qwen3-MoE: [bold]{params:,}[/] parameters, fp32; {args.threads} threads; "
+            f"prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens; median of {repeats} after 1 warm-up"
         )
         model_config = read_config(checkpoint)
-        results = measure_throughput(
-            checkpoint, OLMOE_SIZES["vocab_size"], repeats, args.seed, console
-        )
+        engines = load_engines(checkpoint, args, log, console)
+        try:
+            results = measure(
+                engines, batch_sizes, QWEN3_MOE_70M["vocab_size"], repeats, args.seed, console
+            )
+        finally:
+            for engine in engines.values():
+                engine.close()
 
     throughput = report_throughput(results, args.threads, console)
     kv = report_kv_bytes(model_config, console)
-
-    path = write_json(
-        args.out,
+    peer = engines.get("vllm")
+    path = write_result(
+        "bench_engine_quick" if args.quick else "bench_engine",
         {
-            "benchmark": "bench_engine",
             "settings": {
                 "threads": args.threads,
                 "repeats": repeats,
                 "warmup": 1,
                 "quick": args.quick,
                 "seed": args.seed,
-                "init_std": args.init_std,
+                "init_std": 0.1,
                 "prompt_len": PROMPT_LEN,
                 "new_tokens": NEW_TOKENS,
-                "batch_sizes": list(BATCH_SIZES),
+                "batch_sizes": list(batch_sizes),
                 "dtype": "float32",
                 "load_average_at_start": load_at_start,
+                "engines": list(engines),
+                "vllm": None
+                if not isinstance(peer, VLLMPeer)
+                else {
+                    **peer.ready,
+                    "enforce_eager": True,
+                    "enable_prefix_caching": False,
+                    "child_times_s": peer.child_times_s,
+                },
             },
-            "model": {"family": "olmoe", "param_count": params, "hf_config": OLMOE_SIZES},
+            "model": {
+                "family": "qwen3_moe",
+                "param_count": params,
+                "hf_config": QWEN3_MOE_70M,
+            },
             "throughput": throughput,
             "kv_bytes_per_token": kv,
             "deepseek_v3_config": DEEPSEEK_V3_RAW,
         },
+        baseline="vLLM's offline engine (vllm.LLM, vllm-cpu) on the same checkpoint, prompts "
+        "and thread count, its timed calls interleaved with ours and transformers' in this run"
+        if isinstance(peer, VLLMPeer)
+        else "transformers generate on the same checkpoint (vLLM not run: --no-vllm)",
     )
     console.print(f"wrote {path}")
     return 0
