@@ -372,6 +372,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iters", type=int, default=300, help="round trips timed per transport")
     parser.add_argument("--rig", action="store_true", help="on a rig (cluster/rig), as root")
+    parser.add_argument("--name", help="results file stem (default bench_dataplane[_rig])")
     parser.add_argument("--roundtrip-rows", type=int, default=6, help="rows per node (decode)")
     args = parser.parse_args()
     console = make_console(140)
@@ -463,7 +464,7 @@ def main() -> None:
     console.print(f"overlap fraction: {results['overlap_fraction']}")
     console.print(f"outputs identical: {results['outputs_identical']}")
     path = write_result(
-        "bench_dataplane_rig" if args.rig else "bench_dataplane",
+        args.name or ("bench_dataplane_rig" if args.rig else "bench_dataplane"),
         results,
         baseline=(
             "attention_node_alone: the whole demo model in this one process; round trip: one "
