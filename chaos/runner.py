@@ -56,7 +56,11 @@ from expertmesh.observability.events import (
     read_events,
 )
 
+from .rig_faults import RIG_FAULT_MODES, RIG_FAULTS, inject
+
 FaultKind = Literal[
+    "link_cut",  # rig only (chaos/rig_faults.py)
+    "bandwidth_drop",  # rig only
     "kill_actor",
     "kill_node",
     "drain_node",
@@ -69,6 +73,7 @@ FaultKind = Literal[
     "lock_budget_db",
 ]
 MODE_OF: dict[str, str] = {
+    **RIG_FAULT_MODES,  # chaos/rig_faults.py
     "kill_actor": EXPERT_SHARD_LOST,
     "kill_node": NODE_LOST,
     "drain_node": NODE_DRAINED,
@@ -138,6 +143,8 @@ class Scenario(_Spec):
     name: str
     description: str = ""
     topology: str = "examples/topologies/mixed.yaml"
+    rig: bool = False
+    """Run on the rig (real links and CPU quotas, `chaos/rig_faults.py`), not the embedded one."""
     load: LoadSpec = LoadSpec()
     faults: list[FaultSpec] = Field(min_length=1)
     expect: ExpectSpec = ExpectSpec()
@@ -243,11 +250,16 @@ class Platform:
         self.events = EventLog(out / "events.jsonl", scenario=scenario.name)
         self.topology = load_topology(root / scenario.topology)
         tracer = self.telemetry.tracer
-        # Planned for the load it will get (`trace`: its expert load), as production
-        # plans from a routing trace: the first rebalance then has nothing to correct.
-        self.ep = ExpertParallelModel.launch(
-            self.checkpoint, self.topology, trace=trace, tracer=tracer
-        )
+        if scenario.rig:
+            from .rig_faults import launch
+
+            self.topology, self.ep = launch(self.checkpoint, tracer)
+        else:
+            # Planned for the load it will get (`trace`: its expert load), as production
+            # plans from a routing trace: the first rebalance then has nothing to correct.
+            self.ep = ExpertParallelModel.launch(
+                self.checkpoint, self.topology, trace=trace, tracer=tracer
+            )
         self.engine = ExpertMeshEngine(
             "expertmesh-demo",
             self.ep.model,
@@ -277,8 +289,10 @@ class Platform:
         )
         self.gate = SelectorGate(selector, self.engine)
         self.app = make_api(self.engine, gate=self.gate, meter=self.telemetry.meter, tracer=tracer)
-        spec = SupervisorSpec(
-            rebalance_every_s=1.0, rebalance_threshold=1.2, rebalance_min_tokens=64
+        spec = SupervisorSpec(  # on the rig the placement is held (rig_faults.py says why)
+            rebalance_every_s=0.0 if scenario.rig else 1.0,
+            rebalance_threshold=1.2,
+            rebalance_min_tokens=64,
         )
         self.supervisor = self.engine.supervise(
             self.ep, self.topology, spec, tracer=tracer, events=self.events
@@ -320,6 +334,12 @@ class Runner:
         self.expected = gen.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS))[0].text
         self.trace = routed.tokens[list(model.config.moe_layer_ids)].double().numpy() + 1.0
         """The load's expert load per MoE layer (the placement is planned for it)."""
+        from .rig_faults import on_rig
+
+        with on_rig(self.scenario, self.root):
+            return self._run()
+
+    def _run(self) -> ChaosReport:
         platform = Platform(self.scenario, self.out, self.root, self.trace)
         try:
             # Load on a thread, faults on this one: starting a Ray node (a node coming back)
@@ -392,6 +412,9 @@ class Runner:
             if delay > 0:
                 time.sleep(delay)
             self._emit(platform, "fault", fault, fault.kind)
+            if fault.kind in RIG_FAULTS:
+                inject(platform, fault, self.scenario.name)
+                continue
             getattr(self, f"_fault_{fault.kind}")(platform, fault)
 
     def _emit(self, p: Platform, kind: str, fault: FaultSpec, detail: str) -> None:

@@ -5,6 +5,8 @@ length detects nothing; then `expertmesh fmea` on a run."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,51 @@ from expertmesh.chaos.runner import MODE_OF, ChaosError, Runner, detections, loa
 from expertmesh.cli import main
 from expertmesh.observability.events import CHAOS, LINK_DEGRADED, FaultEvent, read_events
 
-SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "examples" / "chaos").glob("*.yaml"))
+ALL_SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "examples" / "chaos").glob("*.yaml"))
+RIG_SCENARIOS = [p for p in ALL_SCENARIOS if load_scenario(p).rig]
+SCENARIOS = [p for p in ALL_SCENARIOS if p not in RIG_SCENARIOS]
+"""The embedded ones run in this process; a rig scenario makes this process the rig's
+attention worker (its Ray driver inside a namespace), so each runs in its own process."""
+
+
+def _rig_missing() -> str | None:
+    from expertmesh.cluster.rig.system import RigUnsupported, check_support
+
+    try:
+        check_support()
+    except RigUnsupported as e:
+        return f"the rig needs what this machine lacks: {e}"
+    return None
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RIG_SCENARIOS, ids=lambda p: p.stem)
+def test_rig_scenario_passes_in_its_short_version(path, tmp_path):
+    missing = _rig_missing()
+    if missing:
+        pytest.skip(missing)
+    out = tmp_path / path.stem
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "expertmesh.cli",
+            "chaos",
+            "run",
+            str(path),
+            "--short",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    events = read_events(next(out.rglob("events.jsonl")))
+    assert {e.kind for e in events if e.source == CHAOS} <= {"fault", "restored"}
+    assert any(e.kind == "fault" for e in events)
 
 
 @pytest.mark.e2e
