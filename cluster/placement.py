@@ -508,6 +508,8 @@ def plan_placement(
     caps = _layer_caps(nodes, shape, cost)
     plans = [_plan(a, nodes, shape, options, cost, budget, caps)]
     best = plans[0].step_time_s
+    ideal = _lower_bound_s(a, caps, cost)
+    near_ideal = best <= ideal * (1 + EPLB_SKIP)  # then a subset must lower the ideal itself
     for dropped in _drop_order(a, caps, cost):
         sub = caps.copy()
         sub[:, dropped] = 0
@@ -515,8 +517,9 @@ def plan_placement(
             sub.sum(axis=1) < shape.num_experts * options.min_replicas
         ).any():
             break  # too few slots left for every expert
-        if _lower_bound_s(a, sub, cost) >= best:
-            continue  # even a perfect plan on these nodes could not win
+        bound = _lower_bound_s(a, sub, cost)
+        if bound >= best or (near_ideal and bound >= ideal):
+            continue  # even a perfect plan on these nodes could not win (or not by much)
         try:
             plan = _plan(a, nodes, shape, options, cost, min(budget, int(sub.sum())), sub)
         except PlacementError:
@@ -525,7 +528,7 @@ def plan_placement(
         best = min(best, plan.step_time_s)
     # EPLB's plan can win layers where slots are tight; it costs more to compute than ours, so
     # only when ours is not already within EPLB_SKIP of what any plan could reach.
-    if best > _lower_bound_s(a, caps, cost) * (1 + EPLB_SKIP):
+    if best > ideal * (1 + EPLB_SKIP):
         eplb = _eplb_candidate(a, nodes, shape, options, caps)
         if eplb is not None:
             plans.append(eplb)
@@ -586,7 +589,7 @@ def eplb_placement(
     )
 
 
-EPLB_SKIP = 0.02
+EPLB_SKIP = 0.05
 """Skip the EPLB candidate when ours is within this fraction of the lower bound (no plan can
 then beat ours by more; EPLB's own run would cost more than planning)."""
 
