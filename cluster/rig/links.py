@@ -24,6 +24,27 @@ def _rate(gbps: float) -> str:
     return f"{max(1, round(gbps * 1000))}mbit"
 
 
+def _add_class(ns: str, classid: str, gbps: float) -> None:
+    """An htb class `classid` under the root qdisc of `ns`'s eth0, at `gbps`."""
+    run(
+        in_netns(
+            ns,
+            [
+                "tc",
+                "class",
+                "add",
+                "dev",
+                "eth0",
+                "parent",
+                "1:",
+                "classid",
+                classid,
+                *_class_args(gbps),
+            ],
+        )
+    )
+
+
 def _class_args(gbps: float) -> list[str]:
     # Burst: a few ms of data at the rate, and at least a few 64 KB GSO segments, so the limit
     # holds the rate and not less (htb's default burst starves multi-Gbit/s classes).
@@ -65,45 +86,13 @@ def shape_node(plan: RigPlan, node: NodePlan, state: RigState) -> None:
             ],
         )
     )
-    run(
-        in_netns(
-            ns,
-            [
-                "tc",
-                "class",
-                "add",
-                "dev",
-                "eth0",
-                "parent",
-                "1:",
-                "classid",
-                f"1:{DEFAULT_CLASS}",
-                *_class_args(plan.default_rate_gbps(node.name)),
-            ],
-        )
-    )
+    _add_class(ns, f"1:{DEFAULT_CLASS}", plan.default_rate_gbps(node.name))
     for peer in plan.nodes:
         if peer.name == node.name:
             continue
         classid = f"1:{10 + peer.index}"
         gbps = plan.link(node.name, peer.name).rate_gbps
-        run(
-            in_netns(
-                ns,
-                [
-                    "tc",
-                    "class",
-                    "add",
-                    "dev",
-                    "eth0",
-                    "parent",
-                    "1:",
-                    "classid",
-                    classid,
-                    *_class_args(gbps),
-                ],
-            )
-        )
+        _add_class(ns, classid, gbps)
         run(
             in_netns(
                 ns,
