@@ -203,10 +203,10 @@ class DispatchObserver(Protocol):
     def on_reply(
         self, node: str, layer: int, rows: int, nbytes: int, round_trip_s: float, busy_s: float
     ) -> None:
-        """One shard call answered: `round_trip_s` measured here from submit to reply (an
-        upper bound when replies are read one after another), `busy_s` the time the shard
-        spent computing (its own figure, emulated slowdown included); the difference is the
-        time on the wire and in the transport."""
+        """One shard call answered: `round_trip_s` measured here from submit to the reply's
+        arrival (`ShardReply.arrived_at`; its reading on a transport without), `busy_s` the
+        time the shard spent computing (its own figure, emulated slowdown included); the
+        difference is the time on the wire and in the transport."""
 
     def on_step(self, layer: int, counts: np.ndarray) -> None:
         """One layer call done: token assignments per expert this step."""
@@ -494,7 +494,7 @@ class Dispatcher:
                     if self.on_failure is not None:
                         self.on_failure(node, str(got))
                     continue
-                answered = time.perf_counter()
+                answered = got.arrived_at or time.perf_counter()  # arrival, not reading
                 outputs = got.outputs
                 if isinstance(outputs, Packed):
                     out[torch.from_numpy(idx)] = unpack(outputs, x.dtype)

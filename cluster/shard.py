@@ -60,6 +60,9 @@ class ShardReply:
     compute_s: float
     emulated_compute_s: float
     emulated_link_s: float
+    arrived_at: float | None = None
+    """`time.perf_counter()` when the reply reached the attention worker's host (the channel
+    transport's kernel receive timestamp), not when it was read; None: time it on reading."""
 
 
 @dataclass

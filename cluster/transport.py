@@ -24,7 +24,13 @@ from typing import Any
 
 from .dispatch import Sent, ShardLost
 from .shard import ShardReply
-from .transport_channel import ChannelClosed, connect, recv_frame, send_frame
+from .transport_channel import (
+    ChannelClosed,
+    connect,
+    recv_frame_stamped,
+    send_frame,
+    stamp_arrivals,
+)
 from .wire import EXPERT_NOT_LOADED, OK, ShardRequest, frame_request, read_reply
 
 
@@ -57,9 +63,9 @@ class _Channel:
         self.sock = sock
         self.broken = False
         self.outstanding: deque[Sent] = deque()
-        self.early: dict[int, bytearray] = {}
-        """Reply frames read ahead of their turn (id of their Sent -> frame): a retry sent
-        on this channel after a later call's request has its reply behind that one's."""
+        self.early: dict[int, tuple[bytearray, float | None]] = {}
+        """Reply frames read ahead of their turn (id of their Sent -> frame, arrival): a retry
+        sent on this channel after a later call's request has its reply behind that one's."""
 
     def close(self) -> None:
         self.broken = True
@@ -111,6 +117,7 @@ class ChannelTransport:
             sock = connect((str(address[0]), int(address[1])), self.secret, self.connect_timeout_s)
         except ChannelClosed as e:
             raise ShardLost(node, f"cannot open its channel: {e}") from e
+        stamp_arrivals(sock)  # each reply keeps the time it arrived, not the time it is read
         ch = self._channels[node] = _Channel(actor, sock)
         return ch
 
@@ -141,9 +148,9 @@ class ChannelTransport:
         failure: ShardCallFailed | None = None
         out: list[tuple[str, ShardReply | ShardLost]]
         for node, ch in sent.handles.items():
-            frame = ch.early.pop(id(sent), None)
-            if frame is not None:
-                failure = self._reply(node, frame, failure, out := [])
+            early = ch.early.pop(id(sent), None)
+            if early is not None:
+                failure = self._reply(node, early, failure, out := [])
                 yield from out
             elif ch.broken:
                 yield node, self._drop(node, ch, "its channel broke")
@@ -162,7 +169,7 @@ class ChannelTransport:
                 node = waiting.pop(sock)
                 ch = sent.handles[node]
                 try:
-                    frame = recv_frame(sock)
+                    frame = recv_frame_stamped(sock)
                 except OSError as e:  # ChannelClosed included: the actor or its node died
                     yield node, self._drop(node, ch, f"its channel closed ({e})")
                     continue
@@ -179,13 +186,15 @@ class ChannelTransport:
     @staticmethod
     def _reply(
         node: str,
-        frame: bytearray,
+        frame: tuple[bytearray, float | None],
         failure: ShardCallFailed | None,
         out: list[tuple[str, ShardReply | ShardLost]],
     ) -> ShardCallFailed | None:
-        status, outputs, timings, error = read_reply(frame)
+        """`frame`: the reply's bytes and when they arrived (`recv_frame_stamped`)."""
+        status, outputs, timings, error = read_reply(frame[0])
         if status == OK:
-            out.append((node, ShardReply(outputs, *timings)))  # type: ignore[arg-type]
+            reply = ShardReply(outputs, *timings, arrived_at=frame[1])  # type: ignore[arg-type]
+            out.append((node, reply))
         elif status == EXPERT_NOT_LOADED:
             out.append((node, ShardLost(node, f"it lacks experts it is routed: layer {error}")))
         else:

@@ -28,7 +28,9 @@ import hmac
 import logging
 import queue
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from .wire import LENGTH
@@ -60,6 +62,59 @@ def recv_frame(sock: socket.socket) -> bytearray:
     if size > MAX_FRAME_BYTES:
         raise ChannelClosed(f"frame of {size} bytes announced: stream is corrupt")
     return recv_exact(sock, size)
+
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+"""Linux's SO_TIMESTAMPNS (35 on every architecture but a few old ones; Python 3.11 does not
+export it). Its control message (SCM_TIMESTAMPNS, the same number) carries a `timespec`: the
+CLOCK_REALTIME time the kernel received the packet whose bytes that recvmsg returned last."""
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+def stamp_arrivals(sock: socket.socket) -> bool:
+    """Ask the kernel to timestamp the packets `sock` receives (`recv_frame_stamped`); False
+    where the platform refuses (the caller then times frames when it reads them)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def recv_frame_stamped(sock: socket.socket) -> tuple[bytearray, float | None]:
+    """One frame and the moment its last bytes reached this host, on `time.perf_counter`'s
+    clock (None when the kernel gave no timestamp: `stamp_arrivals` was not called or
+    refused). The moment is the kernel's receive timestamp of the packet that completed the
+    frame, so a frame read late (its reader busy with another node's reply, or with a
+    micro-batch's attention) keeps the time it really arrived. When the same packet also
+    carried the start of the next frame (two replies back to back on one channel), TCP's
+    receive queue merges them and the stamp is the later packet's: a few microseconds late."""
+    size_bytes, stamp = _recv_stamped(sock, LENGTH.size, None)
+    (size,) = LENGTH.unpack(size_bytes)
+    if size > MAX_FRAME_BYTES:
+        raise ChannelClosed(f"frame of {size} bytes announced: stream is corrupt")
+    frame, stamp = _recv_stamped(sock, size, stamp)
+    if stamp is None:
+        return frame, None
+    age_s = max(0.0, (time.time_ns() - stamp) * 1e-9)
+    return frame, time.perf_counter() - age_s
+
+
+def _recv_stamped(sock: socket.socket, n: int, stamp: int | None) -> tuple[bytearray, int | None]:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k, ancillary, _, _ = sock.recvmsg_into([view[got:]], _ANCILLARY)
+        if not k:
+            raise ChannelClosed("channel closed by the other end")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                sec, nsec = _TIMESPEC.unpack_from(data)
+                stamp = sec * 1_000_000_000 + nsec
+        got += k
+    return buf, stamp
 
 
 def send_frame(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
