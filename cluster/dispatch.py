@@ -498,7 +498,8 @@ class Dispatcher:
                 outputs = got.outputs
                 if isinstance(outputs, Packed):
                     out[torch.from_numpy(idx)] = unpack(outputs, x.dtype)
-                    nbytes = self._sent_bytes(call, node) + outputs.nbytes
+                    local = node in getattr(self.transport, "local_nodes", ())
+                    nbytes = 0 if local else self._sent_bytes(call, node) + outputs.nbytes
                 else:
                     out[torch.from_numpy(idx)] = torch.from_numpy(np.asarray(outputs)).to(x.dtype)
                     nbytes = 2 * len(idx) * x.shape[1] * 4

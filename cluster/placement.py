@@ -411,6 +411,7 @@ def _plan(
     L, E = a.shape
     N = len(nodes)
     m = options.min_replicas
+    scored, cost = cost, _fill_cost(cost, caps)
     tau, vtop = _layer_bounds(a, caps, cost)
     counts = _replica_counts(a, caps, cost, budget, m, (tau, vtop))
     room = (tau[:, None] - cost.latency_s) / cost.token_s  # tokens each node takes up to tau
@@ -485,7 +486,21 @@ def _plan(
         )
     layer = np.repeat(np.arange(L), count.reshape(L, E).sum(axis=1))
     expert = np.repeat(_expert_ids(L, E), count)
-    return build_placement(nodes, shape, options, cost, a, layer, expert, node, share, node_tokens)
+    return build_placement(
+        nodes, shape, options, scored, a, layer, expert, node, share, node_tokens
+    )
+
+
+def _fill_cost(cost: CostModel, caps: np.ndarray) -> CostModel:
+    """The cost the water-filling balances with. With the colocated node in the attention
+    worker's process, every layer it serves also costs it one call per remote node that may
+    serve the layer (the attention side sends and reads those calls on the same CPU), so it
+    takes fewer tokens than its speed alone would give it."""
+    if not cost.in_process or not cost.call_s:
+        return cost
+    remote_nodes = int(((caps > 0) & ~cost.colocated).any(axis=0).sum())
+    latency = cost.latency_s + np.where(cost.colocated, remote_nodes * cost.call_s, 0.0)
+    return replace(cost, latency_s=latency)
 
 
 def plan_placement(
@@ -598,6 +613,8 @@ def _lower_bound_s(a: np.ndarray, caps: np.ndarray, cost: CostModel) -> float:
     """A step time no plan within `caps` beats: per layer, every usable node finishing
     together (tau of `_layer_bounds`) plus one dispatch call."""
     tau, _ = _layer_bounds(a, caps, cost)
+    if cost.in_process:  # the colocated node alone is never called
+        return float(tau.sum())
     return float(tau.sum() + cost.call_s * len(tau))
 
 

@@ -136,6 +136,11 @@ class PlacementOptions:
     call_overhead_us: float = 0.0
     """Fixed cost of one dispatch call, paid by the attention side once per node it calls in
     a layer (measured by the rig's calibration; the topology's `call_overhead_us`)."""
+    colocate: bool = False
+    """The colocated node's experts run in the attention worker's process
+    (`cluster/colocated.py`): it is never called (no call cost), and it computes while the
+    remote nodes do, after the attention side has paid the calls to them. False: it is a
+    shard like the others, called at the same fixed cost, whose rows cross no link."""
 
     def __post_init__(self) -> None:
         if self.min_replicas < 1:
@@ -345,6 +350,8 @@ class CostModel:
     """Bytes one token-assignment sends over a link, there and back."""
     call_s: float = 0.0
     """Seconds the attention side pays per node called in a layer (serial)."""
+    in_process: bool = False
+    """The colocated nodes compute in the attention worker's process (`PlacementOptions.colocate`)."""
 
     @property
     def speed(self) -> np.ndarray:
@@ -372,6 +379,7 @@ def cost_model(
         preferred,
         link_bytes,
         call_s=options.call_overhead_us * 1e-6,
+        in_process=options.colocate and bool(colocated.any()),
     )
 
 
@@ -423,10 +431,22 @@ def layer_node_times(node_tokens: np.ndarray, cost: CostModel) -> np.ndarray:
 
 
 def layer_times(node_tokens: np.ndarray, cost: CostModel) -> np.ndarray:
-    """(L,) predicted seconds of each layer: its slowest node, plus the attention side's fixed
-    cost for every node it calls."""
-    called = (node_tokens > 1e-12).sum(axis=1)
-    return layer_node_times(node_tokens, cost).max(axis=1) + called * cost.call_s
+    """(L,) predicted seconds of each layer.
+
+    Nodes called as shards: the slowest node, plus the attention side's fixed cost for every
+    node it calls (serial). With the colocated node in the attention worker's process
+    (`cost.in_process`): it is not called, and it computes after the calls to the remote
+    nodes went out and before their replies are read, so the layer takes
+    max(local experts + one call cost per remote node, slowest remote node + one call)."""
+    busy = node_tokens > 1e-12
+    times = layer_node_times(node_tokens, cost)
+    if not cost.in_process:
+        return times.max(axis=1) + busy.sum(axis=1) * cost.call_s
+    remote = ~cost.colocated
+    n_remote = busy[:, remote].sum(axis=1)
+    local = times[:, cost.colocated].sum(axis=1) + n_remote * cost.call_s
+    far = np.where(n_remote > 0, times[:, remote].max(axis=1, initial=0.0) + cost.call_s, 0.0)
+    return np.maximum(local, far)
 
 
 def placement_metrics(

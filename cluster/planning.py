@@ -95,6 +95,8 @@ def planner_inputs(
     rack_local: bool = False,
     dtype_bytes: int = 2,
     reference_tflops: float | None = None,
+    colocate: bool = False,
+    tokens_per_step: int | None = None,
 ) -> tuple[list[NodeCapacity], ExpertShape, PlacementOptions]:
     """What the planner reads for a model on a topology (see `plan_for_topology`)."""
     shape = expert_shape(config, dtype_bytes)
@@ -103,7 +105,10 @@ def planner_inputs(
         min_replicas=min_replicas,
         rack_local=rack_local,
         call_overhead_us=topology.call_overhead_us or 0.0,
+        colocate=colocate,
     )
+    if tokens_per_step is not None:
+        options = replace(options, tokens_per_step=tokens_per_step)
     tflops = reference_tflops or topology.reference_tflops
     if tflops is not None:
         options = replace(options, reference_tflops=tflops)
@@ -118,14 +123,25 @@ def plan_for_topology(
     rack_local: bool = False,
     dtype_bytes: int = 2,
     reference_tflops: float | None = None,
+    colocate: bool = False,
+    tokens_per_step: int | None = None,
 ) -> Placement:
     """Plan expert placement for a model on a topology; keys of the result use model layer ids.
 
     reference_tflops: effective TFLOP/s of a speed-1.0 node; default the topology's
-    `reference_tflops`, else the planner's GPU-class default.
+    `reference_tflops`, else the planner's GPU-class default. colocate: the attention node's
+    experts run in the attention worker's process (`cluster/colocated.py`). tokens_per_step:
+    the decode batch to plan for (default the planner's).
     """
     nodes, shape, options = planner_inputs(
-        topology, config, min_replicas, rack_local, dtype_bytes, reference_tflops
+        topology,
+        config,
+        min_replicas,
+        rack_local,
+        dtype_bytes,
+        reference_tflops,
+        colocate,
+        tokens_per_step,
     )
     placement = plan_placement(nodes, shape, trace, options)
     return placement.with_layer_ids(config.moe_layer_ids)
@@ -142,6 +158,8 @@ def baseline_placement(
     trace: np.ndarray | None = None,
     dtype_bytes: int = 2,
     reference_tflops: float | None = None,
+    colocate: bool = False,
+    tokens_per_step: int | None = None,
 ) -> Placement:
     """A baseline placement on the topology, keyed by model layer ids:
 
@@ -152,7 +170,12 @@ def baseline_placement(
     - `attention_only`: every expert once, on the (first) attention node.
     """
     nodes, shape, options = planner_inputs(
-        topology, config, dtype_bytes=dtype_bytes, reference_tflops=reference_tflops
+        topology,
+        config,
+        dtype_bytes=dtype_bytes,
+        reference_tflops=reference_tflops,
+        colocate=colocate,
+        tokens_per_step=tokens_per_step,
     )
     L, E = shape.num_layers, shape.num_experts
     load = token_load(trace, shape, options)
@@ -178,16 +201,23 @@ def compare_for_topology(
     trace: np.ndarray | None = None,
     dtype_bytes: int = 2,
     reference_tflops: float | None = None,
+    colocate: bool = False,
+    tokens_per_step: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Ours and every baseline scored by one cost model (the topology's, measured figures where
     it has them): {name: {predicted_step_s, balancedness, nodes_used, slots_over}}."""
     nodes, shape, options = planner_inputs(
-        topology, config, dtype_bytes=dtype_bytes, reference_tflops=reference_tflops
+        topology,
+        config,
+        dtype_bytes=dtype_bytes,
+        reference_tflops=reference_tflops,
+        colocate=colocate,
+        tokens_per_step=tokens_per_step,
     )
     placements = {"ours": ours}
     for kind in BASELINES:
         placements[kind] = baseline_placement(
-            kind, topology, config, trace, dtype_bytes, reference_tflops
+            kind, topology, config, trace, dtype_bytes, reference_tflops, colocate, tokens_per_step
         )
     out: dict[str, dict[str, Any]] = {}
     for name, p in placements.items():

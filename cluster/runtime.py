@@ -136,12 +136,16 @@ class ExpertParallelModel:
         min_replicas: int = 1,
         tracer: Any = None,
         telemetry_config: Mapping[str, Any] | None = None,
+        colocate: bool = False,
+        tokens_per_step: int | None = None,
     ) -> ExpertParallelModel:
         """Start (`local`) or join the cluster, plan, start shards, and return the model.
 
         emulate: emulate node speeds and links (None: when `local`; pass True when joining
         the embedded cluster that `expertmesh up` started). dtype "auto": bf16 where a node
-        computes on a GPU, float32 on the CPU."""
+        computes on a GPU, float32 on the CPU. colocate: the attention node's experts run in
+        this process (`cluster/colocated.py`: no call, no standby; its shard cannot be killed
+        alone), and the planner knows it. tokens_per_step: the decode batch to plan for."""
         emulate = local if emulate is None else emulate
         import ray
 
@@ -161,11 +165,20 @@ class ExpertParallelModel:
         if emulate and topology.reference_tflops is None:
             tflops = embedded_reference_tflops(topology)  # what the emulated nodes really do
         placement = plan_for_topology(
-            topology, config, trace, min_replicas=min_replicas, reference_tflops=tflops
+            topology,
+            config,
+            trace,
+            min_replicas=min_replicas,
+            reference_tflops=tflops,
+            colocate=colocate,
+            tokens_per_step=tokens_per_step,
         )
         options = PlacementOptions(
             min_replicas=min_replicas,
             reference_tflops=tflops or topology.reference_tflops or DEFAULT_TFLOPS,
+            call_overhead_us=topology.call_overhead_us or 0.0,
+            colocate=colocate,
+            tokens_per_step=tokens_per_step or PlacementOptions.tokens_per_step,
         )
         routes = routes_from_placement(placement)
         held = RoutingTable(routes).node_experts()
@@ -177,14 +190,22 @@ class ExpertParallelModel:
             device = attention_device(
                 head.device, head.name, gpus_offered(node_resource(head.name), ray.nodes())
             )
-            pool = RayShardPool(
+            remote = {n: e for n, e in assignment.items() if not (colocate and n == head.name)}
+            pool: ShardPool = RayShardPool(
                 str(checkpoint),
-                assignment,
+                remote,
                 dtype,
                 emulation_for(topology) if emulate else None,
                 telemetry=telemetry_config,
                 devices={n.name: n.device for n in topology.nodes},
             )
+            if colocate:
+                from .colocated import ColocatedPool, local_shard
+
+                shard = local_shard(
+                    head.name, str(checkpoint), assignment[head.name], dtype, str(device)
+                )
+                pool = ColocatedPool(pool, head.name, shard)
         except Exception:
             if cluster is not None:
                 cluster.stop()
