@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -68,7 +69,8 @@ class RayShardPool:
         self._args = (checkpoint, dtype)
         self._emulation = dict(emulation or {})
         self._telemetry = dict(telemetry) if telemetry else None
-        self._prefix = namespace_prefix
+        # Unique to this pool: two replicas' private pools share a Ray namespace (Serve's).
+        self._prefix = f"{namespace_prefix}-{secrets.token_hex(3)}"
         self._standby = standby
         self._actor_options = dict(actor_options or {})
         """Extra Ray options for every shard actor (a shared pool's: detached, its namespace)."""
