@@ -32,6 +32,9 @@ a restarted controller finds its shards by name in the namespace.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,11 +43,14 @@ from .pool_spec import (
     CONTROLLER_NAME,
     NAMESPACE_PREFIX,
     SHARD_PREFIX,
+    STATE_KEY,
     PoolError,
     PoolSnapshot,
     PoolSpec,
     pool_namespace,
 )
+
+log = logging.getLogger("expertmesh.expert_pool")
 
 
 def controller_actor(pool: str, *, create: PoolSpec | None = None) -> Any:
@@ -75,24 +81,82 @@ def controller_actor(pool: str, *, create: PoolSpec | None = None) -> Any:
 
 
 def pool_down(pool: str, timeout_s: float = 60.0) -> int:
-    """Stop pool `pool`: its shards, standbys and controller. The shard actors stopped."""
+    """Stop pool `pool`: its shards, standbys and controller, and forget its state; the shard
+    actors stopped. A controller that does not answer within `timeout_s` (or is gone) is
+    killed and the pool's actors are then killed by name. PoolError when nothing of the pool
+    runs."""
     import ray
 
-    controller = controller_actor(pool)
-    stopped = int(ray.get(controller.down.remote(), timeout=timeout_s))
-    ray.kill(controller, no_restart=True)
+    try:
+        controller = controller_actor(pool)
+    except PoolError:
+        controller = None
+        if not pool_actors(pool):
+            raise PoolError(
+                f"no expert pool named {pool!r} runs on this Ray cluster (pools: "
+                f"{', '.join(running_pools()) or 'none'})"
+            ) from None
+    stopped = 0
+    if controller is not None:
+        try:
+            stopped = int(ray.get(controller.down.remote(), timeout=timeout_s))
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+            log.warning("pool %s: the controller did not stop the pool (%r); by name", pool, e)
+        ray.kill(controller, no_restart=True)
+    namespace = pool_namespace(pool)
+    for name in pool_actors(pool):
+        with contextlib.suppress(ValueError):  # gone meanwhile
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+            stopped += name.startswith(SHARD_PREFIX)
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(STATE_KEY, namespace=namespace)
+    deadline = time.monotonic() + 10.0  # names are released once Ray has the actors dead
+    while pool_actors(pool) and time.monotonic() < deadline:
+        time.sleep(0.1)
     return stopped
 
 
+def pool_actors(pool: str) -> list[str]:
+    """Names of the live actors of pool `pool` (its controller, shards and standbys)."""
+    import ray
+
+    namespace = pool_namespace(pool)
+    return sorted(
+        e["name"]
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["namespace"] == namespace
+    )
+
+
 def running_pools() -> list[str]:
-    """Names of the expert pools whose controller is registered on this Ray cluster."""
+    """Names of the expert pools with live actors on this Ray cluster: a controller, or
+    shards a killed controller left (`pool_down` removes both)."""
     import ray
 
     return sorted(
-        entry["namespace"].removeprefix(NAMESPACE_PREFIX)
-        for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry["name"] == CONTROLLER_NAME and entry["namespace"].startswith(NAMESPACE_PREFIX)
+        {
+            entry["namespace"].removeprefix(NAMESPACE_PREFIX)
+            for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"].startswith(NAMESPACE_PREFIX)
+        }
     )
+
+
+def pool_status(pool: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The controller's `status` of pool `pool`, with `actors` (the pool's live actor names);
+    `error` instead of the controller's fields when it does not answer (restarting, gone)."""
+    import ray
+
+    out: dict[str, Any] = {"pool": pool}
+    try:
+        out.update(ray.get(controller_actor(pool).status.remote(), timeout=timeout_s))
+    except PoolError:
+        out["error"] = "no controller"
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+        out["error"] = type(e).__name__
+    out["actors"] = pool_actors(pool)
+    return out
 
 
 __all__: Sequence[str] = (
@@ -104,8 +168,10 @@ __all__: Sequence[str] = (
     "PoolSnapshot",
     "PoolSpec",
     "controller_actor",
+    "pool_actors",
     "pool_down",
     "pool_namespace",
+    "pool_status",
     "running_pools",
     "shard_expert_bytes",
 )

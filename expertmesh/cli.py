@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cmd_models import add_generate, add_inspect
     from .cmd_observe import add_fmea, add_logs
     from .cmd_policy import add_policy
+    from .cmd_pool import add_pool
     from .cmd_rig import add_rig
     from .cmd_serve import add_serve
     from .cmd_train import add_train
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_logs(sub)
     add_agents(sub)
     add_rig(sub)
+    add_pool(sub)
     return parser
 
 
@@ -67,9 +69,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
     errors.append(ChaosError)
     from .cmd_agents import expected_errors
+    from .cmd_pool import expected_errors as pool_errors
     from .cmd_rig import expected_errors as rig_errors
 
-    errors += [*expected_errors(), *rig_errors()]
+    errors += [*expected_errors(), *rig_errors(), *pool_errors()]
     try:
         from expertmesh.observability import TelemetryError
 
