@@ -126,8 +126,11 @@ def compiled_graph_roundtrip_us(
             ray.get(compiled.execute(*args))
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e6
+    except Exception as e:  # e.g. its channels time out across the rig's namespaces
+        return f"failed: {type(e).__name__}: {e}"[:300]
     finally:
-        compiled.teardown()
+        with contextlib.suppress(Exception):
+            compiled.teardown()
 
 
 def roundtrips(ep: ExpertParallelModel, rows: int, n: int) -> dict[str, Any]:
@@ -215,40 +218,101 @@ def _kill(pool: Any) -> None:
 # ----------------------------------------------------------------------------- 3-5. throughput
 
 
-class BusyByNode:
-    """DispatchObserver: shard busy seconds and assignments per node."""
+class CallTimes:
+    """DispatchObserver: every layer call's measured time per node beside what the planner's
+    cost model predicts for the same call (the rows it really carried).
 
-    def __init__(self) -> None:
-        self.busy_s: dict[str, float] = {}
+    Measured: a remote node's round trip from the send to the reply's arrival (wire, the
+    shard's handling and compute); the attention node's own experts (colocated): their
+    compute. Predicted: rows x the node's cost per token-assignment, plus its link's message
+    latency for a remote node (`cluster/placement_model.py`)."""
+
+    def __init__(self, cost: Any, names: list[str]) -> None:
+        self.cost = cost
+        self.index = {n: i for i, n in enumerate(names)}
+        self.measured_s: dict[str, float] = {}
+        self.predicted_s: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
         self.rows: dict[str, int] = {}
 
     def on_reply(self, node: str, layer: int, rows: int, nbytes: int, rt: float, busy: float):
-        self.busy_s[node] = self.busy_s.get(node, 0.0) + busy
+        i = self.index[node]
+        local = bool(self.cost.colocated[i]) and self.cost.in_process
+        predicted = rows * float(self.cost.token_s[i]) + (
+            0.0 if local else float(self.cost.latency_s[i])
+        )
+        self.measured_s[node] = self.measured_s.get(node, 0.0) + (busy if local else rt)
+        self.predicted_s[node] = self.predicted_s.get(node, 0.0) + predicted
+        self.calls[node] = self.calls.get(node, 0) + 1
         self.rows[node] = self.rows.get(node, 0) + rows
 
     def on_step(self, layer: int, counts: np.ndarray) -> None:
         pass
 
+    def report(self) -> dict[str, dict[str, float]]:
+        return {
+            node: {
+                "calls": self.calls[node],
+                "rows": self.rows[node],
+                "measured_us_per_call": self.measured_s[node] / self.calls[node] * 1e6,
+                "predicted_us_per_call": self.predicted_s[node] / self.calls[node] * 1e6,
+                "error": self.predicted_s[node] / self.measured_s[node] - 1,
+            }
+            for node in self.calls
+        }
+
+
+def cost_for(ep: ExpertParallelModel, topology: Any) -> tuple[Any, list[str]]:
+    """The cost model the placement was planned with (the measured topology on a rig)."""
+    from expertmesh.cluster.placement_model import cost_model
+    from expertmesh.cluster.planning import planner_inputs
+
+    opts = ep.plan_options
+    nodes, shape, options = planner_inputs(
+        topology,
+        ep.config,
+        reference_tflops=opts.reference_tflops,
+        colocate=opts.colocate,
+        tokens_per_step=opts.tokens_per_step,
+    )
+    return cost_model(nodes, shape, options), [n.name for n in nodes]
+
 
 def eplb_model(ep: ExpertParallelModel, topology: Any, emulation: Any) -> ExpertParallelModel:
+    """EPLB's placement on the same data plane (the attention node's share in this process
+    too when ours runs it there)."""
+    opts = ep.plan_options
     placement = baseline_placement(
-        "eplb", topology, ep.config, reference_tflops=ep.plan_options.reference_tflops
+        "eplb",
+        topology,
+        ep.config,
+        reference_tflops=opts.reference_tflops,
+        colocate=opts.colocate,
+        tokens_per_step=opts.tokens_per_step,
     )
     routes = routes_from_placement(placement)
+    from expertmesh.cluster.colocated import ColocatedPool, local_shard
     from expertmesh.cluster.dispatch import RoutingTable
 
-    pool = RayShardPool(
+    held = RoutingTable(routes).node_experts()
+    head = topology.attention_nodes[0].name
+    pool: Any = RayShardPool(
         str(DEMO_MODEL_DIR),
-        RoutingTable(routes).node_experts(),
+        {n: e for n, e in held.items() if not (opts.colocate and n == head)},
         emulation=emulation,
         namespace_prefix="bench-eplb",
         standby=False,
     )
+    if opts.colocate:
+        shard = local_shard(head, str(DEMO_MODEL_DIR), held.get(head, {}), "float32", "cpu")
+        pool = ColocatedPool(pool, head, shard)
     return ExpertParallelModel.from_routes(DEMO_MODEL_DIR, routes, pool, placement=placement)
 
 
 @contextlib.contextmanager
-def cluster_for(name: str, rig: bool) -> Iterator[tuple[ExpertParallelModel, Any, Any]]:
+def cluster_for(
+    name: str, rig: bool, colocate: bool = True, tokens_per_step: int | None = None
+) -> Iterator[tuple[ExpertParallelModel, Any, Any]]:
     """(model, per-node emulation or None, topology the planner read) on the embedded cluster,
     or on a rig (`cluster/rig`: namespaces, tc links, CPU quotas; nothing sleeps) brought up
     for this topology and taken down after; this process is then the driver on the
@@ -257,8 +321,9 @@ def cluster_for(name: str, rig: bool) -> Iterator[tuple[ExpertParallelModel, Any
 
     path = TOPOLOGIES / f"{name}.yaml"
     topology = load_topology(path)
+    plan = {"colocate": colocate, "tokens_per_step": tokens_per_step}
     if not rig:
-        with ExpertParallelModel.launch(DEMO_MODEL_DIR, topology) as ep:
+        with ExpertParallelModel.launch(DEMO_MODEL_DIR, topology, **plan) as ep:
             yield ep, emulation_for(topology), topology
         return
     from expertmesh.cluster.rig.rig import driver, measured_topology, rig_down, rig_up
@@ -267,7 +332,9 @@ def cluster_for(name: str, rig: bool) -> Iterator[tuple[ExpertParallelModel, Any
     try:
         with driver(state):
             measured = measured_topology(state)
-            ep = ExpertParallelModel.launch(DEMO_MODEL_DIR, measured, local=False, emulate=False)
+            ep = ExpertParallelModel.launch(
+                DEMO_MODEL_DIR, measured, local=False, emulate=False, **plan
+            )
             yield ep, None, measured
     finally:
         rig_down()
@@ -279,7 +346,11 @@ def run_topology(
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     out: dict[str, Any] = {"throughput": [], "same_output": {}}
     console.print(f"[{name}] starting the {'rig' if args.rig else 'embedded cluster'}...")
-    with cluster_for(name, args.rig) as (ep, emulation, topology):
+    with cluster_for(name, args.rig, args.colocate, max(args.batches)) as (
+        ep,
+        emulation,
+        topology,
+    ):
         eplb = eplb_model(ep, topology, emulation)
         out["placement"] = {
             "ours": {n: len(ep.placement.experts_on(n)) for n in ep.placement.nodes},
@@ -287,8 +358,11 @@ def run_topology(
         }
         ours_gen, eplb_gen = Generator(ep.model, TOKENIZER), Generator(eplb.model, TOKENIZER)
         policy = ep.model.overlap_policy  # type: ignore[attr-defined]
-        busy = BusyByNode()
-        ep.dispatcher.observers.append(busy)
+        cost, names = cost_for(ep, topology)
+        calls = CallTimes(cost, names)
+        ep.dispatcher.observers.append(calls)
+        eplb_calls = CallTimes(cost, names)
+        eplb.dispatcher.observers.append(eplb_calls)
         for batch in args.batches:
             prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
             want = [c.token_ids for c in single.generate(prompts, params)]
@@ -310,6 +384,10 @@ def run_topology(
                 warmup=1,
             )
             tokens = batch * args.max_tokens
+            console.print(
+                f"[{name}] batch {batch}: "
+                + ", ".join(f"{k} {tokens / t.median_s:.0f} tok/s" for k, t in timed.items())
+            )
             for setup, t in timed.items():
                 out["throughput"].append(
                     {"setup": setup, "topology": name, "batch": batch, "tok_s": tokens / t.median_s}
@@ -329,28 +407,23 @@ def run_topology(
                 "auto_passes_off": policy.passes_off,
             }
             policy.mode = "auto"
-        tokens_served = sum(busy.rows.values())
+        out["prediction_error"] = calls.report()
+        out["prediction_error_eplb"] = eplb_calls.report()
         opts = ep.plan_options
-        out["prediction_error"] = {
-            node: {
-                "measured_busy_s_per_token": busy.busy_s[node] / max(busy.rows[node], 1),
-                "predicted_s_per_token": ep.placement.node_time.get(node, 0.0)
-                / max(ep.placement.node_tokens.get(node, 0.0), 1e-9),
-                "error": (busy.busy_s[node] / max(busy.rows[node], 1))
-                / max(
-                    ep.placement.node_time.get(node, 0.0)
-                    / max(ep.placement.node_tokens.get(node, 0.0), 1e-9),
-                    1e-12,
-                )
-                - 1,
-            }
-            for node in busy.busy_s
-            if ep.placement.node_tokens.get(node)
+        out["cost_model"] = {
+            "tokens_per_step": opts.tokens_per_step,
+            "reference_tflops": opts.reference_tflops,
+            "call_overhead_us": opts.call_overhead_us,
+            "colocate": opts.colocate,
+            "token_us": dict(zip(names, (cost.token_s * 1e6).tolist())),
+            "latency_us": dict(zip(names, (cost.latency_s * 1e6).tolist())),
         }
         out["prediction_note"] = (
-            f"compute only (shard busy time incl. emulated slowdown) per token-assignment vs "
-            f"the planner's node_time / node_tokens (tokens_per_step {opts.tokens_per_step}); "
-            f"{tokens_served} assignments measured"
+            "per layer call and node, over every call of the throughput runs: measured = a "
+            "remote node's round trip from send to the reply's arrival, the attention node's "
+            "own experts' compute; predicted = the planner's cost model for the rows the call "
+            "carried (rows x cost per token-assignment + link latency); error = predicted / "
+            "measured - 1"
         )
         if name == "mixed":
             console.print(f"[{name}] transport round trips...")
@@ -374,6 +447,12 @@ def main() -> None:
     parser.add_argument("--rig", action="store_true", help="on a rig (cluster/rig), as root")
     parser.add_argument("--name", help="results file stem (default bench_dataplane[_rig])")
     parser.add_argument("--roundtrip-rows", type=int, default=6, help="rows per node (decode)")
+    parser.add_argument(
+        "--no-colocate",
+        dest="colocate",
+        action="store_false",
+        help="run the attention node's experts on a shard actor too (not in this process)",
+    )
     args = parser.parse_args()
     console = make_console(140)
     torch.manual_seed(0)
@@ -399,6 +478,7 @@ def main() -> None:
         name: {n: e["error"] for n, e in t.get("prediction_error", {}).items()}
         for name, t in results["topologies"].items()
     }
+    results["colocate"] = args.colocate
     results["setting"] = (
         "rig (cluster/rig): one Ray node per topology node in its own network namespace, "
         "links limited by tc, node speed by CPU quota; nothing sleeps"
@@ -432,6 +512,37 @@ def main() -> None:
                 e["tok_s"] / eplb[(e["topology"], e["batch"])],
             ]
             for e in results["throughput"]
+        ],
+        console,
+    )
+    print_table(
+        "Planner's cost model vs measured, per layer call (placements ours / eplb)",
+        [
+            "topology",
+            "placement",
+            "node",
+            "calls",
+            "rows/call",
+            "measured us",
+            "predicted us",
+            "error",
+        ],
+        [
+            [
+                name,
+                which,
+                node,
+                e["calls"],
+                e["rows"] / e["calls"],
+                e["measured_us_per_call"],
+                e["predicted_us_per_call"],
+                f"{e['error']:+.0%}",
+            ]
+            for name, t in results["topologies"].items()
+            for which in ("ours", "eplb")
+            for node, e in t.get(
+                "prediction_error" if which == "ours" else "prediction_error_eplb", {}
+            ).items()
         ],
         console,
     )

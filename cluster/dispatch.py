@@ -486,6 +486,7 @@ class Dispatcher:
             failed: dict[str, np.ndarray] = {}
             slowest = (0.0, 0.0, 0.0)  # total, compute, link
             waited = time.perf_counter()
+            local0 = getattr(self.transport, "local_s", 0.0)  # experts computed here
             for node, got in self.transport.replies(call.sent):
                 idx = call.pending[node]
                 if isinstance(got, ShardLost):
@@ -514,7 +515,10 @@ class Dispatcher:
                     observer.on_reply(node, layer, len(idx), nbytes, answered - call.sent_at, work)
                 if work + got.emulated_link_s > slowest[0]:
                     slowest = (work + got.emulated_link_s, work, got.emulated_link_s)
-            st.wait_s += time.perf_counter() - waited
+            # Waiting is for remote shards: this process's own experts are compute, not wait.
+            st.wait_s += (
+                time.perf_counter() - waited - (getattr(self.transport, "local_s", 0.0) - local0)
+            )
             st.slowest_compute_s += slowest[1]
             st.slowest_link_s += slowest[2]
             if not failed:

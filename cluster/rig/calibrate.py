@@ -7,8 +7,12 @@
   to last about half a second at the pair's rate) and 200 one-byte round trips (`probe.py`).
   Probes run in the namespaces but outside the nodes' CPU groups (in the rig's probe group:
   no quota, the rig's priority): they measure the link, not a node's CPU or a busy machine.
-- Dispatch: the median round trip of an empty actor call from the driver (on the attention
-  node) to each node, minus that link's TCP round trip: the fixed cost of one call.
+- Dispatch, through the data plane itself (`cluster/transport.py`'s persistent channel to a
+  shard on each node, echo requests of decode size, packed and unpacked as a layer call is):
+  the attention side's CPU time per call (what it pays serially, call after call:
+  `call_overhead_us`, in wall time on the attention node's quota) and the round trip to each
+  node (the rest of it, wire and the shard's handling, becomes that link's latency). The
+  round trip of an empty Ray actor call is measured too, for comparison (`call_rtt_us`).
 
 `CalibrationResult.topology` is the declared topology with every one of those replaced by
 the measured value (speeds relative to `reference_tflops`, per-pair links, `call_overhead_us`):
@@ -39,8 +43,12 @@ from .system import RigError, in_netns
 PROBE = Path(__file__).with_name("probe.py")
 PROBE_PORT = 5201
 GEMM_WINDOW_S = 1.0
-DEFAULT_GEMM_SHAPE = (64, 256, 192)
-"""(rows, hidden, intermediate): the demo model's expert at a decode batch."""
+DEFAULT_GEMM_SHAPE = (8, 256, 192)
+"""(rows, hidden, intermediate): the demo model's expert at a decode batch (32 sequences,
+top-2 of 8 experts: 8 rows an expert), so per-call costs of small GEMMs count as they do."""
+CHANNEL_ROWS = 8
+"""Rows of a calibration echo call (a decode layer call's share of one node)."""
+CHANNEL_CALLS = 200
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,10 @@ class NodeMeasure:
     measured_speed: float
     call_rtt_us: float
     """Median round trip of an empty actor call from the driver."""
+    channel_rtt_us: float = 0.0
+    """Median round trip of a decode-size echo call on the data plane's channel."""
+    channel_cpu_us: float = 0.0
+    """Median CPU time the attention side spends on one such call (pack, send, read, unpack)."""
 
 
 @dataclass(frozen=True)
@@ -118,15 +130,69 @@ class _Probe:
     def echo(self, payload: bytes) -> bytes:
         return payload
 
+    def prepare(self) -> None:
+        """Start an expert shard holding nothing in this actor (the data plane's echo end)."""
+        import ray
+
+        from expertmesh.cluster.shard import ExpertShard
+
+        self.shard = ExpertShard(f"probe-{ray.get_runtime_context().get_node_id()[:8]}", "", {})
+
+    def open_channel(self, secret: bytes) -> tuple[str, int]:
+        """A data-plane channel to that shard (echo calls only)."""
+        return self.shard.open_channel(secret)
+
+
+def measure_channels(
+    actors: dict[str, Any], hidden: int, rows: int = CHANNEL_ROWS, calls: int = CHANNEL_CALLS
+) -> dict[str, tuple[float, float]]:
+    """Node -> (median round trip us, median attention-side CPU us) of an echo layer call on
+    the channel transport, one node at a time, each call packed and unpacked as dispatch does."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from expertmesh.cluster.transport import ChannelTransport
+    from expertmesh.cluster.wire import ShardRequest, pack, unpack
+
+    transport = ChannelTransport(SimpleNamespace(handles=actors))
+    x = torch.randn(rows, hidden)
+    row_of, experts = np.arange(rows, dtype=np.int32), np.zeros(rows, dtype=np.int32)
+
+    def call(node: str) -> None:
+        request = ShardRequest(0, pack(x, "fp32"), row_of, experts, echo=True)
+        for _, got in transport.replies(transport.send({node: request})):
+            if isinstance(got, Exception):
+                raise RigError(f"calibration channel to {node} failed: {got}")
+            unpack(got.outputs, torch.float32)  # type: ignore[arg-type]
+
+    out: dict[str, tuple[float, float]] = {}
+    try:
+        for node in actors:
+            for _ in range(20):
+                call(node)
+            walls, cpus = [], []
+            for _ in range(calls):
+                c0, t0 = time.thread_time(), time.perf_counter()
+                call(node)
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.thread_time() - c0)
+            out[node] = (statistics.median(walls) * 1e6, statistics.median(cpus) * 1e6)
+    finally:
+        transport.close()
+    return out
+
 
 def measure_nodes(
     plan: RigPlan,
     shape: tuple[int, int, int],
     window_s: float = GEMM_WINDOW_S,
     on_ready: Callable[[], None] | None = None,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Node -> GEMM GFLOP/s, and node -> median empty-call round trip (us). `on_ready` runs
-    once every probe actor answers (the rig applies the CPU quotas then)."""
+) -> tuple[dict[str, float], dict[str, float], dict[str, tuple[float, float]]]:
+    """Node -> GEMM GFLOP/s, node -> median empty actor-call round trip (us), and node ->
+    (round trip, attention-side CPU) of a data-plane echo call (us, `measure_channels`).
+    `on_ready` runs once every probe actor answers (the rig applies the CPU quotas then)."""
     import ray
 
     cls: Any = ray.remote(num_cpus=0)(_Probe)
@@ -134,7 +200,8 @@ def measure_nodes(
         n.name: cls.options(resources={node_resource(n.name): 0.001}).remote() for n in plan.nodes
     }
     try:
-        ray.get([a.echo.remote(b"") for a in actors.values()])
+        # The echo shards start before the quotas apply (a shard imports the model code).
+        ray.get([a.prepare.remote() for a in actors.values()])
         if on_ready is not None:
             on_ready()
         gflops_refs = {n: a.gemm_gflops.remote(*shape, window_s) for n, a in actors.items()}
@@ -150,7 +217,8 @@ def measure_nodes(
                 ray.get(actor.echo.remote(payload))
                 times.append(time.perf_counter() - t)
             calls[name] = statistics.median(times) * 1e6
-        return gflops, calls
+        channels = measure_channels(actors, shape[1])
+        return gflops, calls, channels
     finally:
         for actor in actors.values():
             ray.kill(actor)
@@ -253,13 +321,24 @@ def calibrate_rig(
     on_ready: Callable[[], None] | None = None,
 ) -> CalibrationResult:
     """Measure nodes, links and the dispatch call (needs a driver connected: `rig.driver`)."""
-    gflops, calls = measure_nodes(plan, shape, on_ready=on_ready)
+    gflops, calls, channels = measure_nodes(plan, shape, on_ready=on_ready)
     links = measure_links(plan)
     head = plan.head.name
-    rtt_to = {(m.b if m.a == head else m.a): m.rtt_us for m in links if head in (m.a, m.b)}
-    overheads = [max(0.0, calls[n] - rtt_to[n]) for n in rtt_to] or [calls[head]]
-    overhead = statistics.median(overheads)
-    topology, tflops = measured_topology(declared, gflops, links, overhead)
+    # The attention side's CPU per call, in wall time on its quota (serial, call after call),
+    # and for each node the rest of the call's round trip: its link's latency both ways.
+    others = [n for n in channels if n != head] or [head]
+    cpu_us = statistics.median(channels[n][1] for n in others)
+    overhead = cpu_us / min(1.0, plan.head.cores)
+    call_links = [
+        replace(
+            m,
+            rtt_us=max(m.rtt_us, channels[m.b if m.a == head else m.a][0] - overhead),
+        )
+        if head in (m.a, m.b)
+        else m
+        for m in links
+    ]
+    topology, tflops = measured_topology(declared, gflops, call_links, overhead)
     nodes = tuple(
         NodeMeasure(
             name=n.name,
@@ -268,6 +347,8 @@ def calibrate_rig(
             gflops=gflops[n.name],
             measured_speed=topology.node(n.name).speed or 0.0,
             call_rtt_us=calls[n.name],
+            channel_rtt_us=channels[n.name][0],
+            channel_cpu_us=channels[n.name][1],
         )
         for n in plan.nodes
     )

@@ -137,3 +137,25 @@ def test_planner_keeps_experts_in_process_when_calls_cost_more_than_remote_compu
     alone = np.zeros((SHAPE.num_layers, 3))
     alone[:, 0] = total / SHAPE.num_layers
     assert spread.step_time_s < layer_times(alone, cost).sum() * 0.6
+
+
+def test_experts_computed_here_are_not_counted_as_waiting_for_shards(hf_checkpoint):
+    """The overlap policy reads the wait: with every expert in this process there is nothing
+    to hide, so the wait must stay near zero however long the experts take."""
+    path, _ = hf_checkpoint("mixtral")
+    config = read_config(path)
+    routes = {
+        (layer, e): [("head", 1.0)]
+        for layer in config.moe_layer_ids
+        for e in range(config.moe.num_experts)
+    }
+    held = RoutingTable(routes).node_experts()
+    shard = local_shard("head", str(path), held["head"], "float32", "cpu")
+    pool = ColocatedPool(InProcessShardPool({}), "head", shard)
+    ep = ExpertParallelModel.from_routes(path, routes, pool)
+    ep.model.overlap_policy.mode = "auto"  # type: ignore[attr-defined]
+    Generator(ep.model).generate(PROMPTS * 4, SamplingParams(max_tokens=8, ignore_eos=True))
+    transport = ep.dispatcher.transport
+    assert isinstance(transport, ColocatedTransport) and transport.local_s > 0
+    assert ep.dispatcher.stats.wait_s < 0.2 * transport.local_s
+    assert ep.model.overlap_policy.passes_on == 0  # type: ignore[attr-defined]
