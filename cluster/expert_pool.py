@@ -67,8 +67,14 @@ def controller_actor(pool: str, *, create: PoolSpec | None = None) -> Any:
                 f"no expert pool named {pool!r} runs on this Ray cluster; start it by attaching "
                 "with a topology (serving: `expert_pool` with `topology`)"
             ) from None
+    pinned = {}
+    if create.controller_node is not None:
+        from .pool import node_resource
+
+        pinned["resources"] = {node_resource(create.controller_node): 0.001}
     remote: Any = ray.remote
     actor = remote(PoolController).options(
+        **pinned,
         name=CONTROLLER_NAME,
         namespace=namespace,
         lifetime="detached",

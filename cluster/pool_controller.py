@@ -176,7 +176,7 @@ class PoolController:
         self._replicas: dict[str, _ReplicaState] = {}
         self._events = _Events(spec.events_path)
         self.config = read_config(spec.checkpoint)
-        self.topology = spec.topology
+        self.topology = spec.placement_topology
         self.restarted = False
         state = self._read_state()
         try:
@@ -214,6 +214,13 @@ class PoolController:
         self.supervisor.start()
 
     # ------------------------------------------------------------------ start / resume
+
+    def _shard_nodes(self) -> list[str]:
+        """The nodes that get a shard: `expert_nodes`, else every topology node (the ones the
+        plan leaves empty too: failover and rebalancing move experts onto them)."""
+        names = [n.name for n in self.topology.nodes]
+        wanted = self.spec.expert_nodes
+        return names if wanted is None else [n for n in names if n in wanted]
 
     def _shard_pool(self, spec: PoolSpec, assignment: Mapping[str, Any], generation: int) -> Any:
         from .local import emulation_for
@@ -253,7 +260,7 @@ class PoolController:
         )
         table = RoutingTable(routes_from_placement(placement))
         held = table.node_experts()
-        assignment = {n.name: held.get(n.name, {}) for n in topology.nodes}
+        assignment = {n: held.get(n, {}) for n in self._shard_nodes()}
         self.incarnation = 0
         self.shards = self._shard_pool(spec, assignment, self.incarnation)
         self.version = 1
@@ -291,7 +298,7 @@ class PoolController:
                 continue
             found.setdefault(status.node, []).append((handle, status.experts))
         held = table.node_experts()
-        for node in {n.name for n in self.topology.nodes} - self._restored_removed:
+        for node in set(self._shard_nodes()) - self._restored_removed:
             want = held.get(node, {})
             candidates = sorted(found.get(node, []), key=lambda c: not c[1])  # holding first
             if not candidates:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .dispatch import Replica
@@ -57,6 +57,39 @@ class PoolSpec:
     """A replica that has not polled for this long is taken as gone (not waited for)."""
     ack_timeout_s: float = 10.0
     """Longest wait for every live replica to adopt a new version before dropping experts."""
+    expert_nodes: tuple[str, ...] | None = None
+    """The topology nodes that hold experts (disaggregated: attention nodes run replicas only);
+    the others get no shard and no expert slots. None: every node, as the planner sees fit."""
+    controller_node: str | None = None
+    """Pin the controller to this topology node's Ray node (None: wherever Ray puts it)."""
+
+    def __post_init__(self) -> None:
+        names = [n.name for n in self.topology.nodes]
+        for field_name, wanted in (
+            ("expert_nodes", self.expert_nodes or ()),
+            ("controller_node", (self.controller_node,) if self.controller_node else ()),
+        ):
+            unknown = [n for n in wanted if n not in names]
+            if unknown:
+                raise ValueError(
+                    f"expert pool {field_name}: unknown nodes {', '.join(unknown)}; the "
+                    f"topology has {', '.join(names)}"
+                )
+        if self.expert_nodes is not None and not self.expert_nodes:
+            raise ValueError("expert pool expert_nodes: empty; name a node, or None for all")
+
+    @property
+    def placement_topology(self) -> Topology:
+        """The topology the pool plans on: nodes outside `expert_nodes` have no expert slots."""
+        if self.expert_nodes is None:
+            return self.topology
+        nodes = tuple(
+            n
+            if n.name in self.expert_nodes
+            else replace(n, kv_bytes=n.memory_bytes, weight_bytes=0)
+            for n in self.topology.nodes
+        )
+        return replace(self.topology, nodes=nodes)
 
 
 @dataclass(frozen=True)
