@@ -36,8 +36,10 @@ import torch
 
 from expertmesh.models.errors import ExpertNotLoaded
 
+from .detect import DispatchDetectors
 from .dispatch import Dispatcher, RoutingTable, ShardLost
 from .expert_pool import PoolError, PoolSnapshot, PoolSpec, controller_actor
+from .pool_detect import ForwardedEvents
 from .runtime import ExpertParallelModel, attach_dispatcher, attention_model
 from .shard import ShardReply
 from .wire import ShardRequest
@@ -194,6 +196,12 @@ class PoolAttachment:
         self._closed = threading.Event()
         self.dispatcher.observers.append(self)
         self.dispatcher.on_failure = self._on_failure
+        self.detectors = DispatchDetectors(ForwardedEvents(controller, replica))
+        """Link and node-slowness detectors on this replica's replies; their events go to the
+        controller, which makes one incident of what several replicas see (`pool_detect.py`)."""
+        self.dispatcher.observers.append(self.detectors)
+        self.out_of_service: tuple[str, ...] = snapshot.out_of_service
+        """Nodes the controller took out of service, as of the last version seen."""
         self._hooks = [
             ep.model.register_forward_pre_hook(self._before_step),
             ep.model.register_forward_hook(self._after_step),
@@ -252,6 +260,7 @@ class PoolAttachment:
             if snapshot.version <= self.seen:
                 return
             self.seen = snapshot.version
+            self.out_of_service = snapshot.out_of_service
             for node in self.shards.update(snapshot):
                 self.dispatcher.dead.discard(node)  # its replacement serves
             if snapshot.routes == self._routes:  # only shards changed: nothing to swap
@@ -324,6 +333,9 @@ class PoolAttachment:
         self._closed.set()
         for hook in self._hooks:
             hook.remove()
+        for observer in (self, self.detectors):
+            with contextlib.suppress(ValueError):
+                self.dispatcher.observers.remove(observer)
         with contextlib.suppress(Exception):
             self._ray.get(self.controller.detach.remote(self.replica), timeout=5)
         closer = getattr(self.dispatcher.transport, "close", None)

@@ -21,6 +21,7 @@ from expertmesh.observability.events import EventLog, FaultEvent
 
 from .dispatch import DispatchStats, RoutingTable
 from .placement import PlacementOptions
+from .pool_detect import PoolConditions
 from .pool_spec import SHARD_PREFIX, STATE_KEY, PoolSnapshot, PoolSpec, pool_namespace
 from .supervisor import Supervisor
 
@@ -175,6 +176,8 @@ class PoolController:
         self._cond = threading.Condition()
         self._replicas: dict[str, _ReplicaState] = {}
         self._events = _Events(spec.events_path)
+        self.conditions = PoolConditions(self._events)
+        """The replicas' dispatch detectors, one condition per fault (`pool_detect.py`)."""
         self.config = read_config(spec.checkpoint)
         self.topology = spec.placement_topology
         self.restarted = False
@@ -369,6 +372,7 @@ class PoolController:
             self.spec.dtype,
             self.spec.checkpoint,
             self.topology,
+            tuple(sorted(self._service_state()[0])),
         )
 
     def publish(self) -> int:
@@ -432,6 +436,12 @@ class PoolController:
         with self._cond:
             self._replicas.pop(replica, None)
             self._cond.notify_all()
+        self.conditions.forget(replica)
+
+    def report_event(self, replica: str, event: FaultEvent) -> None:
+        """An event of a replica's dispatch detectors (link degraded, node slow): one
+        `detected` per fault for all replicas, `recovered` once the last one sees it end."""
+        self.conditions.report(replica, event)
 
     def wait_for_version(
         self,
@@ -530,6 +540,10 @@ class PoolController:
             "drains": stats.drains,
             "rejoins": stats.rejoins,
             "rebalances": stats.rebalances,
+            "dispatch_conditions": {
+                f"{mode}:{target}": sorted(seen)
+                for (mode, target), seen in self.conditions.active().items()
+            },
             "restarted": self.restarted,
         }
 

@@ -109,3 +109,5 @@ class PoolSnapshot:
     dtype: str
     checkpoint: str
     topology: Topology
+    out_of_service: tuple[str, ...] = ()
+    """Nodes the controller took out of service (lost or drained), for the replicas' health."""

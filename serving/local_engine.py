@@ -228,6 +228,9 @@ class ExpertMeshEngine:
         return self.health().healthy
 
     def _out_of_service(self) -> int:
+        attachment = getattr(self.owner, "attachment", None)  # a shared pool's controller
+        if attachment is not None:
+            return len(attachment.out_of_service)
         return len(self.supervisor.removed) if self.supervisor is not None else 0
 
     def models(self) -> Sequence[ModelCard]:
@@ -351,6 +354,14 @@ class ExpertMeshEngine:
                 "rejoins": stats.rejoins,
                 "rebalances": stats.rebalances,
                 "out_of_service": sorted(self.supervisor.removed),
+            }
+        attachment = getattr(self.owner, "attachment", None)
+        if attachment is not None:  # the pool's controller supervises; what it published
+            extra["expert_pool"] = {
+                "pool": getattr(self.owner, "pool_name", None),
+                "version": attachment.version,
+                "out_of_service": list(attachment.out_of_service),
+                "dispatch_detections": attachment.detectors.detections,
             }
         return EngineHealth(True, "ok", running, waiting, age, extra)
 

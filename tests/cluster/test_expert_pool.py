@@ -28,6 +28,7 @@ from expertmesh.models.checkpoint import load_model
 from expertmesh.models.generate import Generator, SamplingParams
 from expertmesh.models.paths import DEMO_MODEL_DIR
 from expertmesh.models.tokenizer import Tokenizer
+from expertmesh.observability.events import NODE_SLOW
 
 pytestmark = pytest.mark.e2e
 TOPOLOGY = Path(__file__).resolve().parents[2] / "examples" / "topologies" / "mixed.yaml"
@@ -59,6 +60,9 @@ def replica_class() -> Any:
         def stats(self) -> dict[str, Any]:
             a = self.ep.attachment
             return {"version": a.version, **vars(a.stats)}
+
+        def detections(self) -> int:
+            return int(self.ep.attachment.detectors.detections)
 
         def shutdown(self) -> None:
             self.ep.shutdown()
@@ -174,6 +178,36 @@ def test_a_killed_shard_is_one_controller_event_and_no_output_changes(pool, expe
     assert ray.get([r.generate.remote("ROMEO:", MAX_TOKENS) for r in replicas]) == [expected] * 3
     for stats in ray.get([r.stats.remote() for r in replicas]):
         assert stats["mixed_steps"] == 0
+
+
+def test_a_slowed_shard_is_one_dispatch_detection_in_the_pool_log(pool, expected):
+    """The replicas' own detectors see the node slow down (their replies' busy time); the
+    controller's log gets one detected and, once it is back, one recovered."""
+    from expertmesh.cluster.local import emulation_for
+
+    controller, replicas, _, _ = pool
+    status = ray.get(controller.status.remote())
+    node = next(n for n in ("cpu-fast", "cpu-slow") if n in status["nodes"])
+    shard = ray.get(controller.shards_now.remote())[node]
+    base = emulation_for(load_topology(TOPOLOGY))[node]
+    slow = type(base)(base.slowdown * 20, base.link_gbps, base.link_latency_us)
+    before = [ray.get(r.detections.remote()) for r in replicas]
+    loads = [r.serve.remote(30) for r in replicas]
+    time.sleep(4.0)  # the detectors' baselines (warm-up, 10 replies a size)
+    ray.get(shard.set_emulation.remote(slow))
+    try:
+        wait_for(lambda: events(controller, NODE_SLOW, "detected"), 60)
+    finally:
+        ray.get(shard.set_emulation.remote(base))
+    wait_for(lambda: events(controller, NODE_SLOW, "recovered"), 60)
+    assert ray.get(loads, timeout=300) == [[expected] * 30] * 3  # slow, not wrong
+    detected = events(controller, NODE_SLOW, "detected")
+    seen = sum(a > b for a, b in zip(ray.get([r.detections.remote() for r in replicas]), before))
+    print(f"node_slow on {node}: {seen} of 3 replicas detected it; pool log: 1 detected")
+    assert [e.target for e in detected] == [node]  # one incident, however many replicas saw it
+    assert detected[0].source == "cluster.dispatch" and seen >= 1
+    assert len(events(controller, NODE_SLOW, "recovered")) == 1
+    assert ray.get(controller.status.remote())["dispatch_conditions"] == {}
 
 
 def test_a_rebalance_and_a_drain_reach_every_replica_between_steps(pool, expected):
