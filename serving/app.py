@@ -68,15 +68,35 @@ def build_engine(config: ServingConfig, telemetry: Any = None) -> Engine:
     return VLLMEngine.load(config.model_name, str(resolve_model(config.model)), config)
 
 
-def build_gate(config: ServingConfig, engine: Engine) -> Gate | None:
+def build_gate(
+    config: ServingConfig, engine: Engine, telemetry: Telemetry | None = None
+) -> Gate | None:
+    """The selector gate of the config's policy (None without one). Its detectors (bad
+    policy, budget ledger locked, budget exhausted) write fault events to
+    `<log_dir>/events.jsonl`, beside the supervisor's, and count them as metrics
+    (`observability/fault_metrics.py`) on `telemetry`'s meter."""
     if config.policy is None:
         return None
+    from expertmesh.observability.events import EventLog
+    from expertmesh.observability.fault_metrics import MeteredEvents
+    from expertmesh.observability.logs import default_log_dir
     from expertmesh.policies import DEFAULT_POLICY
 
     from .gate import SelectorGate
 
     path = DEFAULT_POLICY if config.policy == "default" else Path(config.policy)
-    return SelectorGate.from_policy_file(path, engine, config.budget_ledger, config.decision_log)
+    log_dir = Path(config.log_dir) if config.log_dir is not None else default_log_dir()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    events: Any = EventLog(log_dir / "events.jsonl")
+    if telemetry is not None:
+        events = MeteredEvents(events, telemetry.meter)
+    return SelectorGate.from_policy_file(
+        path,
+        engine,
+        config.budget_ledger,
+        config.decision_log,
+        events=events,
+    )
 
 
 @dataclass(frozen=True)
@@ -110,7 +130,7 @@ class ApiServer:
         configure_json_logging(self.config.log_dir, "api")
         self.telemetry = configure_telemetry(TelemetryConfig(**self.config.telemetry))
         self.engine = build_engine(self.config, self.telemetry)
-        self.gate = build_gate(self.config, self.engine)
+        self.gate = build_gate(self.config, self.engine, self.telemetry)
 
     def __serve_build_asgi_app__(self) -> Any:
         app: Any = make_api(

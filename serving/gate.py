@@ -22,7 +22,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from expertmesh.models.generate import SamplingParams
-from expertmesh.policies import PolicyError, PolicyFile
+from expertmesh.observability.events import EventSink, SourcedEvents
+from expertmesh.policies import PolicyError
 from expertmesh.routing import (
     BudgetLedger,
     DecisionLog,
@@ -31,6 +32,10 @@ from expertmesh.routing import (
     Selector,
     redact_pii,
 )
+from expertmesh.routing.budget_watch import SOURCE as BUDGET_SOURCE
+from expertmesh.routing.budget_watch import LedgerWatch
+from expertmesh.routing.policy_watch import SOURCE as POLICY_SOURCE
+from expertmesh.routing.policy_watch import PolicyWatch, WatchedPolicyFile
 
 from .api import GateDecision, engine_request
 from .engine import Engine, EngineError
@@ -83,14 +88,27 @@ class SelectorGate:
         ledger_path: str | Path | None = None,
         decision_log: str | Path | None = None,
         tracer: Any = None,
+        events: EventSink | None = None,
+        check_interval_s: float = 1.0,
     ) -> SelectorGate:
+        """The gate of a policy file; `events`: where its detectors report (the policy
+        source's rejected versions, `routing/policy_watch.py`; the budget ledger's lock and
+        spent budgets, `routing/budget_watch.py`), e.g. the replica's `events.jsonl`."""
+
         def rejected(error: PolicyError) -> None:
             log.error("policy %s rejected, the previous version stays in force: %s", path, error)
 
-        source = PolicyFile(path, on_error=rejected)
+        policy_events = SourcedEvents(events, POLICY_SOURCE) if events is not None else None
+        source = WatchedPolicyFile(
+            path, PolicyWatch(policy_events, path), check_interval_s, on_error=rejected
+        )
         ledger = None
         if ledger_path is not None or any(t.budget.limited for t in source.current().tenants):
-            ledger = BudgetLedger(ledger_path or Path(path).with_suffix(".budget.sqlite"))
+            ledger_file = ledger_path or Path(path).with_suffix(".budget.sqlite")
+            watch = None
+            if events is not None:
+                watch = LedgerWatch(SourcedEvents(events, BUDGET_SOURCE), ledger_file)
+            ledger = BudgetLedger(ledger_file, monitor=watch)
         selector = Selector(
             source,
             ledger=ledger,
