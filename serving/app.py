@@ -68,28 +68,51 @@ def build_engine(config: ServingConfig, telemetry: Any = None) -> Engine:
     return VLLMEngine.load(config.model_name, str(resolve_model(config.model)), config)
 
 
-def build_gate(
-    config: ServingConfig, engine: Engine, telemetry: Telemetry | None = None
-) -> Gate | None:
-    """The selector gate of the config's policy (None without one). Its detectors (bad
-    policy, budget ledger locked, budget exhausted) write fault events to
-    `<log_dir>/events.jsonl`, beside the supervisor's, and count them as metrics
-    (`observability/fault_metrics.py`) on `telemetry`'s meter."""
-    if config.policy is None:
-        return None
+def replica_events(config: ServingConfig, telemetry: Telemetry | None = None) -> Any:
+    """Where a replica's detectors report: `<log_dir>/events.jsonl`, beside the supervisor's,
+    each detection also counted on `telemetry`'s meter (`observability/fault_metrics.py`)."""
     from expertmesh.observability.events import EventLog
     from expertmesh.observability.fault_metrics import MeteredEvents
     from expertmesh.observability.logs import default_log_dir
+
+    log_dir = Path(config.log_dir) if config.log_dir is not None else default_log_dir()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    events: Any = EventLog(log_dir / "events.jsonl")
+    return MeteredEvents(events, telemetry.meter) if telemetry is not None else events
+
+
+def start_head_watch(events: Any) -> Any:
+    """The Ray head's detector (`cluster/head_watch.py`), probing this cluster's GCS; None
+    when this process is not on a Ray cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from expertmesh.cluster.head_watch import SOURCE, HeadWatch
+    from expertmesh.observability.events import SourcedEvents
+
+    address = ray.get_runtime_context().gcs_address
+    return HeadWatch(SourcedEvents(events, SOURCE), address).start()
+
+
+def build_gate(
+    config: ServingConfig,
+    engine: Engine,
+    telemetry: Telemetry | None = None,
+    events: Any = None,
+) -> Gate | None:
+    """The selector gate of the config's policy (None without one). Its detectors (bad
+    policy, budget ledger locked, budget exhausted) report to `events` (default
+    `replica_events`)."""
+    if config.policy is None:
+        return None
     from expertmesh.policies import DEFAULT_POLICY
 
     from .gate import SelectorGate
 
     path = DEFAULT_POLICY if config.policy == "default" else Path(config.policy)
-    log_dir = Path(config.log_dir) if config.log_dir is not None else default_log_dir()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    events: Any = EventLog(log_dir / "events.jsonl")
-    if telemetry is not None:
-        events = MeteredEvents(events, telemetry.meter)
+    if events is None:
+        events = replica_events(config, telemetry)
     return SelectorGate.from_policy_file(
         path,
         engine,
@@ -130,7 +153,9 @@ class ApiServer:
         configure_json_logging(self.config.log_dir, "api")
         self.telemetry = configure_telemetry(TelemetryConfig(**self.config.telemetry))
         self.engine = build_engine(self.config, self.telemetry)
-        self.gate = build_gate(self.config, self.engine, self.telemetry)
+        self.events = replica_events(self.config, self.telemetry)
+        self.gate = build_gate(self.config, self.engine, self.telemetry, self.events)
+        self.head_watch = start_head_watch(self.events)
 
     def __serve_build_asgi_app__(self) -> Any:
         app: Any = make_api(
@@ -152,6 +177,8 @@ class ApiServer:
             raise EngineDead(health.detail)
 
     async def __del__(self) -> None:
+        if self.head_watch is not None:
+            self.head_watch.stop()
         await self.engine.shutdown()
 
 

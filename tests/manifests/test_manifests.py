@@ -379,6 +379,10 @@ def emitted_metric_names() -> set[str]:
                 instrument.add(1, {"status": 200})
             elif isinstance(instrument, Histogram):
                 instrument.record(0.1)
+    from expertmesh.observability.events import FaultEvent
+    from expertmesh.observability.fault_metrics import MeteredEvents
+
+    MeteredEvents(None, telemetry.meter).emit(FaultEvent("detected", "bad_policy", "p", source="x"))
     text = generate_latest(telemetry.prometheus_registry).decode()
     return {
         re.split(r"[{ ]", line, maxsplit=1)[0]
