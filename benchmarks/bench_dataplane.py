@@ -238,9 +238,7 @@ class CallTimes:
     def on_reply(self, node: str, layer: int, rows: int, nbytes: int, rt: float, busy: float):
         i = self.index[node]
         local = bool(self.cost.colocated[i]) and self.cost.in_process
-        predicted = rows * float(self.cost.token_s[i]) + (
-            0.0 if local else float(self.cost.latency_s[i])
-        )
+        predicted = rows * float(self.cost.token_s[i]) + float(self.cost.latency_s[i])
         self.measured_s[node] = self.measured_s.get(node, 0.0) + (busy if local else rt)
         self.predicted_s[node] = self.predicted_s.get(node, 0.0) + predicted
         self.calls[node] = self.calls.get(node, 0) + 1
@@ -248,6 +246,12 @@ class CallTimes:
 
     def on_step(self, layer: int, counts: np.ndarray) -> None:
         pass
+
+    def take(self) -> dict[str, dict[str, float]]:
+        """The report of the calls so far, and start afresh."""
+        out = self.report()
+        self.measured_s, self.predicted_s, self.calls, self.rows = {}, {}, {}, {}
+        return out
 
     def report(self) -> dict[str, dict[str, float]]:
         return {
@@ -274,6 +278,7 @@ def cost_for(ep: ExpertParallelModel, topology: Any) -> tuple[Any, list[str]]:
         reference_tflops=opts.reference_tflops,
         colocate=opts.colocate,
         tokens_per_step=opts.tokens_per_step,
+        measured=ep.node_costs or None,
     )
     return cost_model(nodes, shape, options), [n.name for n in nodes]
 
@@ -289,6 +294,7 @@ def eplb_model(ep: ExpertParallelModel, topology: Any, emulation: Any) -> Expert
         reference_tflops=opts.reference_tflops,
         colocate=opts.colocate,
         tokens_per_step=opts.tokens_per_step,
+        measured=ep.node_costs or None,
     )
     routes = routes_from_placement(placement)
     from expertmesh.cluster.colocated import ColocatedPool, local_shard
@@ -311,7 +317,11 @@ def eplb_model(ep: ExpertParallelModel, topology: Any, emulation: Any) -> Expert
 
 @contextlib.contextmanager
 def cluster_for(
-    name: str, rig: bool, colocate: bool = True, tokens_per_step: int | None = None
+    name: str,
+    rig: bool,
+    colocate: bool = True,
+    tokens_per_step: int | None = None,
+    profile: bool = True,
 ) -> Iterator[tuple[ExpertParallelModel, Any, Any]]:
     """(model, per-node emulation or None, topology the planner read) on the embedded cluster,
     or on a rig (`cluster/rig`: namespaces, tc links, CPU quotas; nothing sleeps) brought up
@@ -321,7 +331,7 @@ def cluster_for(
 
     path = TOPOLOGIES / f"{name}.yaml"
     topology = load_topology(path)
-    plan = {"colocate": colocate, "tokens_per_step": tokens_per_step}
+    plan = {"colocate": colocate, "tokens_per_step": tokens_per_step, "profile": profile}
     if not rig:
         with ExpertParallelModel.launch(DEMO_MODEL_DIR, topology, **plan) as ep:
             yield ep, emulation_for(topology), topology
@@ -346,7 +356,7 @@ def run_topology(
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     out: dict[str, Any] = {"throughput": [], "same_output": {}}
     console.print(f"[{name}] starting the {'rig' if args.rig else 'embedded cluster'}...")
-    with cluster_for(name, args.rig, args.colocate, max(args.batches)) as (
+    with cluster_for(name, args.rig, args.colocate, max(args.batches), args.profile) as (
         ep,
         emulation,
         topology,
@@ -393,6 +403,10 @@ def run_topology(
                     {"setup": setup, "topology": name, "batch": batch, "tok_s": tokens / t.median_s}
                 )
                 out["same_output"][f"{setup}@{batch}"] = t.result == want
+            out.setdefault("prediction_by_batch", {})[str(batch)] = {
+                "ours": calls.take(),
+                "eplb": eplb_calls.take(),
+            }
             # Overlap fraction: wait for shards per pass, forced on vs off.
             waits = {}
             for mode in ("off", "on"):
@@ -407,9 +421,12 @@ def run_topology(
                 "auto_passes_off": policy.passes_off,
             }
             policy.mode = "auto"
-        out["prediction_error"] = calls.report()
-        out["prediction_error_eplb"] = eplb_calls.report()
+        calls.take(), eplb_calls.take()  # the overlap runs above are not a throughput run
+        planned = out["prediction_by_batch"][str(max(args.batches))]
+        out["prediction_error"] = planned["ours"]  # at the batch the plan was made for
+        out["prediction_error_eplb"] = planned["eplb"]
         opts = ep.plan_options
+        out["node_costs"] = {n: c.to_dict() for n, c in ep.node_costs.items()}
         out["cost_model"] = {
             "tokens_per_step": opts.tokens_per_step,
             "reference_tflops": opts.reference_tflops,
@@ -448,6 +465,12 @@ def main() -> None:
     parser.add_argument("--name", help="results file stem (default bench_dataplane[_rig])")
     parser.add_argument("--roundtrip-rows", type=int, default=6, help="rows per node (decode)")
     parser.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="plan on the modelled costs only (no profile of real layer calls first)",
+    )
+    parser.add_argument(
         "--no-colocate",
         dest="colocate",
         action="store_false",
@@ -479,6 +502,7 @@ def main() -> None:
         for name, t in results["topologies"].items()
     }
     results["colocate"] = args.colocate
+    results["profile"] = args.profile
     results["setting"] = (
         "rig (cluster/rig): one Ray node per topology node in its own network namespace, "
         "links limited by tc, node speed by CPU quota; nothing sleeps"
@@ -516,7 +540,7 @@ def main() -> None:
         console,
     )
     print_table(
-        "Planner's cost model vs measured, per layer call (placements ours / eplb)",
+        f"Planner's cost model vs measured, per layer call at batch {max(args.batches)} (the batch planned for)",
         [
             "topology",
             "placement",
@@ -540,9 +564,10 @@ def main() -> None:
             ]
             for name, t in results["topologies"].items()
             for which in ("ours", "eplb")
-            for node, e in t.get(
-                "prediction_error" if which == "ours" else "prediction_error_eplb", {}
-            ).items()
+            for node, e in t.get("prediction_by_batch", {})
+            .get(str(max(args.batches)), {})
+            .get(which, {})
+            .items()
         ],
         console,
     )

@@ -66,8 +66,18 @@ class NodeCapacity:
     link_latency_us: float
     """One-way latency of that link."""
     rack: str = ""
+    measured_token_us: float | None = None
+    """Measured cost of one token-assignment on this node, compute and link (a profile of
+    real layer calls, `cluster/profile.py`); None: from speed and link as above."""
+    measured_call_us: float | None = None
+    """Measured fixed cost of one layer call on this node, whatever its rows (the round trip
+    and the shard's handling; for the colocated node its per-call compute overhead)."""
 
     def __post_init__(self) -> None:
+        for name in ("measured_token_us", "measured_call_us"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"node {self.name!r}: {name} must be finite and >= 0, got {value}")
         if not (self.speed > 0 and math.isfinite(self.speed)):
             raise ValueError(f"node {self.name!r}: speed must be finite and > 0, got {self.speed}")
         if self.expert_slots < 0:
@@ -369,11 +379,17 @@ def cost_model(
     compute_s = shape.expert_flops_per_token / (speed * options.reference_tflops * 1e12)
     link_s = np.where(colocated, 0.0, link_bytes * 8 / (np.where(colocated, 1.0, gbps) * 1e9))
     latency_s = np.array([2e-6 * n.link_latency_us for n in nodes], dtype=np.float64)
+    token_s = compute_s + link_s
+    for i, n in enumerate(nodes):  # a profile of real calls replaces the modelled figures
+        if n.measured_token_us is not None:
+            token_s[i] = max(n.measured_token_us, 1e-3) * 1e-6
+        if n.measured_call_us is not None:
+            latency_s[i] = n.measured_call_us * 1e-6
     preferred = np.ones(len(nodes), dtype=bool)
     if options.rack_local:
         preferred = gbps * SLOW_LINK_RATIO >= gbps.max()
     return CostModel(
-        compute_s + link_s,
+        token_s,
         latency_s,
         colocated,
         preferred,

@@ -9,6 +9,7 @@ A routing trace is the JSON that `RouterStats.to_dict()` writes (`expertmesh gen
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,17 @@ def expert_shape(config: ModelConfig, dtype_bytes: int = 2) -> ExpertShape:
     )
 
 
-def node_capacities(topology: Topology, shape: ExpertShape) -> list[NodeCapacity]:
-    """Expert slots each node's weight memory holds; link = the node's link to the attention node."""
+def node_capacities(
+    topology: Topology, shape: ExpertShape, measured: Mapping[str, Any] | None = None
+) -> list[NodeCapacity]:
+    """Expert slots each node's weight memory holds; link = the node's link to the attention
+    node. measured: node -> a profile of its real layer calls (`cluster/profile.py`
+    `NodeCost`: call_us, token_us), which replaces the cost the planner would model."""
     head = topology.attention_nodes[0].name
     caps = []
     for node in topology.nodes:
         link = topology.link(head, node.name)
+        cost = (measured or {}).get(node.name)
         caps.append(
             NodeCapacity(
                 name=node.name,
@@ -59,6 +65,8 @@ def node_capacities(topology: Topology, shape: ExpertShape) -> list[NodeCapacity
                 link_gbps=link.bandwidth_gbps,  # inf: the attention node's own process
                 link_latency_us=link.latency_us,
                 rack=node.rack or "",
+                measured_token_us=None if cost is None else float(cost.token_us),
+                measured_call_us=None if cost is None else float(cost.call_us),
             )
         )
     return caps
@@ -97,10 +105,11 @@ def planner_inputs(
     reference_tflops: float | None = None,
     colocate: bool = False,
     tokens_per_step: int | None = None,
+    measured: Mapping[str, Any] | None = None,
 ) -> tuple[list[NodeCapacity], ExpertShape, PlacementOptions]:
     """What the planner reads for a model on a topology (see `plan_for_topology`)."""
     shape = expert_shape(config, dtype_bytes)
-    nodes = node_capacities(topology, shape)
+    nodes = node_capacities(topology, shape, measured)
     options = PlacementOptions(
         min_replicas=min_replicas,
         rack_local=rack_local,
@@ -125,13 +134,15 @@ def plan_for_topology(
     reference_tflops: float | None = None,
     colocate: bool = False,
     tokens_per_step: int | None = None,
+    measured: Mapping[str, Any] | None = None,
 ) -> Placement:
     """Plan expert placement for a model on a topology; keys of the result use model layer ids.
 
     reference_tflops: effective TFLOP/s of a speed-1.0 node; default the topology's
     `reference_tflops`, else the planner's GPU-class default. colocate: the attention node's
     experts run in the attention worker's process (`cluster/colocated.py`). tokens_per_step:
-    the decode batch to plan for (default the planner's).
+    the decode batch to plan for (default the planner's). measured: node -> profiled call
+    costs (`cluster/profile.py`).
     """
     nodes, shape, options = planner_inputs(
         topology,
@@ -142,6 +153,7 @@ def plan_for_topology(
         reference_tflops,
         colocate,
         tokens_per_step,
+        measured,
     )
     placement = plan_placement(nodes, shape, trace, options)
     return placement.with_layer_ids(config.moe_layer_ids)
@@ -160,6 +172,7 @@ def baseline_placement(
     reference_tflops: float | None = None,
     colocate: bool = False,
     tokens_per_step: int | None = None,
+    measured: Mapping[str, Any] | None = None,
 ) -> Placement:
     """A baseline placement on the topology, keyed by model layer ids:
 
@@ -176,6 +189,7 @@ def baseline_placement(
         reference_tflops=reference_tflops,
         colocate=colocate,
         tokens_per_step=tokens_per_step,
+        measured=measured,
     )
     L, E = shape.num_layers, shape.num_experts
     load = token_load(trace, shape, options)
@@ -203,6 +217,7 @@ def compare_for_topology(
     reference_tflops: float | None = None,
     colocate: bool = False,
     tokens_per_step: int | None = None,
+    measured: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Ours and every baseline scored by one cost model (the topology's, measured figures where
     it has them): {name: {predicted_step_s, balancedness, nodes_used, slots_over}}."""
@@ -213,11 +228,20 @@ def compare_for_topology(
         reference_tflops=reference_tflops,
         colocate=colocate,
         tokens_per_step=tokens_per_step,
+        measured=measured,
     )
     placements = {"ours": ours}
     for kind in BASELINES:
         placements[kind] = baseline_placement(
-            kind, topology, config, trace, dtype_bytes, reference_tflops, colocate, tokens_per_step
+            kind,
+            topology,
+            config,
+            trace,
+            dtype_bytes,
+            reference_tflops,
+            colocate,
+            tokens_per_step,
+            measured,
         )
     out: dict[str, dict[str, Any]] = {}
     for name, p in placements.items():

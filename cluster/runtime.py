@@ -100,6 +100,10 @@ class ExpertParallelModel:
         self.cluster = cluster
         self.plan_options = PlacementOptions()
         """The options the placement was planned with (the rebalancer plans with them too)."""
+        self.topology: Any = None
+        """The topology the placement was planned on (measured figures on a rig)."""
+        self.node_costs: dict[str, Any] = {}
+        """node -> `NodeCost` when launched with `profile` (the planner read them)."""
 
     @property
     def config(self) -> ModelConfig:
@@ -138,6 +142,7 @@ class ExpertParallelModel:
         telemetry_config: Mapping[str, Any] | None = None,
         colocate: bool = False,
         tokens_per_step: int | None = None,
+        profile: bool = False,
     ) -> ExpertParallelModel:
         """Start (`local`) or join the cluster, plan, start shards, and return the model.
 
@@ -145,7 +150,9 @@ class ExpertParallelModel:
         the embedded cluster that `expertmesh up` started). dtype "auto": bf16 where a node
         computes on a GPU, float32 on the CPU. colocate: the attention node's experts run in
         this process (`cluster/colocated.py`: no call, no standby; its shard cannot be killed
-        alone), and the planner knows it. tokens_per_step: the decode batch to plan for."""
+        alone), and the planner knows it. tokens_per_step: the decode batch to plan for.
+        profile: once the shards are up, measure real layer calls on every node, plan again on
+        those costs and move the experts there (`cluster/profile.py`)."""
         emulate = local if emulate is None else emulate
         import ray
 
@@ -214,6 +221,28 @@ class ExpertParallelModel:
             checkpoint, routes, pool, dtype, placement, cluster, tracer, device=device
         )
         ep.plan_options = options
+        ep.topology = topology
+        if profile:
+            from .profile import profile_layer_calls, replan
+
+            try:
+                ep.node_costs = profile_layer_calls(ep, [n.name for n in topology.nodes])
+                replan(
+                    ep,
+                    plan_for_topology(
+                        topology,
+                        config,
+                        trace,
+                        min_replicas=min_replicas,
+                        reference_tflops=tflops,
+                        colocate=colocate,
+                        tokens_per_step=tokens_per_step,
+                        measured=ep.node_costs,
+                    ),
+                )
+            except Exception:
+                ep.shutdown()
+                raise
         return ep
 
     def shutdown(self) -> None:

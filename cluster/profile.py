@@ -1,0 +1,167 @@
+"""A measured cost model: real layer calls on every node, fitted, and the plan made again.
+
+The planner's modelled costs (speed x reference TFLOP/s, bytes / bandwidth, link latency)
+miss what a small decode call really costs: Python and framing on both ends, the thread
+wake-up on the shard, small GEMMs far below peak, a CPU quota that throttles a busy node.
+`profile_layer_calls` measures them on the running cluster, with the model's own experts and
+the data plane the model uses: for each node, layer calls of several sizes through the
+dispatcher's transport, back to back (as a node sees them in a busy step), timed from the
+send to the reply's arrival (for the attention node's own experts, their compute). A least
+squares line per node gives `NodeCost(call_us, token_us)`: the fixed cost of a call and the
+cost of each token-assignment in it. The planner reads them in place of its modelled figures
+(`NodeCapacity.measured_*`), and `replan` moves the experts to the plan they give
+(new replicas loaded before the table swap, old ones dropped after, as a rebalance does).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dispatch import RoutingTable
+from .wire import ShardRequest, pack, wire_for
+
+PROFILE_EXPERTS = (1, 2, 4)
+"""Experts a profiled call goes through (each with the rows one expert gets in a decode step
+of the planned batch): a call's cost grows with its experts (a GEMM pair each) and rows."""
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """The fitted cost of one layer call on a node: call_us + rows x token_us."""
+
+    node: str
+    call_us: float
+    token_us: float
+    samples: int
+    rows: tuple[int, ...]
+    median_us: tuple[float, ...]
+    """The median call time at each of `rows`."""
+
+    def predict_us(self, rows: int) -> float:
+        return self.call_us + rows * self.token_us
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _request(
+    layer: int, experts: Sequence[int], per_expert: int, hidden: int, wire: str
+) -> ShardRequest:
+    """`per_expert` assignments to each of `experts` (sorted by expert), each its own row."""
+    rows = per_expert * len(experts)
+    x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(rows))
+    ids = np.repeat(np.asarray(experts, dtype=np.int32), per_expert)
+    return ShardRequest(layer, pack(x, wire), np.arange(rows, dtype=np.int32), ids)
+
+
+def _time_call(transport: Any, node: str, request: ShardRequest) -> float:
+    """Seconds from the send to the reply's arrival (its compute, for a local node)."""
+    t0 = time.perf_counter()
+    sent = transport.send({node: request})
+    for got_node, got in transport.replies(sent):
+        if isinstance(got, Exception):
+            raise RuntimeError(f"profiling node {got_node!r}: {got}")
+        arrived = getattr(got, "arrived_at", None)
+        return (arrived or time.perf_counter()) - t0
+    raise RuntimeError(f"profiling node {node!r}: no reply")
+
+
+def fit(node: str, samples: Mapping[int, Sequence[float]]) -> NodeCost:
+    """Least squares on the medians per size (robust to a throttled or preempted call)."""
+    rows = sorted(samples)
+    medians = [statistics.median(samples[r]) * 1e6 for r in rows]
+    if len(rows) >= 2:
+        slope, intercept = np.polyfit(np.array(rows, float), np.array(medians), 1)
+    else:
+        slope, intercept = medians[0] / max(rows[0], 1), 0.0
+    slope = max(float(slope), 1e-3)
+    intercept = max(float(intercept), 0.0)
+    return NodeCost(
+        node, intercept, slope, sum(len(v) for v in samples.values()), tuple(rows), tuple(medians)
+    )
+
+
+def profile_layer_calls(
+    ep: Any,
+    nodes: Sequence[str],
+    tokens_per_step: int | None = None,
+    sizes: Sequence[int] = PROFILE_EXPERTS,
+    repeats: int = 15,
+    warmup: int = 5,
+) -> dict[str, NodeCost]:
+    """Measure and fit each node's layer-call cost on `ep` (an `ExpertParallelModel`) for
+    decode steps of `tokens_per_step` sequences (default: what `ep` was planned for): calls
+    through 1, 2 and 4 experts, each expert with the rows it gets at that batch (batch x
+    top-k / experts), so the fitted cost per token-assignment carries each expert's share of
+    fixed GEMM cost as the planned batch spreads it.
+
+    Every node needs experts of the profiled layer (the first MoE layer): one that holds none
+    is given all of that layer's experts first (they stay until `replan` moves them)."""
+    config = ep.config
+    layer = config.moe_layer_ids[0]
+    experts = list(range(config.moe.num_experts))
+    batch = tokens_per_step or ep.plan_options.tokens_per_step
+    per_expert = max(1, round(batch * config.moe.top_k / config.moe.num_experts))
+    held = ep.dispatcher.table.node_experts()
+    adds = {n: {layer: experts} for n in nodes if not held.get(n, {}).get(layer)}
+    if adds:
+        ep.pool.load_many(adds)
+    wire = wire_for(ep.dispatcher.wire, next(ep.model.parameters()).dtype)
+    transport = ep.dispatcher.transport
+    out: dict[str, NodeCost] = {}
+    for node in nodes:
+        mine = held.get(node, {}).get(layer) or experts
+        requests = {
+            k * per_expert: _request(layer, mine[:k], per_expert, config.hidden_size, wire)
+            for k in sorted({min(k, len(mine)) for k in sizes})
+        }
+        samples: dict[int, list[float]] = {r: [] for r in requests}
+        for _ in range(warmup):
+            _time_call(transport, node, requests[max(requests)])
+        for _ in range(repeats):
+            for r, request in requests.items():
+                samples[r].append(_time_call(transport, node, request))
+        out[node] = fit(node, samples)
+    ep.profiled_extra = adds  # what replan must account for (loaded here, not planned)
+    return out
+
+
+def replan(ep: Any, placement: Any) -> dict[str, int]:
+    """Move `ep`'s experts to `placement` (keyed by model layer ids): load what is new, swap
+    the routing table between layer calls, drop what is no longer routed. Returns counts."""
+    from .runtime import routes_from_placement
+
+    table = RoutingTable(routes_from_placement(placement))
+    have = ep.dispatcher.table.node_experts()
+    for node, per in getattr(ep, "profiled_extra", {}).items():
+        for layer, ids in per.items():
+            have.setdefault(node, {}).setdefault(layer, [])
+            have[node][layer] = sorted(set(have[node][layer]) | set(ids))
+    want = table.node_experts()
+    adds: dict[str, dict[int, list[int]]] = {}
+    drops: dict[str, dict[int, list[int]]] = {}
+    for node in set(have) | set(want):
+        for layer in set(have.get(node, {})) | set(want.get(node, {})):
+            h, w = set(have.get(node, {}).get(layer, [])), set(want.get(node, {}).get(layer, []))
+            if w - h:
+                adds.setdefault(node, {})[layer] = sorted(w - h)
+            if h - w:
+                drops.setdefault(node, {})[layer] = sorted(h - w)
+    if adds:
+        ep.pool.load_many(adds)
+    ep.dispatcher.swap_table(table)
+    ep.placement = placement
+    if drops:
+        ep.pool.drop_many(drops)
+    ep.profiled_extra = {}
+    return {
+        "loaded": sum(len(v) for per in adds.values() for v in per.values()),
+        "dropped": sum(len(v) for per in drops.values() for v in per.values()),
+    }
