@@ -80,6 +80,7 @@ def worker_class() -> Any:
             """Today's `ExpertParallelModel.launch` per replica: its own shards and standbys.
             Embedded (`topology`): planned here and emulated; on the rig: the shared pool's
             placement (`routes`, `placement`), nothing emulated."""
+            from expertmesh.cluster.detect import DispatchDetectors
             from expertmesh.cluster.dispatch import RoutingTable
             from expertmesh.cluster.local import emulation_for
             from expertmesh.cluster.planning import embedded_reference_tflops, plan_for_topology
@@ -102,7 +103,11 @@ def worker_class() -> Any:
             held = RoutingTable(routes).node_experts()
             nodes = [n.name for n in layout.nodes] if topology is not None else sorted(held)
             pool = RayShardPool(checkpoint, {n: held.get(n, {}) for n in nodes}, dtype, emulation)
-            return ExpertParallelModel.from_routes(checkpoint, routes, pool, dtype, placement)
+            ep = ExpertParallelModel.from_routes(checkpoint, routes, pool, dtype, placement)
+            # The detectors a serving replica's supervisor puts on its dispatcher, as a shared
+            # pool's replica runs its own (so both sides pay for them).
+            ep.dispatcher.observers.append(DispatchDetectors(None))
+            return ep
 
         def run(self, batch: int, max_tokens: int, repeats: int) -> dict[str, Any]:
             from expertmesh.models.generate import Generator, SamplingParams
@@ -378,15 +383,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--batch", type=int, default=None, help="default 4 (rig: 8)")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=None, help="default 2 (rig: 1)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="default 16 (rig: 32)")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median taken)")
     parser.add_argument("--quick", action="store_true", help="1 and 2 replicas, 4 tokens")
     parser.add_argument("--rig", action="store_true", help="on the rig that is up")
     parser.add_argument("--name", default=None, help="results file stem")
     args = parser.parse_args()
     args.batch = args.batch or (8 if args.rig else 4)
-    args.repeats = args.repeats or (1 if args.rig else 2)
+    args.max_tokens = args.max_tokens or (32 if args.rig else 16)
     if args.quick:
         args.replicas, args.max_tokens, args.repeats, args.rounds = [1, 2], 4, 1, 1
 
