@@ -4,7 +4,9 @@
   then plugged back. Calls in flight to it stall in TCP retransmission and complete once the
   link is back; nothing is resent by us and nothing is skipped.
 - `bandwidth_drop`: the link between the attention node and the target is cut to
-  1/`factor` of its rate (`tc class change`, both directions, live) for `duration_s`.
+  1/`factor` of its rate (`tc class change`, both directions, live) for `duration_s`, with
+  htb's burst cut to match (2 ms at the slow rate; the healthy link's 256 KB floor would let
+  a small model's traffic through at full speed).
 
 On the rig the platform is this process as the attention worker inside the head's namespace
 (`rig.driver`), the shards on the rig's Ray nodes, and the planner replaced by EPLB's
@@ -103,7 +105,12 @@ def inject(platform: Any, fault: Any, scenario: str) -> None:
     elif fault.kind == "bandwidth_drop":
         head = plan.head.name
         rate = plan.link(head, node.name).rate_gbps
-        links.set_pair_rate(plan, head, node.name, rate / fault.factor)
+        # A degraded link has no burst allowance of a healthy one's size: the rig's 256 KB
+        # floor would carry a small model's replies (a few KB a layer call) at full speed
+        # for most of the fault. Two full-size frames, or 2 ms at the degraded rate.
+        slow = rate / fault.factor
+        burst = max(2 * 1514, int(slow * 1e9 / 8 * 0.002))
+        links.set_pair_rate(plan, head, node.name, slow, burst_bytes=burst)
         try:
             time.sleep(fault.duration_s)
         finally:

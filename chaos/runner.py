@@ -13,13 +13,15 @@ Spans, metrics and fault events land in `--out` for `expertmesh fmea`.
 The injector only injects: it emits `fault` when it breaks something and `restored` when it
 stops (`source: chaos`). Every `detected` and `recovered` comes from the platform's own
 detectors (the supervisor, `cluster/detect.py` on dispatch replies, the engine's KV pressure,
-the budget ledger's lock watch, policy validation); a fault without a platform detection
+the budget ledger's lock and budget watch, policy validation, the head watch's GCS probe);
+a fault without a platform detection
 within the deadline fails the run. `control=True` runs the same load for the same length with
 no fault: every detection then is a false positive (`ChaosReport.false_positives`).
 
 Fault kinds: kill_actor, kill_node (with `restore_after_s`, the node comes back and must
 rejoin), drain_node, slow_node, link_latency, skew_router, corrupt_weights, fill_kv_cache,
-break_policy, lock_budget_db.
+break_policy, lock_budget_db; stall_engine, spend_budget, hang_head (`chaos/control_faults.py`);
+on the rig, link_cut and bandwidth_drop (`chaos/rig_faults.py`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ from expertmesh.observability.events import (
     read_events,
 )
 
+from .control_faults import CONTROL_FAULT_MODES, CONTROL_FAULTS
+from .control_faults import inject as inject_control
 from .rig_faults import RIG_FAULT_MODES, RIG_FAULTS, inject
 
 FaultKind = Literal[
@@ -71,9 +75,13 @@ FaultKind = Literal[
     "fill_kv_cache",
     "break_policy",
     "lock_budget_db",
+    "stall_engine",  # chaos/control_faults.py
+    "spend_budget",
+    "hang_head",
 ]
 MODE_OF: dict[str, str] = {
     **RIG_FAULT_MODES,  # chaos/rig_faults.py
+    **CONTROL_FAULT_MODES,  # chaos/control_faults.py
     "kill_actor": EXPERT_SHARD_LOST,
     "kill_node": NODE_LOST,
     "drain_node": NODE_DRAINED,
@@ -85,6 +93,10 @@ MODE_OF: dict[str, str] = {
     "break_policy": BAD_POLICY,
     "lock_budget_db": BUDGET_DB_LOCKED,
 }
+STALL_AFTER_S = 2.0
+"""The chaos platform's engine-stall threshold (production's default is 30 s,
+`serving/config.py`): a step of the demo model takes milliseconds, and the scenarios last
+seconds."""
 PROMPT = "ROMEO:"
 MAX_TOKENS = 8
 
@@ -216,10 +228,7 @@ class Platform:
         from expertmesh.models.paths import DEMO_MODEL_DIR
         from expertmesh.models.tokenizer import Tokenizer
         from expertmesh.observability import TelemetryConfig, configure_telemetry
-        from expertmesh.policies import PolicyFile
-        from expertmesh.routing import BudgetLedger, Selector
-        from expertmesh.routing.budget_watch import SOURCE as BUDGET_SOURCE
-        from expertmesh.routing.budget_watch import LedgerWatch
+        from expertmesh.observability.fault_metrics import MeteredEvents
         from expertmesh.serving.api import make_api
         from expertmesh.serving.config import SupervisorSpec
         from expertmesh.serving.gate import SelectorGate
@@ -264,30 +273,22 @@ class Platform:
             "expertmesh-demo",
             self.ep.model,
             Tokenizer.from_dir(self.checkpoint),
-            SchedulerConfig(num_slots=8, max_waiting=16),
+            SchedulerConfig(num_slots=8, max_waiting=16, stall_after_s=STALL_AFTER_S),
             owner=self.ep,
             tracer=tracer,
             meter=self.telemetry.meter,
         )
 
-        def rejected(error: Exception) -> None:  # the policy source's validation refused it
-            self.events.emit(
-                FaultEvent(
-                    "detected",
-                    BAD_POLICY,
-                    target=str(self.policy),
-                    detail=str(error)[:200],
-                    source="policies.source",
-                )
-            )
-
-        self.ledger_watch = LedgerWatch(SourcedEvents(self.events, BUDGET_SOURCE), self.ledger)
-        selector = Selector(
-            PolicyFile(self.policy, check_interval_s=0.2, on_error=rejected),
-            ledger=BudgetLedger(self.ledger, monitor=self.ledger_watch),
+        # The gate as production builds it (`serving/app.py` build_gate): its detectors (bad
+        # policy, ledger locked, budget exhausted) report to the run's events and metrics.
+        self.gate = SelectorGate.from_policy_file(
+            self.policy,
+            self.engine,
+            self.ledger,
             tracer=tracer,
+            events=MeteredEvents(self.events, self.telemetry.meter),
+            check_interval_s=0.2,
         )
-        self.gate = SelectorGate(selector, self.engine)
         self.app = make_api(self.engine, gate=self.gate, meter=self.telemetry.meter, tracer=tracer)
         spec = SupervisorSpec(  # on the rig the placement is held (rig_faults.py says why)
             rebalance_every_s=0.0 if scenario.rig else 1.0,
@@ -297,8 +298,17 @@ class Platform:
         self.supervisor = self.engine.supervise(
             self.ep, self.topology, spec, tracer=tracer, events=self.events
         )
+        import ray
+
+        from expertmesh.cluster.head_watch import SOURCE as HEAD_SOURCE
+        from expertmesh.cluster.head_watch import HeadWatch
+
+        self.head_watch = HeadWatch(
+            SourcedEvents(self.events, HEAD_SOURCE), ray.get_runtime_context().gcs_address
+        ).start()
 
     def close(self) -> None:
+        self.head_watch.stop()
         self.supervisor.stop()
         asyncio.run(self.engine.shutdown())
         self.events.close()
@@ -414,6 +424,9 @@ class Runner:
             self._emit(platform, "fault", fault, fault.kind)
             if fault.kind in RIG_FAULTS:
                 inject(platform, fault, self.scenario.name)
+                continue
+            if fault.kind in CONTROL_FAULTS:
+                self._emit(platform, "restored", fault, inject_control(platform, fault))
                 continue
             getattr(self, f"_fault_{fault.kind}")(platform, fault)
 
@@ -640,20 +653,43 @@ class Runner:
         return report
 
 
+NODE_MODES = frozenset({LINK_DEGRADED, NODE_SLOW, EXPERT_SHARD_LOST, NODE_LOST, NODE_DRAINED})
+"""Failure modes of one node: their detection must name the faulted node (a slow link blamed
+on another node is a wrong detection, not a detection)."""
+
+
 def detections(
     events: list[FaultEvent], within_s: float
 ) -> tuple[dict[str, list[float]], list[str], list[str]]:
     """Each fault's time to detect: the first platform `detected` of its mode after it (each
-    detection answers one fault, in order). Returns the times per mode, a failure line per
-    fault not detected within `within_s`, and the platform detections that answered no fault
-    (false positives, "mode@target by source")."""
+    detection answers one fault, in order; for a node's mode, `NODE_MODES`, one naming that
+    node). Returns the times per mode, a failure line per fault not detected within
+    `within_s` and per detection that named another node while the fault lasted, and the
+    platform detections that answered no fault (false positives, "mode@target by source")."""
     ordered = sorted(events, key=lambda e: e.time_unix_nano)
     faults = [e for e in ordered if e.kind == "fault" and not e.from_platform]
     found = [e for e in ordered if e.kind == "detected" and e.from_platform]
+    restored = [e for e in ordered if e.kind == "restored" and not e.from_platform]
+    end = ordered[-1].time_unix_nano if ordered else 0
+    lasts: list[tuple[int, int]] = []
+    """Each fault's (start, restored or the end of the run)."""
+    for f in faults:
+        until = next(
+            (
+                r.time_unix_nano
+                for r in restored
+                if r.failure_mode == f.failure_mode
+                and r.target == f.target
+                and r.time_unix_nano >= f.time_unix_nano
+            ),
+            end,
+        )
+        lasts.append((f.time_unix_nano, until))
     used: set[int] = set()
     ttd: dict[str, list[float]] = {}
     misses: list[str] = []
     for fault in faults:
+        node_mode = fault.failure_mode in NODE_MODES
         match = next(
             (
                 i
@@ -661,6 +697,7 @@ def detections(
                 if i not in used
                 and d.failure_mode == fault.failure_mode
                 and d.time_unix_nano >= fault.time_unix_nano
+                and (not node_mode or d.target == fault.target)
             ),
             None,
         )
@@ -678,24 +715,27 @@ def detections(
                 f"{fault.failure_mode} fault on {fault.target} ({fault.detail}): the platform "
                 f"detected it {how} (deadline {within_s:g} s)"
             )
+    # A node's mode detected on a node that has no fault of that mode then: the wrong node.
+    for i, d in enumerate(found):
+        if d.failure_mode not in NODE_MODES:
+            continue
+        during = [
+            f
+            for f, (a, b) in zip(faults, lasts, strict=True)
+            if f.failure_mode == d.failure_mode and a <= d.time_unix_nano <= b
+        ]
+        if during and d.target not in {f.target for f in during}:
+            used.add(i)  # a failure already: not counted again as a false positive
+            at = (d.time_unix_nano - during[0].time_unix_nano) / 1e9
+            misses.append(
+                f"{d.failure_mode} fault on {', '.join(sorted({f.target for f in during}))}: "
+                f"the platform named the wrong node, {d.target} ({d.source}, +{at:.2f} s: "
+                f"{d.detail})"
+            )
     # The rest: a detection while a fault lasts (until it is restored, or the end of the run,
     # plus the deadline) is that fault seen again or its consequence (a drain leaves the
     # load imbalanced); one outside every fault's window answers nothing: a false positive.
-    restored = [e for e in ordered if e.kind == "restored" and not e.from_platform]
-    end = ordered[-1].time_unix_nano if ordered else 0
-    windows: list[tuple[int, int]] = []
-    for f in faults:
-        until = next(
-            (
-                r.time_unix_nano
-                for r in restored
-                if r.failure_mode == f.failure_mode
-                and r.target == f.target
-                and r.time_unix_nano >= f.time_unix_nano
-            ),
-            end,
-        )
-        windows.append((f.time_unix_nano, until + int(min(within_s, 1e6) * 1e9)))
+    windows = [(a, b + int(min(within_s, 1e6) * 1e9)) for a, b in lasts]
     false_positives = [
         f"{d.failure_mode}@{d.target} by {d.source or 'unknown'}"
         for i, d in enumerate(found)

@@ -5,7 +5,12 @@
   opened through a Ray call to the shard's actor and reopened whenever the pool's actor for
   a node changes (a standby promoted, a node rejoined) or the channel breaks. The default on
   a Ray pool. A dead actor shows as a closed channel: its node's reply is `ShardLost`, and
-  the dispatcher's failover runs exactly as on the fallback path.
+  the dispatcher's failover runs exactly as on the fallback path. Each reply carries the
+  time it arrived (`ShardReply.arrived_at`, the kernel's receive timestamp of the packet that
+  completed it, `transport_channel.recv_frame_stamped`), so the dispatcher's per-node round
+  trip does not grow while another node's reply is read first. Measured on loopback: a frame
+  read 20 ms late keeps an arrival 13-45 us after its send; the stamped read costs no more
+  than the plain one within the noise (97-118 us per round trip either way).
 - `PoolTransport` (in `cluster/dispatch.py`, the dispatcher's default without a pool
   transport, so the two modules import one way): one `ShardPool.submit_request` per node, read with `result` (on a Ray
   pool: one Ray actor task per node per layer, replies taken as they complete). The

@@ -45,10 +45,10 @@ def _add_class(ns: str, classid: str, gbps: float) -> None:
     )
 
 
-def _class_args(gbps: float) -> list[str]:
+def _class_args(gbps: float, burst_bytes: int | None = None) -> list[str]:
     # Burst: a few ms of data at the rate, and at least a few 64 KB GSO segments, so the limit
     # holds the rate and not less (htb's default burst starves multi-Gbit/s classes).
-    burst = max(256 * 1024, int(gbps * 1e9 / 8 * 0.002))
+    burst = burst_bytes or max(256 * 1024, int(gbps * 1e9 / 8 * 0.002))
     rate = _rate(gbps)
     return [
         "htb",
@@ -120,8 +120,11 @@ def shape_node(plan: RigPlan, node: NodePlan, state: RigState) -> None:
         )
 
 
-def set_pair_rate(plan: RigPlan, a: str, b: str, gbps: float) -> None:
-    """Change the rate between nodes a and b, both directions, live."""
+def set_pair_rate(
+    plan: RigPlan, a: str, b: str, gbps: float, burst_bytes: int | None = None
+) -> None:
+    """Change the rate between nodes a and b, both directions, live (`burst_bytes`: htb's
+    burst, default a few ms at the rate and at least 256 KB)."""
     for src, dst in ((a, b), (b, a)):
         sender, peer = plan.node(src), plan.node(dst)
         run(
@@ -137,7 +140,7 @@ def set_pair_rate(plan: RigPlan, a: str, b: str, gbps: float) -> None:
                     "1:",
                     "classid",
                     f"1:{10 + peer.index}",
-                    *_class_args(gbps),
+                    *_class_args(gbps, burst_bytes),
                 ],
             )
         )
