@@ -109,6 +109,9 @@ def worker_class() -> Any:
             ep.dispatcher.observers.append(DispatchDetectors(None))
             return ep
 
+        def set_overlap(self, mode: str) -> None:
+            self.ep.model.overlap_policy.mode = mode
+
         def run(self, batch: int, max_tokens: int, repeats: int) -> dict[str, Any]:
             from expertmesh.models.generate import Generator, SamplingParams
             from expertmesh.models.tokenizer import Tokenizer
@@ -141,6 +144,9 @@ def worker_class() -> Any:
                 "dispatch_wall_s": round(st.wall_s, 3),
                 "shard_compute_s": round(st.compute_s, 3),
                 "reconnects": getattr(self.ep.dispatcher.transport, "reconnects", None),
+                "overlap_mode": self.ep.model.overlap_policy.mode,
+                "overlap_passes_on": self.ep.model.overlap_policy.passes_on,
+                "overlap_passes_off": self.ep.model.overlap_policy.passes_off,
             }
             attachment = getattr(self.ep, "attachment", None)
             if attachment is not None:
@@ -247,6 +253,7 @@ def run_setup(
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[float]]:
     import ray
 
+    ray.get([w.set_overlap.remote(args.overlap) for w in workers])
     tok_s, texts, walls, samples = measure(
         workers, args.batch, args.max_tokens, args.repeats, args.rounds, sample
     )
@@ -389,9 +396,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 and 2 replicas, 4 tokens")
     parser.add_argument("--rig", action="store_true", help="on the rig that is up")
     parser.add_argument("--name", default=None, help="results file stem")
+    parser.add_argument(
+        "--overlap",
+        choices=("auto", "on", "off"),
+        default=None,
+        help="micro-batch overlap of every replica (default: off on the rig, where auto's "
+        "per-run choice made setups differ, else auto)",
+    )
     args = parser.parse_args()
     args.batch = args.batch or (8 if args.rig else 4)
     args.max_tokens = args.max_tokens or (32 if args.rig else 16)
+    args.overlap = args.overlap or ("off" if args.rig else "auto")
     if args.quick:
         args.replicas, args.max_tokens, args.repeats, args.rounds = [1, 2], 4, 1, 1
 
@@ -470,6 +485,7 @@ def main() -> None:
             "max_tokens": args.max_tokens,
             "repeats": args.repeats,
             "rounds": args.rounds,
+            "overlap": args.overlap,
             "results": rows,
             "pool_status_at_end": status,
             **extra,
