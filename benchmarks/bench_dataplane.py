@@ -43,6 +43,7 @@ from common import REPO_ROOT, make_console, median_times, print_table, write_res
 from expertmesh.cluster.dispatch import DispatchStats, PoolTransport
 from expertmesh.cluster.planning import baseline_placement
 from expertmesh.cluster.pool import RayShardPool
+from expertmesh.cluster.profile import CallLog, replan_measured
 from expertmesh.cluster.runtime import ExpertParallelModel, routes_from_placement
 from expertmesh.cluster.topology import load_topology
 from expertmesh.cluster.transport import ChannelTransport
@@ -362,12 +363,27 @@ def run_topology(
         topology,
     ):
         eplb = eplb_model(ep, topology, emulation)
+        ours_gen, eplb_gen = Generator(ep.model, TOKENIZER), Generator(eplb.model, TOKENIZER)
+        policy = ep.model.overlap_policy  # type: ignore[attr-defined]
+        out["placement_profiled"] = {n: len(ep.placement.experts_on(n)) for n in ep.placement.nodes}
+        if args.refine and args.profile:
+            # Costs measured under real traffic (the planned batch, overlap off), then the
+            # plan made again on them: what a running cluster's rebalancer does.
+            log = CallLog(local=getattr(ep.pool, "local_nodes", ()))
+            ep.dispatcher.observers.append(log)
+            batch = max(args.batches)
+            policy.mode = "off"
+            for _ in range(args.refine):
+                ours_gen.generate((PROMPTS * (batch // len(PROMPTS) + 1))[:batch], params)
+            policy.mode = "auto"
+            ep.dispatcher.observers.remove(log)
+            out["node_costs_profiled"] = {n: c.to_dict() for n, c in ep.node_costs.items()}
+            replan_measured(ep, log.fit(prior=ep.node_costs))
+            console.print(f"[{name}] re-planned on costs measured in {args.refine} passes")
         out["placement"] = {
             "ours": {n: len(ep.placement.experts_on(n)) for n in ep.placement.nodes},
             "eplb": {n: len(eplb.placement.experts_on(n)) for n in eplb.placement.nodes},
         }
-        ours_gen, eplb_gen = Generator(ep.model, TOKENIZER), Generator(eplb.model, TOKENIZER)
-        policy = ep.model.overlap_policy  # type: ignore[attr-defined]
         cost, names = cost_for(ep, topology)
         calls = CallTimes(cost, names)
         ep.dispatcher.observers.append(calls)
@@ -464,6 +480,12 @@ def main() -> None:
     parser.add_argument("--rig", action="store_true", help="on a rig (cluster/rig), as root")
     parser.add_argument("--name", help="results file stem (default bench_dataplane[_rig])")
     parser.add_argument("--roundtrip-rows", type=int, default=6, help="rows per node (decode)")
+    parser.add_argument(
+        "--refine",
+        type=int,
+        default=2,
+        help="generate passes whose measured call costs the plan is made again on (0: none)",
+    )
     parser.add_argument(
         "--no-profile",
         dest="profile",

@@ -123,14 +123,36 @@ def profile_layer_calls(
             for k in sorted({min(k, len(mine)) for k in sizes})
         }
         samples: dict[int, list[float]] = {r: [] for r in requests}
-        for _ in range(warmup):
-            _time_call(transport, node, requests[max(requests)])
+        for _ in range(warmup):  # every size: a GEMM shape's first calls are slow
+            for request in requests.values():
+                _time_call(transport, node, request)
         for _ in range(repeats):
             for r, request in requests.items():
                 samples[r].append(_time_call(transport, node, request))
         out[node] = fit(node, samples)
     ep.profiled_extra = adds  # what replan must account for (loaded here, not planned)
     return out
+
+
+def replan_measured(ep: Any, costs: Mapping[str, NodeCost], trace: Any = None) -> Any:
+    """Plan `ep`'s model again on its topology with measured `costs` (the options it was
+    planned with otherwise), move the experts there, and return the placement."""
+    from .planning import plan_for_topology
+
+    opts = ep.plan_options
+    placement = plan_for_topology(
+        ep.topology,
+        ep.config,
+        trace,
+        min_replicas=opts.min_replicas,
+        reference_tflops=opts.reference_tflops,
+        colocate=opts.colocate,
+        tokens_per_step=opts.tokens_per_step,
+        measured=costs,
+    )
+    replan(ep, placement)
+    ep.node_costs = dict(costs)
+    return placement
 
 
 def replan(ep: Any, placement: Any) -> dict[str, int]:
@@ -165,3 +187,72 @@ def replan(ep: Any, placement: Any) -> dict[str, int]:
         "loaded": sum(len(v) for per in adds.values() for v in per.values()),
         "dropped": sum(len(v) for per in drops.values() for v in per.values()),
     }
+
+
+class CallLog:
+    """`DispatchObserver`: every layer call's rows and time per node, as served.
+
+    Time: a remote node's round trip from the send to the reply's arrival; for nodes in
+    `local` (the attention node's own experts, `cluster/colocated.py`) their compute. `fit`
+    turns the log into `NodeCost`s measured under real traffic (the duty cycle, quotas and
+    contention of the running model), which a profile of calls in a row can only approach."""
+
+    def __init__(self, local: Sequence[str] = ()) -> None:
+        self.local = set(local)
+        self.samples: dict[str, list[tuple[int, float]]] = {}
+
+    def on_reply(
+        self, node: str, layer: int, rows: int, nbytes: int, round_trip_s: float, busy_s: float
+    ) -> None:
+        seconds = busy_s if node in self.local else round_trip_s
+        self.samples.setdefault(node, []).append((rows, seconds))
+
+    def on_step(self, layer: int, counts: np.ndarray) -> None:
+        pass
+
+    def clear(self) -> None:
+        self.samples = {}
+
+    def fit(
+        self, prior: Mapping[str, NodeCost] | None = None, min_calls: int = 30
+    ) -> dict[str, NodeCost]:
+        """node -> NodeCost fitted on the calls logged (a node with fewer than `min_calls`
+        keeps its `prior`). The line goes through the mean time at each size decile, so a
+        size seen often does not outweigh the slope."""
+        out = dict(prior or {})
+        for node, calls in self.samples.items():
+            if len(calls) < min_calls:
+                continue
+            rows = np.array([r for r, _ in calls], dtype=float)
+            secs = np.array([s for _, s in calls], dtype=float)
+            edges = np.unique(np.quantile(rows, np.linspace(0, 1, 11)))
+            groups: dict[int, list[float]] = {}
+            for r, s in zip(rows.tolist(), secs.tolist()):
+                key = int(np.searchsorted(edges, r, side="right"))
+                groups.setdefault(key, []).append(s)
+            centres = [
+                float(np.mean(rows[np.searchsorted(edges, rows, side="right") == k]))
+                for k in groups
+            ]
+            means = [float(np.mean(v)) * 1e6 for v in groups.values()]
+            if len(centres) >= 2 and np.ptp(centres) > 0:
+                slope, intercept = np.polyfit(np.array(centres), np.array(means), 1)
+            else:  # one size only: the mean call, spread per row
+                slope, intercept = float(np.mean(secs) * 1e6 / max(rows.mean(), 1.0)), 0.0
+            if slope <= 0:  # noise over a narrow range of sizes: the mean per row
+                slope, intercept = float(secs.sum() * 1e6 / max(rows.sum(), 1.0)), 0.0
+            out[node] = NodeCost(
+                node,
+                max(float(intercept), 0.0),
+                max(float(slope), 1e-3),
+                len(calls),
+                tuple(round(c) for c in centres),
+                tuple(means),
+            )
+        return out
+
+    def measured(self) -> dict[str, tuple[int, int, float]]:
+        """node -> (calls, rows, seconds) logged."""
+        return {
+            n: (len(c), sum(r for r, _ in c), sum(s for _, s in c)) for n, c in self.samples.items()
+        }

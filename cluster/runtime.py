@@ -223,23 +223,11 @@ class ExpertParallelModel:
         ep.plan_options = options
         ep.topology = topology
         if profile:
-            from .profile import profile_layer_calls, replan
+            from .profile import profile_layer_calls, replan_measured
 
             try:
-                ep.node_costs = profile_layer_calls(ep, [n.name for n in topology.nodes])
-                replan(
-                    ep,
-                    plan_for_topology(
-                        topology,
-                        config,
-                        trace,
-                        min_replicas=min_replicas,
-                        reference_tflops=tflops,
-                        colocate=colocate,
-                        tokens_per_step=tokens_per_step,
-                        measured=ep.node_costs,
-                    ),
-                )
+                costs = profile_layer_calls(ep, [n.name for n in topology.nodes])
+                replan_measured(ep, costs, trace)
             except Exception:
                 ep.shutdown()
                 raise

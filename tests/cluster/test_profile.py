@@ -61,15 +61,15 @@ def test_profile_then_replan_moves_experts_and_keeps_single_process_output(hf_ch
     config = read_config(path)
     single = load_model(path)
     ep, remote, _ = colocated_model(path)
-    costs = profile_layer_calls(ep, ["head", "far"], tokens_per_step=8, repeats=4, warmup=1)
+    costs = profile_layer_calls(ep, ["head", "far"], tokens_per_step=8, repeats=5, warmup=2)
     assert set(costs) == {"head", "far"}
     per_expert = round(8 * config.moe.top_k / config.moe.num_experts)
     for c in costs.values():
-        assert isinstance(c, NodeCost) and c.token_us > 0 and c.samples == 12
+        assert isinstance(c, NodeCost) and c.token_us > 0 and c.samples == 15
         # 1, 2 and 4 experts (fewer where the node holds fewer of the layer), per_expert rows each
         assert c.rows[:2] == (per_expert, 2 * per_expert) and len(c.rows) == 3
         assert c.rows[2] in (3 * per_expert, 4 * per_expert)
-        assert c.median_us[2] >= c.median_us[0] * 0.5
+        assert len(c.median_us) == 3 and all(m > 0 for m in c.median_us)
     # Pretend the far node is very slow: the plan on these costs keeps everything here.
     slow = {**costs, "far": NodeCost("far", 50_000.0, 10_000.0, 1, (2,), (70_000.0,))}
     placement = plan_for_topology(
@@ -87,3 +87,23 @@ def test_profile_then_replan_moves_experts_and_keeps_single_process_output(hf_ch
     with torch.no_grad():
         assert (ep.model(ids) - single(ids)).abs().max().item() <= 1e-5
     assert np.isfinite(placement.step_time_s)
+
+
+def test_call_log_fits_costs_under_traffic_and_keeps_the_prior_for_quiet_nodes():
+    from expertmesh.cluster.profile import CallLog
+
+    log = CallLog(local=["head"])
+    rng = np.random.default_rng(0)
+    for rows in rng.integers(4, 40, size=400).tolist():
+        noise = float(rng.normal(0, 5e-6))
+        log.on_reply("far", 1, rows, 0, (200 + 10 * rows) * 1e-6 + noise, 0.0)
+        log.on_reply("head", 1, rows, 0, 1.0, (30 + 5 * rows) * 1e-6)  # local: its compute
+    log.on_reply("idle", 1, 8, 0, 1e-3, 0.0)
+    prior = {"idle": NodeCost("idle", 1.0, 2.0, 1, (8,), (17.0,))}
+    costs = log.fit(prior=prior)
+    assert costs["far"].call_us == pytest.approx(200, rel=0.1)
+    assert costs["far"].token_us == pytest.approx(10, rel=0.05)
+    assert costs["head"].call_us == pytest.approx(30, rel=0.05)  # busy time, not the 1 s trip
+    assert costs["head"].token_us == pytest.approx(5, rel=0.02)
+    assert costs["idle"] is prior["idle"]  # one call is no measurement
+    assert log.measured()["far"][0] == 400
