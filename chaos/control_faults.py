@@ -60,18 +60,22 @@ class HungReplies:
 
 
 def gcs_pid() -> int:
-    """The process id of this Ray cluster's GCS (found by its port)."""
+    """The process id of this Ray cluster's GCS: the gcs_server listening on its port (its
+    command line may say port 0, the port then being picked at start)."""
     import psutil
     import ray
 
-    port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
-        if "gcs_server" in (proc.info.get("name") or "") and any(
-            a == f"--gcs_server_port={port}" for a in cmdline
-        ):
+    port = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+    for proc in psutil.process_iter(["name"]):
+        if "gcs_server" not in (proc.info.get("name") or ""):
+            continue
+        try:
+            listening = proc.net_connections(kind="tcp")
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in listening):
             return int(proc.pid)
-    raise RuntimeError(f"no gcs_server process with --gcs_server_port={port}")
+    raise RuntimeError(f"no gcs_server process listens on this cluster's GCS port {port}")
 
 
 def inject(platform: Any, fault: Any) -> str:

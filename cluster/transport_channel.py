@@ -87,7 +87,9 @@ def recv_frame_stamped(sock: socket.socket) -> tuple[bytearray, float | None]:
     clock (None when the kernel gave no timestamp: `stamp_arrivals` was not called or
     refused). The moment is the kernel's receive timestamp of the packet that completed the
     frame, so a frame read late (its reader busy with another node's reply, or with a
-    micro-batch's attention) keeps the time it really arrived. When the same packet also
+    micro-batch's attention) keeps the time it really arrived. The kernel switches receive
+    timestamps on a moment after the first socket asks (a deferred switch), so the frames of
+    that moment come without one. When the same packet also
     carried the start of the next frame (two replies back to back on one channel), TCP's
     receive queue merges them and the stamp is the later packet's: a few microseconds late."""
     size_bytes, stamp = _recv_stamped(sock, LENGTH.size, None)

@@ -120,14 +120,20 @@ MODE_PROFILES: Mapping[str, ModeProfile] = {
     ENGINE_STALLED: ModeProfile(
         effect="every request on the engine hangs until it is restarted",
         cause="deadlock, hung collective, stuck device",
-        detection_signal="progress heartbeat stale (supervisor)",
+        detection_signal=(
+            "the scheduler's progress heartbeat stale with work held (supervisor's engine "
+            "round, `stall_after_s`)"
+        ),
         severity=8,
         design_detection=5,
     ),
     BUDGET_EXHAUSTED: ModeProfile(
         effect="the tenant's requests are refused (HTTP 429)",
         cause="spend reached the tenant's budget",
-        detection_signal="selector refusal (429 insufficient_quota); `gen_ai.client.token.usage`",
+        detection_signal=(
+            "the ledger refused a reservation for a spent budget (`routing.budget`, 429 "
+            "insufficient_quota); `expertmesh_fault_active`"
+        ),
         severity=5,
         design_detection=2,
     ),
@@ -141,7 +147,10 @@ MODE_PROFILES: Mapping[str, ModeProfile] = {
     HEAD_FAILURE: ModeProfile(
         effect="no scheduling or actor restarts; new deployments and recovery stop",
         cause="head node crash, GCS out of memory",
-        detection_signal="GCS unreachable from node agents",
+        detection_signal=(
+            "a GCS key read unanswered within 1 s (`cluster/head_watch.py`, cluster.head); "
+            "`expertmesh_fault_active`"
+        ),
         severity=10,
         design_detection=6,
     ),

@@ -26,6 +26,14 @@ def test_a_frame_read_late_keeps_the_time_it_arrived():
         with reader, writer:
             assert stamp_arrivals(reader)
             payload = b"x" * 100_000
+            # The kernel turns receive timestamps on a moment after the first socket asks (a
+            # deferred switch): frames before then have none, and are timed when read.
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                send_frame(writer, [LENGTH.pack(3), b"abc"])
+                if recv_frame_stamped(reader)[1] is not None:
+                    break
+                time.sleep(0.01)
             for late_s in (0.0, 0.05, 0.2):
                 sent = time.perf_counter()
                 send_frame(writer, [LENGTH.pack(len(payload)), payload])
@@ -72,13 +80,15 @@ def test_dispatch_times_each_reply_at_arrival_not_after_the_replies_read_before_
     d: Dispatcher = ep.dispatcher
     pause = 0.3
     observer = SlowObserver(pause)
-    d.observers.append(observer)
     layer = config.moe_layer_ids[0]
     rng = np.random.default_rng(0)
     n = 64
     x = torch.from_numpy(rng.standard_normal((n, config.hidden_size)).astype(np.float32))
     experts = np.sort(rng.integers(0, config.moe.num_experts, n))
     counts = np.bincount(experts, minlength=config.moe.num_experts).tolist()
+    d.finish(d.start(layer, x, np.arange(n), experts, counts))  # channels open, stamps on
+    time.sleep(0.1)
+    d.observers.append(observer)
     for _ in range(3):
         observer.round_trips.clear()
         d.finish(d.start(layer, x, np.arange(n), experts, counts))
