@@ -324,7 +324,11 @@ def run_rig(args: argparse.Namespace, checkpoint: str, console: Any) -> tuple[li
         raise SystemExit("no rig is up: `expertmesh rig up --topology " + RIG_TOPOLOGY + "`")
     topology = measured_topology(state)
     plan = rig_plan(state)
-    attention = [n.name for n in topology.attention_nodes]
+    # The rig's head (its first attention node) also runs Ray's GCS and head raylet in its
+    # quota: it takes the last replica, so 1 and 2 replicas run on nodes alike.
+    attention = sorted(
+        (n.name for n in topology.attention_nodes), key=lambda name: name == plan.head.name
+    )
     experts = tuple(n.name for n in topology.nodes if not n.attention)
     counts = [n for n in args.replicas if n <= len(attention)]
     if len(attention) < 2 or not experts:
@@ -353,6 +357,14 @@ def run_rig(args: argparse.Namespace, checkpoint: str, console: Any) -> tuple[li
             "dtype": "float32",
         }
         Worker = worker_class()
+        idle = [{"before": sample()}]
+        time.sleep(args.idle_s)  # what each node uses with the pool up and no replica
+        idle[0]["after"] = sample()
+        extra_idle = node_use(idle, [args.idle_s], quotas)
+        console.print(
+            "idle (pool up, no replica), CPU of quota: "
+            + ", ".join(f"{k} {v['of_quota']:.2f}" for k, v in extra_idle.items())
+        )
         for n in counts:
             for setup in ("shared", "private"):
                 console.print(f"[bold]{setup}[/]: {n} replica(s) on {', '.join(attention[:n])}")
@@ -377,6 +389,8 @@ def run_rig(args: argparse.Namespace, checkpoint: str, console: Any) -> tuple[li
         rows,
         status,
         {
+            "idle_nodes": extra_idle,
+            "replica_nodes_in_order": attention,
             "placement_nodes": sorted(
                 {node for replicas in snapshot.routes.values() for node, _ in replicas}
             ),
@@ -396,6 +410,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 and 2 replicas, 4 tokens")
     parser.add_argument("--rig", action="store_true", help="on the rig that is up")
     parser.add_argument("--name", default=None, help="results file stem")
+    parser.add_argument("--idle-s", type=float, default=5.0, help="rig: idle CPU sample")
     parser.add_argument(
         "--overlap",
         choices=("auto", "on", "off"),
