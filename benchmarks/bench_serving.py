@@ -25,8 +25,9 @@ texts of the same prompt are compared across servers. The JSON goes to
 benchmarks/results/bench_serving.json.
 
 Threads: Ray sets OMP_NUM_THREADS=1 in a worker that has no CPUs assigned (our replica asks for
-none), so this script sets OMP_NUM_THREADS=--threads before Ray starts; vLLM gets
-VLLM_CPU_OMP_THREADS_BIND=0-<threads-1>.
+none); our engine thread sets torch's thread count itself (`scheduler.threads`, here
+--threads; its default is every CPU the replica may use), so nothing is set before Ray
+starts. vLLM gets VLLM_CPU_OMP_THREADS_BIND=0-<threads-1>.
 """
 
 from __future__ import annotations
@@ -346,7 +347,6 @@ def main() -> None:
     if not args.no_vllm and not VLLM_BIN.exists():
         raise SystemExit(f"{VLLM_BIN} not found: run `make venv-vllm` first, or pass --no-vllm")
     console = make_console(150)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before Ray starts (see the docstring)
 
     import ray
     import torch
@@ -376,7 +376,7 @@ def main() -> None:
                 "model": str(checkpoint),
                 "model_name": MODEL_NAME,
                 "policy": None,
-                "scheduler": {"num_slots": SLOTS, "max_waiting": 512},
+                "scheduler": {"num_slots": SLOTS, "max_waiting": 512, "threads": args.threads},
                 "request_timeout_s": 600,
             }
             serve.run(build_app(common_config), name="expertmesh", route_prefix="/")

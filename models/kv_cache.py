@@ -29,7 +29,14 @@ INT8_SCALE_BYTES = 2  # one fp16 scale per quantised vector
 
 
 class TensorStore:
-    """Dense storage of one per-token tensor: shape (num_slots, max_len, *feature)."""
+    """Dense storage of one per-token tensor of `feature` shape for `num_slots` rows of
+    `max_len` positions.
+
+    A per-head feature (heads, dim) is stored heads-major, (num_slots, heads, max_len, dim),
+    so one row's keys of one head are contiguous: decode attention multiplies them in place
+    (`read_heads`) instead of gathering a strided (length, heads, dim) slab every step. Other
+    features are stored (num_slots, max_len, *feature). `read` and `write` take and give
+    (B, T, *feature) either way."""
 
     def __init__(
         self,
@@ -39,27 +46,59 @@ class TensorStore:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
-        self.data = torch.zeros(num_slots, max_len, *feature, dtype=dtype, device=device)
+        self.heads_major = len(feature) == 2
+        self.data = torch.zeros(_layout(num_slots, max_len, feature), dtype=dtype, device=device)
+
+    def _put(
+        self, dest: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor
+    ) -> None:
+        """dest[row, pos] = x (B, T, *f) in this store's layout."""
+        rows, pos = _on(rows, dest), _on(pos, dest)
+        if self.heads_major:
+            # rows (B, 1) and pos (B, T) around the heads slice: the indexed view is (B, T, H, D)
+            dest[rows[:, None], :, pos] = x
+        else:
+            dest[rows[:, None], pos] = x
+
+    def _get(
+        self, src: torch.Tensor, rows: torch.Tensor | None, n_rows: int, length: int
+    ) -> torch.Tensor:
+        """src's first `length` positions of `rows` (None: slots 0..n_rows-1, a view), in the
+        storage layout."""
+        if self.heads_major:
+            return src[:n_rows, :, :length] if rows is None else src[_on(rows, src), :, :length]
+        return src[:n_rows, :length] if rows is None else src[_on(rows, src), :length]
 
     def write(self, rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor) -> None:
         # rows (B,), pos (B, T), x (B, T, *feature)
-        rows, pos = _on(rows, self.data), _on(pos, self.data)
-        self.data[rows[:, None], pos] = x.to(self.data.dtype)
+        self._put(self.data, rows, pos, x.to(self.data.dtype))
+
+    def read_heads(
+        self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """(B, heads, length, dim) for a per-head feature; rows=None: a view, no copy."""
+        assert self.heads_major
+        src = self._get(self.data, rows, n_rows, length)
+        return src if src.dtype == dtype else src.to(dtype)
 
     def read(
         self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype
     ) -> torch.Tensor:
         """(B, length, *feature). rows=None means slots 0..n_rows-1 (a view, no copy)."""
-        src = (
-            self.data[:n_rows, :length]
-            if rows is None
-            else self.data[_on(rows, self.data), :length]
-        )
+        if self.heads_major:
+            return self.read_heads(rows, n_rows, length, dtype).transpose(1, 2)
+        src = self._get(self.data, rows, n_rows, length)
         return src if src.dtype == dtype else src.to(dtype)
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+
+def _layout(num_slots: int, max_len: int, feature: tuple[int, ...]) -> tuple[int, ...]:
+    if len(feature) == 2:
+        return (num_slots, feature[0], max_len, feature[1])
+    return (num_slots, max_len, *feature)
 
 
 class Int8Store(TensorStore):
@@ -76,29 +115,40 @@ class Int8Store(TensorStore):
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
-        self.data = torch.zeros(num_slots, max_len, *feature, dtype=torch.int8, device=device)
+        self.heads_major = len(feature) == 2
+        self.data = torch.zeros(
+            _layout(num_slots, max_len, feature), dtype=torch.int8, device=device
+        )
         self.scale = torch.zeros(
-            num_slots, max_len, *feature[:-1], 1, dtype=torch.float16, device=device
+            _layout(num_slots, max_len, (*feature[:-1], 1)), dtype=torch.float16, device=device
         )
 
     def write(self, rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor) -> None:
-        rows, pos = _on(rows, self.data), _on(pos, self.data)
         x32 = x.float()
         scale = (x32.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-6).half()
-        self.data[rows[:, None], pos] = (
-            torch.round(x32 / scale.float()).clamp(-127, 127).to(torch.int8)
+        self._put(
+            self.data, rows, pos, torch.round(x32 / scale.float()).clamp(-127, 127).to(torch.int8)
         )
-        self.scale[rows[:, None], pos] = scale
+        self._put(self.scale, rows, pos, scale)
+
+    def _dequantised(
+        self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        q = self._get(self.data, rows, n_rows, length)
+        s = self._get(self.scale, rows, n_rows, length)
+        return (q.to(torch.float32) * s.float()).to(dtype)
+
+    def read_heads(
+        self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        assert self.heads_major
+        return self._dequantised(rows, n_rows, length, dtype)
 
     def read(
         self, rows: torch.Tensor | None, n_rows: int, length: int, dtype: torch.dtype
     ) -> torch.Tensor:
-        if rows is None:
-            q, s = self.data[:n_rows, :length], self.scale[:n_rows, :length]
-        else:
-            rows = _on(rows, self.data)
-            q, s = self.data[rows, :length], self.scale[rows, :length]
-        return (q.to(torch.float32) * s.float()).to(dtype)
+        out = self._dequantised(rows, n_rows, length, dtype)
+        return out.transpose(1, 2) if self.heads_major else out
 
     @property
     def nbytes(self) -> int:

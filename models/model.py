@@ -45,12 +45,24 @@ See benchmarks/RESULTS.md.
 """
 
 
+def skinny_mm(weight: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) @ xt (in, n) for a few columns n, laid out token-major (xt = x.t()).
+
+    One column is computed as two: MKL's matrix-vector path for n = 1 measured about 2x
+    slower here than its n = 2 GEMM (the weight is read once either way; benchmarks/RESULTS.md),
+    so the column is duplicated and one copy of the result kept."""
+    if xt.shape[1] != 1 or xt.device.type != "cpu":
+        return torch.mm(weight, xt)
+    pair = xt.t().expand(2, xt.shape[0]).contiguous().t()  # (in, 2), token-major
+    return torch.mm(weight, pair)[:, :1]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with the weight-on-the-left GEMM for skinny inputs (see SKINNY_ROWS)."""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if rows == 0 or rows > SKINNY_ROWS or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()
+    out = skinny_mm(weight, x.reshape(rows, x.shape[-1]).t()).t()
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -222,10 +234,43 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(h * d, eps), RMSNorm(hkv * d, eps)
         self.rotary = Rotary(rope)
 
+    def _qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """One (q + k + v rows, hidden) weight (and bias) so inference runs one GEMM, not three.
+
+        Built on first use and kept in step with the parameters: q/k/v_proj's weights are
+        re-pointed at row blocks of it (no second copy); a parameter replaced later (a new
+        checkpoint, `load_state_dict` with assign) has another address and triggers a
+        rebuild. Not while training: autograd wants the three parameters as they are."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if torch.is_grad_enabled() and self.q_proj.weight.requires_grad:
+            return None
+        key = tuple(p.weight.data_ptr() for p in projs)
+        if getattr(self, "_qkv_key", None) != key:
+            with torch.inference_mode(False), torch.no_grad():
+                weight = torch.cat([p.weight.detach() for p in projs])
+                bias = None
+                if self.q_proj.bias is not None:
+                    bias = torch.cat([p.bias.detach() for p in projs])  # type: ignore[misc]
+                start = 0
+                for p in projs:
+                    n = p.weight.shape[0]
+                    p.weight.data = weight[start : start + n]
+                    if bias is not None:
+                        p.bias.data = bias[start : start + n]
+                    start += n
+            self._qkv_fused = (weight, bias)
+            self._qkv_key = tuple(p.weight.data_ptr() for p in projs)
+        return self._qkv_fused
+
     def forward(self, x: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        fused = self._qkv()
+        if fused is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            hq, hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            q, k, v = linear(x, *fused).split([hq, hkv, hkv], dim=-1)
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]
         if cfg.clip_qkv is not None:
@@ -239,8 +284,30 @@ class Attention(nn.Module):
         k = self.rotary.apply(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = cache_update(ctx, layer, k, v)  # (B, L, Hkv, D)
+        if T == 1:
+            out = decode_attention(q, k.transpose(1, 2), v.transpose(1, 2), ctx, cfg.head_dim**-0.5)
+            return self.o_proj(out)
         out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx, cfg.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext, scale: float
+) -> torch.Tensor:
+    """One new token per row: q (B, 1, H, D); k, v (B, Hkv, L, D) -> (B, 1, H * D).
+
+    The G = H / Hkv query heads that share a KV head are G query rows of one small GEMM
+    against that head's keys (a view of the heads-major cache, no copy). PyTorch's CPU flash
+    kernel took about 1 ms per layer here at batch 32 (one query row per head: its blocking
+    does not pay off), this about a tenth of it (benchmarks/RESULTS.md)."""
+    B, _, H, D = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(B, hkv, H // hkv, D)  # head h = kv head h // G, as SDPA's enable_gqa
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G, L)
+    if ctx.mask is not None:  # (B, 1, 1, L): rows of different lengths
+        scores = scores.masked_fill(~ctx.mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, 1, H * D)
 
 
 def cache_update(
@@ -511,10 +578,10 @@ class ExpertBank(nn.Module):
             if n == 0:
                 continue
             slot = self.slot_of[e]
-            h = torch.mm(gate_up[slot], xt[:, start : start + n])  # (2I, n)
+            h = skinny_mm(gate_up[slot], xt[:, start : start + n])  # (2I, n)
             act = activation(self.act, h[:i]).mul_(h[i:])  # (I, n)
             # A (I, n) operand laid out token-major multiplies ~2x faster than row-major.
-            outs.append(torch.mm(down[slot], act.t().contiguous().t()))  # (hidden, n)
+            outs.append(skinny_mm(down[slot], act.t().contiguous().t()))  # (hidden, n)
             start += n
         return torch.cat(outs, dim=1).t()
 

@@ -33,6 +33,8 @@ class SchedulerSpec(_Spec):
     """Context window served (prompt + output); default the model's."""
     stall_after_s: Annotated[float, Field(gt=0)] = 30.0
     """No progress for this long while holding work = stalled (health check fails)."""
+    threads: Annotated[int, Field(ge=1)] | None = None
+    """torch threads of the engine; default every CPU the replica may run on."""
 
     def build(self) -> SchedulerConfig:
         return SchedulerConfig(**self.model_dump())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -62,8 +63,16 @@ class SchedulerConfig:
     """Positions per slot (prompt + output); None = the model's context window."""
     stall_after_s: float = 30.0
     """A loop holding work with no progress for this long is reported stalled."""
+    threads: int | None = None
+    """torch intra-op threads of the engine thread; None = every CPU this process may run on.
+    Set explicitly because Ray gives a replica that reserves no CPUs OMP_NUM_THREADS=1, which
+    would otherwise run the model on one core."""
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(
+                f"scheduler.threads must be >= 1 (or None: all CPUs), got {self.threads}"
+            )
         for name in ("num_slots", "max_waiting", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"scheduler.{name} must be >= 1, got {getattr(self, name)}")
@@ -259,6 +268,7 @@ class ContinuousBatcher:
     # ----------------------------------------------------------------- engine thread
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.config.threads or len(os.sched_getaffinity(0)))
         try:
             while True:
                 with self._lock:
