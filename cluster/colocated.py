@@ -72,6 +72,16 @@ class ColocatedTransport:
         self.local_nodes = (node,)
         """Nodes whose rows cross no link (the dispatcher counts no link bytes for them)."""
 
+    def local_bank(self, node: str | None, layer: int) -> Any:
+        """The in-process bank of `layer` when `node` is the local one and the bank holds
+        every expert of the layer (the dispatcher then runs the layer here, whole)."""
+        if node != self.node:
+            return None
+        bank = self.shard.banks.get(layer)
+        if bank is None or not bank.complete:
+            return None
+        return bank
+
     def send(
         self, requests: Mapping[str, ShardRequest], trace: dict[str, str] | None = None
     ) -> ColocatedSent:

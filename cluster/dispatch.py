@@ -57,6 +57,15 @@ class RoutingTable:
                 raise ValueError(f"layer {key[0]} expert {key[1]} has no replica")
             total = sum(s for _, s in replicas)
             self.routes[key] = tuple((n, s / total) for n, s in replicas)
+        self._layer_nodes: dict[int, frozenset[str]] = {}
+        for (layer, _), replicas in self.routes.items():
+            self._layer_nodes[layer] = self._layer_nodes.get(layer, frozenset()) | {
+                n for n, _ in replicas
+            }
+
+    def layer_nodes(self, layer: int) -> frozenset[str]:
+        """The nodes holding any expert of `layer`."""
+        return self._layer_nodes.get(layer, frozenset())
 
     def replicas(self, layer: int, expert: int) -> tuple[Replica, ...]:
         return self.routes[(layer, expert)]
@@ -414,6 +423,46 @@ class Dispatcher:
         call.in_dispatch_s = time.perf_counter() - t0
         return call
 
+    def run_local(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The whole layer in this process, when the table routes all of it to a node whose
+        experts live here (`cluster/colocated.py`) and that bank holds them: the model's own
+        expert code on the same weights (the single-process arithmetic), with no request
+        built, packed or read back. None: the layer goes through `start` / `finish`."""
+        bank_of = getattr(self.transport, "local_bank", None)
+        if bank_of is None:
+            return None
+        with self._cond:
+            if self._inflight == 0:
+                self._adopt()
+            nodes = self.table.layer_nodes(layer)
+            node = next(iter(nodes)) if len(nodes) == 1 else None
+            bank = bank_of(node, layer) if node is not None and node not in self.dead else None
+            if bank is None or node is None or bank.gate_up.device != x.device:
+                return None
+            self._inflight += 1
+        try:
+            t0 = time.perf_counter()
+            try:
+                out: torch.Tensor = bank(x, ids, weights)
+            except ExpertNotLoaded:  # not loaded yet after a swap: the general path
+                return None
+            spent = time.perf_counter() - t0
+        finally:
+            self._done()
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).cpu().numpy()
+        st = self.stats
+        st.steps += 1
+        st.calls += 1
+        st.compute_s += spent
+        st.wall_s += spent
+        st.record_tokens(layer, counts)
+        for observer in self.observers:
+            observer.on_reply(node, layer, int(ids.numel()), 0, spent, spent)
+            observer.on_step(layer, counts)
+        return out
+
     def finish(self, call: LayerCall) -> torch.Tensor:
         """Wait for `call`'s replies (retrying lost shards' rows elsewhere): the unweighted
         outputs (A, hidden) in assignment order, in `x`'s dtype."""
@@ -624,7 +673,11 @@ class RemoteExpertBank(nn.Module):
         return self.finish(self.start(x, ids, weights))
 
     def start(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> RemoteMoE:
-        """Route and send: x (N, hidden), ids/weights (N, k) from the router."""
+        """Route and send: x (N, hidden), ids/weights (N, k) from the router (or, when the
+        whole layer's experts live in this process, compute it here: `Dispatcher.run_local`)."""
+        done = self.dispatcher.run_local(self.layer, x, ids, weights)
+        if done is not None:
+            return RemoteMoE(None, x, None, None, done)
         k = ids.shape[1]
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # group the N*k assignments by expert
@@ -639,6 +692,9 @@ class RemoteExpertBank(nn.Module):
     def finish(self, sent: RemoteMoE) -> torch.Tensor:
         """Wait for the outputs and combine them with the router weights, here (the same
         arithmetic, in the same order, as `ExpertBank.forward`)."""
+        if sent.done is not None:
+            return sent.done
+        assert sent.call is not None and sent.token is not None and sent.weights is not None
         try:
             out = self.dispatcher.finish(sent.call)
         finally:
@@ -653,7 +709,9 @@ class RemoteExpertBank(nn.Module):
 class RemoteMoE:
     """A MoE layer's expert work sent and not yet combined."""
 
-    call: LayerCall
+    call: LayerCall | None
     x: torch.Tensor
-    token: torch.Tensor
-    weights: torch.Tensor
+    token: torch.Tensor | None
+    weights: torch.Tensor | None
+    done: torch.Tensor | None = None
+    """The combined output, when the layer was computed in this process (`run_local`)."""

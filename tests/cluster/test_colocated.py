@@ -139,10 +139,7 @@ def test_planner_keeps_experts_in_process_when_calls_cost_more_than_remote_compu
     assert spread.step_time_s < layer_times(alone, cost).sum() * 0.6
 
 
-def test_experts_computed_here_are_not_counted_as_waiting_for_shards(hf_checkpoint):
-    """The overlap policy reads the wait: with every expert in this process there is nothing
-    to hide, so the wait must stay near zero however long the experts take."""
-    path, _ = hf_checkpoint("mixtral")
+def _all_here(path):
     config = read_config(path)
     routes = {
         (layer, e): [("head", 1.0)]
@@ -151,11 +148,44 @@ def test_experts_computed_here_are_not_counted_as_waiting_for_shards(hf_checkpoi
     }
     held = RoutingTable(routes).node_experts()
     shard = local_shard("head", str(path), held["head"], "float32", "cpu")
-    pool = ColocatedPool(InProcessShardPool({}), "head", shard)
-    ep = ExpertParallelModel.from_routes(path, routes, pool)
+    remote = CountingPool({})
+    return ExpertParallelModel.from_routes(
+        path, routes, ColocatedPool(remote, "head", shard)
+    ), remote
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_a_layer_held_whole_here_runs_as_one_process_does(family, hf_checkpoint):
+    """Every expert of every layer in this process: no request is built or sent, the model's
+    own expert code runs on the local bank, and the logits equal one process's exactly."""
+    path, _ = hf_checkpoint(family)
+    single = load_model(path)
+    ep, remote = _all_here(path)
+    ids = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(ep.model(ids), single(ids))
+    transport = ep.dispatcher.transport
+    assert isinstance(transport, ColocatedTransport) and transport.local_s == 0.0
+    assert remote.requests == {}
+    stats, layers = ep.dispatcher.stats, read_config(path).moe_layer_ids
+    assert stats.calls == stats.steps == len(layers)
+    assert all(int(stats.tokens[layer].sum()) == 3 * 17 * 2 for layer in layers)  # top-2
+    assert stats.bytes_sent == 0
+
+
+def test_experts_computed_here_are_not_counted_as_waiting_for_shards(hf_checkpoint):
+    """The overlap policy reads the wait: experts in this process are compute, not waiting,
+    so with every expert here there is nothing to hide and overlap stays off."""
+    path, _ = hf_checkpoint("mixtral")
+    ep, _ = _all_here(path)
     ep.model.overlap_policy.mode = "auto"  # type: ignore[attr-defined]
     Generator(ep.model).generate(PROMPTS * 4, SamplingParams(max_tokens=8, ignore_eos=True))
-    transport = ep.dispatcher.transport
-    assert isinstance(transport, ColocatedTransport) and transport.local_s > 0
-    assert ep.dispatcher.stats.wait_s < 0.2 * transport.local_s
+    assert ep.dispatcher.stats.compute_s > 0
+    assert ep.dispatcher.stats.wait_s < 0.2 * ep.dispatcher.stats.compute_s
     assert ep.model.overlap_policy.passes_on == 0  # type: ignore[attr-defined]
+    # Half the experts elsewhere: the local half goes through the transport, not counted
+    # as waiting either.
+    ep2, _, _ = colocated_model(path)
+    Generator(ep2.model).generate(PROMPTS, SamplingParams(max_tokens=4, ignore_eos=True))
+    transport = ep2.dispatcher.transport
+    assert isinstance(transport, ColocatedTransport) and transport.local_s > 0
