@@ -330,10 +330,11 @@ class PoolController:
         return (sorted(sup.removed), sorted(sup.lost))
 
     def save_state_if_changed(self) -> None:
-        """Save when the nodes out of service changed (a supervisor round drained, lost or
-        took back a node)."""
+        """When the nodes out of service changed (a supervisor round drained, lost or took
+        back a node; the supervisor marks them after its table swap): publish a version that
+        says so (replicas' health) and save."""
         if self._service_state() != self._saved_service:
-            self.save_state()
+            self.publish()
 
     def save_state(self) -> None:
         """Write what a restarted controller needs to the GCS key-value store."""
@@ -498,13 +499,13 @@ class PoolController:
 
     def drain(self, node: str) -> float:
         took = self.supervisor.drain(node)
-        self.save_state()
+        self.save_state_if_changed()
         return took
 
     def rejoin(self, node: str) -> float:
         took = self.supervisor.rejoin(node)
         self.sync_shards()
-        self.save_state()
+        self.save_state_if_changed()
         return took
 
     def rebalance(

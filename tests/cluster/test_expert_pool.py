@@ -62,6 +62,9 @@ def replica_class() -> Any:
             a = self.ep.attachment
             return {"version": a.version, **vars(a.stats)}
 
+        def out_of_service(self) -> list[str]:
+            return list(self.ep.attachment.out_of_service)
+
         def detections(self) -> int:
             return int(self.ep.attachment.detectors.detections)
 
@@ -186,8 +189,8 @@ def test_a_killed_shard_is_one_controller_event_and_no_output_changes(pool, expe
     ray.kill(ray.get(controller.shards_now.remote())[node], no_restart=True)
     outputs = ray.get(loads, timeout=300)
     assert outputs == [[expected] * 6] * 3  # nothing lost, nothing changed
-    wait_for(lambda: ray.get(controller.status.remote())["generations"][node] > generation, 30)
-    wait_for(lambda: events(controller, "expert_shard_lost", "recovered"), 30)
+    wait_for(lambda: ray.get(controller.status.remote())["generations"][node] > generation, 60)
+    wait_for(lambda: events(controller, "expert_shard_lost", "recovered"), 60)
     detected = events(controller, "expert_shard_lost", "detected")
     assert [e.target for e in detected] == [node]  # one fault, one event, three replicas
     assert ray.get([r.generate.remote("ROMEO:", MAX_TOKENS) for r in replicas]) == [expected] * 3
@@ -242,11 +245,14 @@ def test_a_rebalance_and_a_drain_reach_every_replica_between_steps(pool, expecte
     assert drained < 30
     assert after["version"] > status["version"]
     assert "cpu-fast" not in after["nodes"]
+    # what each replica's /health and out-of-service gauge read (the controller's view)
+    assert ray.get([r.out_of_service.remote() for r in replicas]) == [["cpu-fast"]] * 3
     for stats in ray.get([r.stats.remote() for r in replicas]):
         assert stats["version"] == after["version"]  # every replica took the last version
         assert stats["swaps"] >= 2  # the rebalance's table, then the drain's
         assert stats["mixed_steps"] == 0  # and never inside a step
     ray.get(controller.rejoin.remote("cpu-fast"), timeout=120)
+    wait_for(lambda: ray.get([r.out_of_service.remote() for r in replicas]) == [[]] * 3, 60)
     assert ray.get([r.generate.remote("ROMEO:", MAX_TOKENS) for r in replicas]) == [expected] * 3
 
 
@@ -281,7 +287,7 @@ def test_a_restarted_controller_resumes_the_pool_and_replicas_keep_serving(pool,
         lambda: all(
             s["version"] == after["version"] for s in ray.get([r.stats.remote() for r in replicas])
         ),
-        30,
+        60,
     )
     assert ray.get([r.generate.remote("ROMEO:", MAX_TOKENS) for r in replicas]) == [expected] * 3
 
