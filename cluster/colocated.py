@@ -57,6 +57,8 @@ class ColocatedSent:
     trace: dict[str, str] | None
     request_bytes: dict[str, int] = field(default_factory=dict)
     """Bytes per node that crossed a link (none for the local node)."""
+    sent_at: dict[str, float] = field(default_factory=dict)
+    """When each remote node's request left (the local node's computes in `replies`)."""
 
 
 class ColocatedTransport:
@@ -88,6 +90,7 @@ class ColocatedTransport:
         remote = {n: r for n, r in requests.items() if n != self.node}
         sent = ColocatedSent(self.inner.send(remote, trace), requests.get(self.node), trace)
         sent.request_bytes = dict(getattr(sent.remote, "request_bytes", {}))
+        sent.sent_at = getattr(sent.remote, "sent_at", {})
         return sent
 
     def replies(self, sent: ColocatedSent) -> Iterator[tuple[str, ShardReply | ShardLost]]:

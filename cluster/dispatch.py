@@ -45,6 +45,14 @@ class ShardLost(RuntimeError):
 Replica = tuple[str, float]  # (node, share of the expert's tokens)
 
 
+def routes_from_placement(placement: Any) -> dict[tuple[int, int], list[Replica]]:
+    """Placement.replicas ({(layer, expert): [ReplicaAssignment(node, share)]}) -> routes."""
+    return {
+        (int(layer), int(expert)): [(r.node, float(r.share)) for r in replicas]
+        for (layer, expert), replicas in placement.replicas.items()
+    }
+
+
 class RoutingTable:
     """Which nodes hold a replica of each (layer, expert), and the share each should take.
 
@@ -274,6 +282,9 @@ class Sent:
     request_bytes: dict[str, int] = field(default_factory=dict)
     lost: dict[str, ShardLost] = field(default_factory=dict)
     """Nodes whose request could not even be sent."""
+    sent_at: dict[str, float] = field(default_factory=dict)
+    """`time.perf_counter()` when each node's request left (a round trip starts there, not
+    when the last node's did)."""
 
 
 class PoolTransport:
@@ -294,6 +305,7 @@ class PoolTransport:
                 sent.handles[node] = self.pool.submit_request(node, request, trace)
             except ShardLost as e:
                 sent.lost[node] = e
+            sent.sent_at[node] = time.perf_counter()
         return sent
 
     def replies(self, sent: Sent) -> Iterator[tuple[str, ShardReply | ShardLost]]:
@@ -561,7 +573,8 @@ class Dispatcher:
                 st.bytes_by_node[node] = st.bytes_by_node.get(node, 0) + nbytes
                 work = got.compute_s + got.emulated_compute_s
                 for observer in self.observers:
-                    observer.on_reply(node, layer, len(idx), nbytes, answered - call.sent_at, work)
+                    left = getattr(call.sent, "sent_at", {}).get(node, call.sent_at)
+                    observer.on_reply(node, layer, len(idx), nbytes, answered - left, work)
                 if work + got.emulated_link_s > slowest[0]:
                     slowest = (work + got.emulated_link_s, work, got.emulated_link_s)
             # Waiting is for remote shards: this process's own experts are compute, not wait.

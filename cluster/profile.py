@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .dispatch import RoutingTable
+from .dispatch import RoutingTable, routes_from_placement
 from .wire import ShardRequest, pack, wire_for
 
 PROFILE_EXPERTS = (1, 2, 4)
@@ -158,8 +158,6 @@ def replan_measured(ep: Any, costs: Mapping[str, NodeCost], trace: Any = None) -
 def replan(ep: Any, placement: Any) -> dict[str, int]:
     """Move `ep`'s experts to `placement` (keyed by model layer ids): load what is new, swap
     the routing table between layer calls, drop what is no longer routed. Returns counts."""
-    from .runtime import routes_from_placement
-
     table = RoutingTable(routes_from_placement(placement))
     have = ep.dispatcher.table.node_experts()
     for node, per in getattr(ep, "profiled_extra", {}).items():
@@ -200,6 +198,8 @@ class CallLog:
     def __init__(self, local: Sequence[str] = ()) -> None:
         self.local = set(local)
         self.samples: dict[str, list[tuple[int, float]]] = {}
+        self.traffic_ratio = 1.0
+        """Set by `fit`: logged remote call time / what the priors predicted (median)."""
 
     def on_reply(
         self, node: str, layer: int, rows: int, nbytes: int, round_trip_s: float, busy_s: float
@@ -216,10 +216,16 @@ class CallLog:
     def fit(
         self, prior: Mapping[str, NodeCost] | None = None, min_calls: int = 30
     ) -> dict[str, NodeCost]:
-        """node -> NodeCost fitted on the calls logged (a node with fewer than `min_calls`
-        keeps its `prior`). The line goes through the mean time at each size decile, so a
-        size seen often does not outweigh the slope."""
+        """node -> NodeCost fitted on the calls logged. The line goes through the mean time
+        at each size decile, so a size seen often does not outweigh the slope.
+
+        A remote node with fewer than `min_calls` keeps its `prior` (a profile of calls in a
+        row, on an otherwise idle cluster), scaled by how much more the remote nodes that
+        were logged cost under traffic than their own priors said (the median ratio,
+        `traffic_ratio`): without it, a node nobody called would look cheaper than every
+        node that was, only because it was measured alone."""
         out = dict(prior or {})
+        ratios: list[float] = []
         for node, calls in self.samples.items():
             if len(calls) < min_calls:
                 continue
@@ -249,6 +255,24 @@ class CallLog:
                 tuple(round(c) for c in centres),
                 tuple(means),
             )
+            before = (prior or {}).get(node)
+            if before is not None and node not in self.local:
+                expected = before.predict_us(float(rows.mean()))
+                if expected > 0:
+                    ratios.append(float(secs.mean()) * 1e6 / expected)
+        self.traffic_ratio = float(np.median(ratios)) if ratios else 1.0
+        for node, cost in (prior or {}).items():
+            logged = len(self.samples.get(node, ()))
+            if node not in self.local and logged < min_calls and ratios:
+                r = self.traffic_ratio
+                out[node] = NodeCost(
+                    node,
+                    cost.call_us * r,
+                    cost.token_us * r,
+                    cost.samples,
+                    cost.rows,
+                    tuple(m * r for m in cost.median_us),
+                )
         return out
 
     def measured(self) -> dict[str, tuple[int, int, float]]:

@@ -27,18 +27,17 @@ from expertmesh.models.config import ModelConfig
 from expertmesh.models.device import HostStaging, dtype_for
 from expertmesh.models.model import MoEModel
 
-from .dispatch import Dispatcher, RemoteExpertBank, Replica, RoutingTable, ShardPool
+from .dispatch import (
+    Dispatcher,
+    RemoteExpertBank,
+    Replica,
+    RoutingTable,
+    ShardPool,
+    routes_from_placement,
+)
 from .placement import PlacementOptions
 
 DEFAULT_TFLOPS = PlacementOptions().reference_tflops
-
-
-def routes_from_placement(placement: Any) -> dict[tuple[int, int], list[Replica]]:
-    """Placement.replicas ({(layer, expert): [ReplicaAssignment(node, share)]}) -> routes."""
-    return {
-        (int(layer), int(expert)): [(r.node, float(r.share)) for r in replicas]
-        for (layer, expert), replicas in placement.replicas.items()
-    }
 
 
 def attach_dispatcher(model: MoEModel, dispatcher: Dispatcher) -> MoEModel:

@@ -143,6 +143,7 @@ class ChannelTransport:
                 ch.close()
                 sent.lost[node] = ShardLost(node, f"its channel broke: {e}")
                 continue
+            sent.sent_at[node] = time.perf_counter()
             ch.outstanding.append(sent)
             sent.handles[node] = ch
         return sent

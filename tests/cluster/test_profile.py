@@ -110,5 +110,16 @@ def test_call_log_fits_costs_under_traffic_and_keeps_the_prior_for_quiet_nodes()
     assert costs["far"].token_us == pytest.approx(10, rel=0.05)
     assert costs["head"].call_us == pytest.approx(30, rel=0.05)  # busy time, not the 1 s trip
     assert costs["head"].token_us == pytest.approx(5, rel=0.02)
-    assert costs["idle"] is prior["idle"]  # one call is no measurement
+    assert costs["idle"] == prior["idle"]  # one call is no measurement (no remote prior)
     assert log.measured()["far"][0] == 400
+    # Priors from a profile alone: a node nobody called is scaled by how much more the logged
+    # remote nodes cost under traffic than their priors said.
+    alone = {
+        "far": NodeCost("far", 100.0, 5.0, 1, (8,), (140.0,)),  # traffic costs ~2x this
+        "idle": NodeCost("idle", 100.0, 5.0, 1, (8,), (140.0,)),
+    }
+    scaled = log.fit(prior=alone)
+    assert log.traffic_ratio == pytest.approx(2.0, rel=0.1)
+    assert scaled["idle"].call_us == pytest.approx(100 * log.traffic_ratio)
+    assert scaled["idle"].token_us == pytest.approx(5 * log.traffic_ratio)
+    assert scaled["far"].token_us == pytest.approx(10, rel=0.05)  # measured, not scaled
