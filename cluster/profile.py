@@ -44,7 +44,7 @@ class NodeCost:
     median_us: tuple[float, ...]
     """The median call time at each of `rows`."""
 
-    def predict_us(self, rows: int) -> float:
+    def predict_us(self, rows: float) -> float:
         return self.call_us + rows * self.token_us
 
     def to_dict(self) -> dict[str, Any]:

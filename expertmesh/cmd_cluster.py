@@ -48,6 +48,21 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
         help="run on the rig `expertmesh rig up` brought up (real links and CPU quotas, no "
         "emulation; the planner reads the rig's measured topology)",
     )
+    up.add_argument(
+        "--colocate",
+        action="store_true",
+        help="run the attention node's experts in this process (no call for them; see "
+        "docs/cluster.md)",
+    )
+    up.add_argument(
+        "--profile",
+        action="store_true",
+        help="measure real layer calls on every node once the shards are up, plan again on "
+        "those costs and move the experts there",
+    )
+    up.add_argument(
+        "--batch", type=int, default=None, help="decode batch to plan for (tokens per step)"
+    )
     up.set_defaults(func=run_up)
 
     nodes = csub.add_parser(
@@ -220,8 +235,19 @@ def run_up(args: argparse.Namespace) -> int:
         f"starting the embedded cluster for '{topology.name}' ({len(topology.nodes)} Ray nodes); "
         "it emulates node speed and links by sleeping (`--rig` for the real thing)..."
     )
-    with ExpertParallelModel.launch(path, topology, trace, min_replicas=args.min_replicas) as ep:
+    with ExpertParallelModel.launch(
+        path, topology, trace, min_replicas=args.min_replicas, **launch_options(args)
+    ) as ep:
         return serve_one(args, console, topology, ep, path)
+
+
+def launch_options(args: argparse.Namespace) -> dict[str, object]:
+    """`cluster up`'s data-plane options for `ExpertParallelModel.launch`."""
+    return {
+        "colocate": bool(getattr(args, "colocate", False)),
+        "profile": bool(getattr(args, "profile", False)),
+        "tokens_per_step": getattr(args, "batch", None),
+    }
 
 
 def serve_one(args: argparse.Namespace, console: Console, topology, ep, path) -> int:  # type: ignore[no-untyped-def]

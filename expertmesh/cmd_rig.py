@@ -224,7 +224,10 @@ def rig_model(args: argparse.Namespace, path, topology, trace, console: Console)
         "shards run at their node's CPU quota behind tc-limited links, nothing sleeps)..."
     )
     with driver(state):
-        yield measured_topology(state), launch(path, state, trace, min_replicas=args.min_replicas)
+        from .cmd_cluster import launch_options
+
+        model = launch(path, state, trace, min_replicas=args.min_replicas, **launch_options(args))
+        yield measured_topology(state), model
 
 
 def _up_state():  # type: ignore[no-untyped-def]

@@ -266,19 +266,25 @@ def launch(
     from expertmesh.cluster.runtime import ExpertParallelModel
 
     topology = measured_topology(state)
+    profile = bool(kwargs.pop("profile", False))
     with startup_window(state):
-        if placement is None:
-            return ExpertParallelModel.launch(
-                checkpoint,
-                topology,
-                trace,
-                dtype=dtype,
-                local=False,
-                emulate=False,
-                min_replicas=min_replicas,
-                **kwargs,
-            )
-        return launch_placement(checkpoint, topology, placement, dtype)
+        if placement is not None:
+            return launch_placement(checkpoint, topology, placement, dtype)
+        ep = ExpertParallelModel.launch(
+            checkpoint,
+            topology,
+            trace,
+            dtype=dtype,
+            local=False,
+            emulate=False,
+            min_replicas=min_replicas,
+            **kwargs,
+        )
+    if profile:  # under the quotas: what the nodes really cost
+        from expertmesh.cluster.profile import profile_layer_calls, replan_measured
+
+        replan_measured(ep, profile_layer_calls(ep, [n.name for n in topology.nodes]), trace)
+    return ep
 
 
 def launch_placement(checkpoint: str | Path, topology: Topology, placement: Any, dtype: str) -> Any:

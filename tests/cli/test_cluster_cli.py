@@ -175,7 +175,10 @@ def test_generate_on_the_cluster_prints_the_same_text_as_without():
 
 
 @pytest.mark.e2e
-def test_cluster_up_places_the_demo_and_serves_one_request():
+@pytest.mark.parametrize(
+    "extra", [[], ["--colocate", "--profile", "--batch", "8"]], ids=["shards", "colocated"]
+)
+def test_cluster_up_places_the_demo_and_serves_one_request(extra):
     proc = subprocess.run(
         [
             sys.executable,
@@ -188,6 +191,7 @@ def test_cluster_up_places_the_demo_and_serves_one_request():
             "--exit-after-ready",
             "--max-tokens",
             "4",
+            *extra,
         ],
         capture_output=True,
         text=True,
