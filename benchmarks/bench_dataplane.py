@@ -460,12 +460,15 @@ def run_topology(
         )
         if name == "mixed":
             console.print(f"[{name}] transport round trips...")
-            out["dispatch_roundtrip_us"] = roundtrips(ep, rows=args.roundtrip_rows, n=args.iters)
+            # On EPLB's placement: experts on every node, so every layer crosses the links
+            # (ours may keep a layer whole in this process, where no wire is used).
+            out["dispatch_roundtrip_us"] = roundtrips(eplb, rows=args.roundtrip_rows, n=args.iters)
             prompts = PROMPTS[:8]
             want = [c.token_ids for c in single.generate(prompts, params)]
             console.print(f"[{name}] wire formats...")
-            out["wire"] = wire_formats(ep, prompts, params, want)
-            out["bf16_model"] = bf16_identical(ep, prompts, params, True)
+            out["wire"] = wire_formats(eplb, prompts, params, want)
+            out["wire_placement"] = "eplb (every node holds experts)"
+            out["bf16_model"] = bf16_identical(eplb, prompts, params, True)
         _kill(eplb.pool)
     return out
 
