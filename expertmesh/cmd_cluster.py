@@ -235,19 +235,12 @@ def run_up(args: argparse.Namespace) -> int:
         f"starting the embedded cluster for '{topology.name}' ({len(topology.nodes)} Ray nodes); "
         "it emulates node speed and links by sleeping (`--rig` for the real thing)..."
     )
+    from .cmd_rig import launch_options
+
     with ExpertParallelModel.launch(
         path, topology, trace, min_replicas=args.min_replicas, **launch_options(args)
     ) as ep:
         return serve_one(args, console, topology, ep, path)
-
-
-def launch_options(args: argparse.Namespace) -> dict[str, object]:
-    """`cluster up`'s data-plane options for `ExpertParallelModel.launch`."""
-    return {
-        "colocate": bool(getattr(args, "colocate", False)),
-        "profile": bool(getattr(args, "profile", False)),
-        "tokens_per_step": getattr(args, "batch", None),
-    }
 
 
 def serve_one(args: argparse.Namespace, console: Console, topology, ep, path) -> int:  # type: ignore[no-untyped-def]

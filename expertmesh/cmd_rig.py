@@ -224,8 +224,6 @@ def rig_model(args: argparse.Namespace, path, topology, trace, console: Console)
         "shards run at their node's CPU quota behind tc-limited links, nothing sleeps)..."
     )
     with driver(state):
-        from .cmd_cluster import launch_options
-
         model = launch(path, state, trace, min_replicas=args.min_replicas, **launch_options(args))
         yield measured_topology(state), model
 
@@ -275,3 +273,12 @@ def pin_to_attention_node(app):  # type: ignore[no-untyped-def]
     actor = dict(bound.ray_actor_options or {})
     actor["resources"] = {**actor.get("resources", {}), node_resource(head): 0.001}
     return Application(bound.options(ray_actor_options=actor))
+
+
+def launch_options(args: argparse.Namespace) -> dict[str, object]:
+    """`cluster up`'s data-plane options for `ExpertParallelModel.launch`."""
+    return {
+        "colocate": bool(getattr(args, "colocate", False)),
+        "profile": bool(getattr(args, "profile", False)),
+        "tokens_per_step": getattr(args, "batch", None),
+    }
