@@ -43,9 +43,10 @@ from .system import RigError, in_netns
 PROBE = Path(__file__).with_name("probe.py")
 PROBE_PORT = 5201
 GEMM_WINDOW_S = 1.0
-DEFAULT_GEMM_SHAPE = (8, 256, 192)
-"""(rows, hidden, intermediate): the demo model's expert at a decode batch (32 sequences,
-top-2 of 8 experts: 8 rows an expert), so per-call costs of small GEMMs count as they do."""
+DEFAULT_GEMM_SHAPE = (64, 256, 192)
+"""(rows, hidden, intermediate): the demo model's expert, rows enough that the GEMM measures
+the node's CPU quota (speed), not per-call costs; a decode call's fixed costs are measured on
+the data plane below and by `cluster/profile.py` with the model itself."""
 CHANNEL_ROWS = 8
 """Rows of a calibration echo call (a decode layer call's share of one node)."""
 CHANNEL_CALLS = 200
