@@ -219,52 +219,38 @@ def _kill(pool: Any) -> None:
 # ----------------------------------------------------------------------------- 3-5. throughput
 
 
-class CallTimes:
-    """DispatchObserver: every layer call's measured time per node beside what the planner's
-    cost model predicts for the same call (the rows it really carried).
-
-    Measured: a remote node's round trip from the send to the reply's arrival (wire, the
-    shard's handling and compute); the attention node's own experts (colocated): their
-    compute. Predicted: rows x the node's cost per token-assignment, plus its link's message
-    latency for a remote node (`cluster/placement_model.py`)."""
+class CallTimes(CallLog):
+    """`CallLog` (each call's rows and time per node: a remote node's round trip from the send
+    to the reply's arrival, the attention node's own experts' compute) beside what the
+    planner's cost model predicts for the same calls: rows x the node's cost per
+    token-assignment, plus its per-call latency (`cluster/placement_model.py`)."""
 
     def __init__(self, cost: Any, names: list[str]) -> None:
+        local = [n for n, c in zip(names, cost.colocated.tolist()) if c and cost.in_process]
+        super().__init__(local)
         self.cost = cost
         self.index = {n: i for i, n in enumerate(names)}
-        self.measured_s: dict[str, float] = {}
-        self.predicted_s: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.rows: dict[str, int] = {}
-
-    def on_reply(self, node: str, layer: int, rows: int, nbytes: int, rt: float, busy: float):
-        i = self.index[node]
-        local = bool(self.cost.colocated[i]) and self.cost.in_process
-        predicted = rows * float(self.cost.token_s[i]) + float(self.cost.latency_s[i])
-        self.measured_s[node] = self.measured_s.get(node, 0.0) + (busy if local else rt)
-        self.predicted_s[node] = self.predicted_s.get(node, 0.0) + predicted
-        self.calls[node] = self.calls.get(node, 0) + 1
-        self.rows[node] = self.rows.get(node, 0) + rows
-
-    def on_step(self, layer: int, counts: np.ndarray) -> None:
-        pass
 
     def take(self) -> dict[str, dict[str, float]]:
         """The report of the calls so far, and start afresh."""
         out = self.report()
-        self.measured_s, self.predicted_s, self.calls, self.rows = {}, {}, {}, {}
+        self.clear()
         return out
 
     def report(self) -> dict[str, dict[str, float]]:
-        return {
-            node: {
-                "calls": self.calls[node],
-                "rows": self.rows[node],
-                "measured_us_per_call": self.measured_s[node] / self.calls[node] * 1e6,
-                "predicted_us_per_call": self.predicted_s[node] / self.calls[node] * 1e6,
-                "error": self.predicted_s[node] / self.measured_s[node] - 1,
+        out = {}
+        for node, (calls, rows, measured) in self.measured().items():
+            i = self.index[node]
+            cost = self.cost
+            predicted = rows * float(cost.token_s[i]) + calls * float(cost.latency_s[i])
+            out[node] = {
+                "calls": calls,
+                "rows": rows,
+                "measured_us_per_call": measured / calls * 1e6,
+                "predicted_us_per_call": predicted / calls * 1e6,
+                "error": predicted / measured - 1,
             }
-            for node in self.calls
-        }
+        return out
 
 
 def cost_for(ep: ExpertParallelModel, topology: Any) -> tuple[Any, list[str]]:

@@ -232,15 +232,10 @@ class CallLog:
             rows = np.array([r for r, _ in calls], dtype=float)
             secs = np.array([s for _, s in calls], dtype=float)
             edges = np.unique(np.quantile(rows, np.linspace(0, 1, 11)))
-            groups: dict[int, list[float]] = {}
-            for r, s in zip(rows.tolist(), secs.tolist()):
-                key = int(np.searchsorted(edges, r, side="right"))
-                groups.setdefault(key, []).append(s)
-            centres = [
-                float(np.mean(rows[np.searchsorted(edges, rows, side="right") == k]))
-                for k in groups
-            ]
-            means = [float(np.mean(v)) * 1e6 for v in groups.values()]
+            keys = np.searchsorted(edges, rows, side="right")  # each call's size decile
+            deciles = np.unique(keys)
+            centres = [float(rows[keys == k].mean()) for k in deciles]
+            means = [float(secs[keys == k].mean()) * 1e6 for k in deciles]
             if len(centres) >= 2 and np.ptp(centres) > 0:
                 slope, intercept = np.polyfit(np.array(centres), np.array(means), 1)
             else:  # one size only: the mean call, spread per row
