@@ -10,7 +10,7 @@ fits the 2-core build machine: hidden 128, 2 layers (1 dense, 1 MoE), 4 heads, l
 rope 16 values per token and layer against 4 x (80 + 64) for the MHA-equivalent cache. Random
 weights (seeded), saved once as a checkpoint both engines load.
 
-Each (engine, context) runs in its own process, so its peak RSS (ru_maxrss) is its own: a
+Each (engine, context) runs in its own process, so its peak RSS (VmHWM) is its own: a
 random prompt of `context` tokens, prefilled (ours: chunks of 512 through the latent cache;
 transformers: one forward, as `generate` does), then `--new-tokens` greedy tokens, each step
 timed (wall and process CPU time: the build machine is shared, and CPU time is what other
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -105,7 +104,10 @@ def _prompt(context: int, vocab: int) -> list[int]:
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    # VmHWM, the process's own peak: ru_maxrss would report the parent's peak when it is
+    # larger, as the child inherits it across the vfork + exec that started it.
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) / 1024  # kB
 
 
 def run_ours_tiled(path: Path, context: int, new_tokens: int, prefilled: int) -> dict[str, Any]:

@@ -373,7 +373,7 @@ def test_token_ids_outside_the_vocabulary_are_rejected(bad, checkpoint_model):
 
 LONG_PROMPT_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch
     from expertmesh.models.adapters.olmoe import ADAPTER
     from expertmesh.models.generate import Generator, SamplingParams
@@ -391,7 +391,10 @@ LONG_PROMPT_SCRIPT = textwrap.dedent(
     out = Generator(model, prefill_chunk=512).generate(
         [prompt], SamplingParams(max_tokens=2, ignore_eos=True)
     )[0]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM is this process's own peak: ru_maxrss would carry the parent's (pytest's) peak
+    # across the vfork + exec that started this interpreter.
+    status = open("/proc/self/status").read()
+    peak = int(status.split("VmHWM:")[1].split()[0]) * 1024  # kB
     print(json.dumps({"generated": len(out.token_ids), "peak_rss_bytes": peak}))
     """
 )
