@@ -58,6 +58,14 @@ def replica_class() -> Any:
         def serve(self, requests: int) -> list[str | None]:
             return [self.generate("ROMEO:", MAX_TOKENS) for _ in range(requests)]
 
+        def serve_until(self, stop: Any, limit_s: float = 240.0) -> list[str | None]:
+            """Requests one after another until `stop` (a Flag actor) is set: a load that
+            lasts as long as the test needs, however fast the engine got."""
+            t0, out = time.monotonic(), []
+            while not ray.get(stop.is_set.remote()) and time.monotonic() - t0 < limit_s:
+                out.append(self.generate("ROMEO:", MAX_TOKENS))
+            return out
+
         def stats(self) -> dict[str, Any]:
             a = self.ep.attachment
             return {"version": a.version, **vars(a.stats)}
@@ -73,6 +81,18 @@ def replica_class() -> Any:
 
     remote: Any = ray.remote
     return remote(num_cpus=0, max_restarts=0)(AttentionReplica)
+
+
+@ray.remote(num_cpus=0)
+class Flag:
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
 
 
 @pytest.fixture(scope="module")
@@ -210,15 +230,20 @@ def test_a_slowed_shard_is_one_dispatch_detection_in_the_pool_log(pool, expected
     base = emulation_for(load_topology(TOPOLOGY))[node]
     slow = type(base)(base.slowdown * 20, base.link_gbps, base.link_latency_us)
     before = [ray.get(r.detections.remote()) for r in replicas]
-    loads = [r.serve.remote(30) for r in replicas]
-    time.sleep(4.0)  # the detectors' baselines (warm-up, 10 replies a size)
-    ray.get(shard.set_emulation.remote(slow))
+    stop = Flag.remote()
+    loads = [r.serve_until.remote(stop) for r in replicas]
     try:
-        wait_for(lambda: events(controller, NODE_SLOW, "detected"), 60)
+        time.sleep(4.0)  # the detectors' baselines (warm-up, 10 replies a size)
+        ray.get(shard.set_emulation.remote(slow))
+        try:
+            wait_for(lambda: events(controller, NODE_SLOW, "detected"), 60)
+        finally:
+            ray.get(shard.set_emulation.remote(base))
+        wait_for(lambda: events(controller, NODE_SLOW, "recovered"), 60)
     finally:
-        ray.get(shard.set_emulation.remote(base))
-    wait_for(lambda: events(controller, NODE_SLOW, "recovered"), 60)
-    assert ray.get(loads, timeout=300) == [[expected] * 30] * 3  # slow, not wrong
+        ray.get(stop.set.remote())
+    outputs = ray.get(loads, timeout=300)
+    assert all(outputs) and all(o == [expected] * len(o) for o in outputs)  # slow, not wrong
     detected = events(controller, NODE_SLOW, "detected")
     seen = sum(a > b for a, b in zip(ray.get([r.detections.remote() for r in replicas]), before))
     print(f"node_slow on {node}: {seen} of 3 replicas detected it; pool log: 1 detected")
