@@ -3,6 +3,10 @@ balancing, in one run.
 
     nice -n 19 .venv/bin/python benchmarks/bench_training.py            # JSON: benchmarks/results/bench_training.json
     nice -n 19 .venv/bin/python benchmarks/bench_training.py --quick    # a smoke run
+    .venv/bin/python benchmarks/bench_training.py --phase speed         # one phase: bench_training_speed.json
+
+Each phase holds its own baseline (throughput: 1 worker; balance: no regulariser), so the two
+may run apart (`--phase`, about 4 and 8 minutes on an idle machine) on a shared machine.
 
 Throughput: the demo model's shape (DeepSeek-V3-style, 6.2M parameters) pre-trained on the
 Shakespeare plays with the same global batch (16 x 256 tokens per step) by 1 worker with 2
@@ -79,7 +83,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per throughput set-up")
+    parser.add_argument(
+        "--phase",
+        choices=("all", "speed", "balance"),
+        default="all",
+        help="run one phase only (JSON: bench_training_<phase>.json)",
+    )
     args = parser.parse_args()
+    phases = ("speed", "balance") if args.phase == "all" else (args.phase,)
     speed_steps, balance_steps = (6, 12) if args.quick else (30, 160)
     console = make_console()
     results: dict[str, Any] = {"speed": {}, "balance": {}}
@@ -87,9 +98,13 @@ def main() -> None:
     def save(complete: bool) -> Path:
         """Write what is measured so far (after each phase too: a run that dies in the balance
         phase on a crowded machine keeps its throughput figures, marked `complete: false`)."""
+        suffix = ("" if args.phase == "all" else f"_{args.phase}") + (
+            "_quick" if args.quick else ""
+        )
         return write_result(
-            "bench_training" + ("_quick" if args.quick else ""),
+            "bench_training" + suffix,
             {
+                "phases": list(phases),
                 "quick": args.quick,
                 "complete": complete,
                 "speed_steps": speed_steps,
@@ -104,7 +119,7 @@ def main() -> None:
         storage = Path(tmp)
         none = {"aux_loss_coef": 0.0, "z_loss_coef": 0.0, "bias_update_rate": 0.0}
         # Alternate the two set-ups (1, 2, 1, 2, ...) so a change in machine load hits both.
-        for rep in range(args.repeats):
+        for rep in range(args.repeats if "speed" in phases else 0):
             for workers, cpus, batch in ((1, 2, 16), (2, 1, 8)):
                 name = f"speed-{workers}w"
                 console.print(f"[bold]{name}[/] run {rep + 1}: {workers} worker(s) x {cpus} CPU")
@@ -117,6 +132,8 @@ def main() -> None:
             "aux loss + z-loss": {"aux_loss_coef": 0.01, "z_loss_coef": 0.001, "bias_update_rate": 0.0},
             "DeepSeek-V3 bias (aux-loss-free)": {"aux_loss_coef": 0.0, "z_loss_coef": 0.0, "bias_update_rate": 0.001},
         }  # fmt: skip
+        if "balance" not in phases:
+            variants = {}
         for i, (label, balance) in enumerate(variants.items()):
             console.print(f"[bold]balance[/]: {label}")
             results["balance"][label] = run(
@@ -124,18 +141,36 @@ def main() -> None:
             )
             save(complete=False)
 
+    if "speed" in phases:
+        print_speed(results, args.repeats, console)
+    if "balance" in phases:
+        print_table(
+            f"Expert-load spread (max/mean), last quarter of {balance_steps} steps",
+            ["balancing", "load spread", "final loss", "val perplexity"],
+            [
+                [label, r["load_spread_last_quarter"], r["final_loss"], r["val_perplexity"]]
+                for label, r in results["balance"].items()
+            ],
+            console,
+        )
+    path = save(complete=True)
+    console.print(f"wrote {path}")
+
+
+def print_speed(results: dict[str, Any], repeats: int, console: Any) -> None:
     speed = {
         name: statistics.median(r["tokens_per_s"] for r in runs)
         for name, runs in results["speed"].items()
     }
     results["speed_median_tokens_per_s"] = speed
     base = speed["speed-1w"]
+    results["speed_2w_vs_1w"] = speed["speed-2w"] / base
 
     def each(name: str) -> str:
         return ", ".join(f"{r['tokens_per_s']:.0f}" for r in results["speed"][name])
 
     print_table(
-        f"Pre-training throughput, demo shape, global batch 16 x 256 (median of {args.repeats})",
+        f"Pre-training throughput, demo shape, global batch 16 x 256 (median of {repeats})",
         ["workers", "CPUs each", "tokens/s", "vs 1 worker", "runs"],
         [
             [1, 2, base, 1.0, each("speed-1w")],
@@ -143,17 +178,6 @@ def main() -> None:
         ],
         console,
     )
-    print_table(
-        f"Expert-load spread (max/mean), last quarter of {balance_steps} steps",
-        ["balancing", "load spread", "final loss", "val perplexity"],
-        [
-            [label, r["load_spread_last_quarter"], r["final_loss"], r["val_perplexity"]]
-            for label, r in results["balance"].items()
-        ],
-        console,
-    )
-    path = save(complete=True)
-    console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":
