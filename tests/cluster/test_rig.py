@@ -133,6 +133,8 @@ IN_OWN_PROCESS = "EXPERTMESH_RIG_TESTS"
 joins a namespace and CPU groups, which later Ray tests in the same process must not inherit."""
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_the_real_rig_tests_pass_in_their_own_process() -> None:
     if os.environ.get(IN_OWN_PROCESS):
         pytest.skip("this is the child run")
