@@ -137,12 +137,22 @@ def compiled_graph_roundtrip_us(
 def roundtrips(ep: ExpertParallelModel, rows: int, n: int) -> dict[str, Any]:
     requests = echo_requests(ep, rows)
     out: dict[str, Any] = {"nodes": list(requests), "rows_per_node": rows}
-    channel = ChannelTransport(ep.pool)
+    spin_us = spin_of(ep.pool)
+    channel = ChannelTransport(ep.pool, spin_us=spin_us)
     out["actor_call"] = transport_roundtrip_us(PoolTransport(ep.pool), requests, n)
     out["channel"] = transport_roundtrip_us(channel, requests, n)
+    out["channel_spin_us"] = spin_us
+    if spin_us:  # the same channels, the attention side sleeping in select at once
+        channel.spin_s = 0.0
+        out["channel_no_spin"] = transport_roundtrip_us(channel, requests, n)
     out["compiled_graph"] = compiled_graph_roundtrip_us(ep, requests, n)
     channel.close()
     return out
+
+
+def spin_of(pool: Any) -> float:
+    """The reply polling the data plane uses on this pool (a colocated pool's remote part)."""
+    return float(getattr(getattr(pool, "remote", pool), "spin_us", 0.0))
 
 
 # ----------------------------------------------------------------------------- 2. wire
@@ -295,6 +305,7 @@ def eplb_model(ep: ExpertParallelModel, topology: Any, emulation: Any) -> Expert
         emulation=emulation,
         namespace_prefix="bench-eplb",
         standby=False,
+        spin_us=spin_of(ep.pool),
     )
     if opts.colocate:
         shard = local_shard(head, str(DEMO_MODEL_DIR), held.get(head, {}), "float32", "cpu")
@@ -585,8 +596,15 @@ def main() -> None:
     if rt:
         print_table(
             f"Zero-compute round trip of one MoE layer ({len(rt['nodes'])} nodes), us",
-            ["actor call (baseline)", "compiled graph", "channel (ours)"],
-            [[rt["actor_call"], rt["compiled_graph"], rt["channel"]]],
+            ["actor call (baseline)", "compiled graph", "channel (ours)", "channel, no polling"],
+            [
+                [
+                    rt["actor_call"],
+                    rt["compiled_graph"],
+                    rt["channel"],
+                    rt.get("channel_no_spin", "-"),
+                ]
+            ],
             console,
         )
     if "wire" in mixed:

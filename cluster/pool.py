@@ -55,6 +55,7 @@ class RayShardPool:
         transport: str = "channel",
         devices: Mapping[str, str] | None = None,
         actor_options: Mapping[str, Any] | None = None,
+        spin_us: float = 0.0,
     ) -> None:
         import ray
 
@@ -63,6 +64,9 @@ class RayShardPool:
                 f"transport: unknown {transport!r}; use one of {', '.join(TRANSPORTS)}"
             )
         self.transport = transport
+        self.spin_us = spin_us
+        """The channel transport's reply polling (`transport.CHANNEL_SPIN_US`; 0 when the
+        shards share this process's cores)."""
 
         self._ray = ray
         self._cls = shard_actor_class()
@@ -136,7 +140,9 @@ class RayShardPool:
         from .dispatch import PoolTransport
         from .transport import ChannelTransport
 
-        return ChannelTransport(self) if self.transport == "channel" else PoolTransport(self)
+        if self.transport == "channel":
+            return ChannelTransport(self, spin_us=self.spin_us)
+        return PoolTransport(self)
 
     def as_completed(self, handles: Mapping[str, Any]) -> Iterator[str]:
         """The nodes of `handles` (node -> `submit` handle) in the order their calls answer,

@@ -159,6 +159,7 @@ class ExpertParallelModel:
         from .local import LocalCluster, emulation_for
         from .planning import embedded_reference_tflops, plan_for_topology
         from .pool import RayShardPool, node_resource
+        from .transport import CHANNEL_SPIN_US
 
         config = read_config(checkpoint)
         cluster = None
@@ -204,6 +205,8 @@ class ExpertParallelModel:
                 emulation_for(topology) if emulate else None,
                 telemetry=telemetry_config,
                 devices={n.name: n.device for n in topology.nodes},
+                # Poll for replies where the shards have CPUs of their own (not emulated).
+                spin_us=0.0 if emulate else CHANNEL_SPIN_US,
             )
             if colocate:
                 from .colocated import ColocatedPool, local_shard

@@ -32,12 +32,16 @@ def _open(shard: ExpertShard, secret: bytes, timeout_s: float) -> tuple[str, int
     return shard.open_channel(secret)
 
 
-def channel_model(path, routes, dtype: str = "float32") -> ExpertParallelModel:
+def channel_model(
+    path, routes, dtype: str = "float32", spin_us: float = 0.0
+) -> ExpertParallelModel:
     assignment = RoutingTable(routes).node_experts()
     shards = {n: ExpertShard(n, str(path), assignment.get(n, {}), dtype) for n in NODES}
     pool = ShardsByNode(shards)
     ep = ExpertParallelModel.from_routes(path, routes, pool, dtype)
-    ep.dispatcher.transport = ChannelTransport(pool, reply_timeout_s=20, open_channel=_open)
+    ep.dispatcher.transport = ChannelTransport(
+        pool, reply_timeout_s=20, open_channel=_open, spin_us=spin_us
+    )
     return ep
 
 
@@ -54,6 +58,35 @@ def test_channel_output_equals_single_process(hf_checkpoint):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert ep.dispatcher.stats.calls > 0
     assert all(s.calls > 0 for s in ep.pool.shards.values())  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("spin_us", [1.0, 1e6])
+def test_polling_for_replies_changes_no_output_and_falls_back_to_waiting(
+    hf_checkpoint, spin_us, monkeypatch
+):
+    """Polling (`spin_us`) reads the same replies: 1 us polls once and then waits in select
+    (every reply of a real layer call comes later), 1 s reads them all by polling."""
+    import select as select_module
+
+    path, _ = hf_checkpoint("mixtral")
+    single = load_model(path)
+    ep = channel_model(path, spread_routes(read_config(path)), spin_us=spin_us)
+    waits: list[float] = []
+    real_select = select_module.select
+
+    def counting_select(r, w, x, timeout=None):
+        waits.append(timeout)
+        return real_select(r, w, x, timeout)
+
+    monkeypatch.setattr("expertmesh.cluster.transport.select.select", counting_select)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ep.model(ids) - single(ids)).abs().max().item() <= 1e-5
+    blocking = [t for t in waits if t]
+    if spin_us >= 1e6:
+        assert waits and not blocking  # every reply found by a zero-timeout poll
+    else:
+        assert blocking  # the poll gave up and the transport slept until the reply came
 
 
 def test_a_channel_refuses_the_wrong_secret(hf_checkpoint):
