@@ -63,6 +63,7 @@ class PoolShards:
         """node -> the serving shard's actor handle (read per call by the transport)."""
         self.generations: dict[str, int] = dict(snapshot.generations)
         self.secret = snapshot.secret
+        self.spin_us = snapshot.spin_us
         self.receive = receive
         """Called as receive(snapshot, urgent=True) with what `recover` learnt."""
 
@@ -78,7 +79,7 @@ class PoolShards:
         serves every replica)."""
         from .transport import ChannelTransport
 
-        transport = ChannelTransport(self)
+        transport = ChannelTransport(self, spin_us=self.spin_us)
         transport.secret = self.secret
         return transport
 

@@ -24,6 +24,7 @@ from .placement import PlacementOptions
 from .pool_detect import PoolConditions
 from .pool_spec import SHARD_PREFIX, STATE_KEY, PoolSnapshot, PoolSpec, pool_namespace
 from .supervisor import Supervisor
+from .transport import CHANNEL_SPIN_US
 
 log = logging.getLogger("expertmesh.expert_pool")
 
@@ -374,6 +375,7 @@ class PoolController:
             self.spec.checkpoint,
             self.topology,
             tuple(sorted(self._service_state()[0])),
+            0.0 if self.spec.emulate else CHANNEL_SPIN_US,
         )
 
     def publish(self) -> int:

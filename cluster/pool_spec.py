@@ -111,3 +111,6 @@ class PoolSnapshot:
     topology: Topology
     out_of_service: tuple[str, ...] = ()
     """Nodes the controller took out of service (lost or drained), for the replicas' health."""
+    spin_us: float = 0.0
+    """How long a replica's channels poll for replies before sleeping
+    (`transport.CHANNEL_SPIN_US` where the shards have CPUs of their own, 0 when emulated)."""
