@@ -38,13 +38,15 @@ from .transport_channel import (
 )
 from .wire import EXPERT_NOT_LOADED, OK, ShardRequest, frame_request, read_reply
 
-CHANNEL_SPIN_US = 300.0
+CHANNEL_SPIN_US = 0.0
 """How long the attention worker polls for replies before it sleeps, where the shards have
-CPUs of their own (a real cluster, the rig). Measured on the rig (mixed.yaml, EPLB's
-placement, 6 decode rows echoed, median of 400): one node 137-155 -> 70-125 us, the layer's
-two nodes 278-296 -> 193 us; on the embedded cluster, where shards share the two cores, the
-two nodes' p90 went 281 us -> 2.3 ms, hence 0 there. Most replies land inside 300 us; a
-slower one costs the attention side 300 us of CPU it had no other use for, then a sleep."""
+CPUs of their own (a real cluster, the rig; `ChannelTransport(spin_us=...)`). Off: measured on
+the rig (mixed.yaml, EPLB's placement, 6 decode rows echoed to cpu-fast and cpu-slow, medians
+of 300-400): a bare poll loop reading the frames gave 193 against 278-296 us on a quiet
+machine; the transport polling for 300 us gave 385 against 297 us in a benchmark run, and
+294-621 against 313-383 us in four alternating rounds, with other processes on the two
+cores: a spinning attention worker takes a core the shards' nodes need on a machine this
+small. On the embedded cluster the two nodes' p90 went 281 us -> 2.3 ms."""
 
 
 def _open_on_actor(actor: Any, secret: bytes, timeout_s: float) -> tuple[str, int]:
@@ -103,10 +105,10 @@ class ChannelTransport:
         self.pool = pool
         self.spin_s = max(0.0, spin_us) * 1e-6
         """Poll the sockets (no sleep) for up to this long before blocking in `select`: a
-        reply that comes back within it is read without the wake-up of a sleeping thread,
-        which measured 30-70 us of a 137-155 us round trip on the rig (`CHANNEL_SPIN_US`).
-        For shards with CPUs of their own; where they share this process's cores (the
-        embedded cluster) the spinning takes the CPU they answer with: 0 there."""
+        reply that comes back within it is read without the wake-up of a sleeping thread
+        (30-70 us of a 137-155 us round trip on a quiet rig), at the cost of a core spent
+        waiting. Where the shards share this process's cores it takes the CPU they answer
+        with; see `CHANNEL_SPIN_US` for what was measured."""
         self.open_channel = open_channel or _open_on_actor
         """(actor, secret, timeout_s) -> (host, port): asks the shard to listen (a Ray call
         by default; tests pass in-process shards)."""
