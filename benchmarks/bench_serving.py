@@ -2,7 +2,7 @@
 checkpoint, in one run: ours against vLLM's OpenAI server (`vllm serve`, the baseline).
 
     .venv/bin/python benchmarks/bench_serving.py [--clients 1 8 32] [--requests-per-client 2]
-        [--max-tokens 32] [--no-vllm] [--no-tracing]
+        [--max-tokens 32] [--stream-interval 1 4] [--no-vllm] [--no-tracing]
 
 Servers, each on `models/synthetic.py`'s QWEN3_MOE_70M (Qwen3-MoE, 61M parameters, the demo
 tokenizer), fp32, greedy, 32 batch slots, `--threads` cores:
@@ -20,7 +20,15 @@ Each client sends its requests one after another with the `openai` async client,
 measured per request: time to first token (TTFT) and time per output token after the first
 (TPOT); per server and N: output tokens per second over the wall time. At each N the servers
 take turns (expertmesh, vLLM, transformers); idle servers hold no work. Ratios are against vLLM
-at the same N (goal: >= 1.0x at N = 32) and against the one-at-a-time server. The greedy
+at the same N and stream interval (goal: >= 1.0x at N = 32) and against the one-at-a-time
+server.
+
+Stream interval (`--stream-interval`, tokens per SSE chunk after the first): each value runs
+on ours (`scheduler.stream_interval`, a second Serve app) and on vLLM (`--stream-interval`, a
+second server) alike; 1 streams every token (both servers' default). The client's work per
+chunk falls with it too, so ours at k is compared with vLLM at k. Our rows also carry what our
+engine did in that run (from GET /health: prefill and decode forward passes, the decode batch
+it formed, forward time over wall time). The greedy
 texts of the same prompt are compared across servers. The JSON goes to
 benchmarks/results/bench_serving.json.
 
@@ -178,8 +186,11 @@ def transformers_server(checkpoint: Path, port: int) -> threading.Thread:
     return thread
 
 
-def vllm_server(checkpoint: Path, port: int, threads: int, log: IO[str]) -> subprocess.Popen[Any]:
-    """vLLM's OpenAI server on the checkpoint (from .venv-vllm), logging to `log`."""
+def vllm_server(
+    checkpoint: Path, port: int, threads: int, log: IO[str], stream_interval: int = 1
+) -> subprocess.Popen[Any]:
+    """vLLM's OpenAI server on the checkpoint (from .venv-vllm), logging to `log`;
+    `stream_interval`: its `--stream-interval` (tokens per streamed chunk, its default 1)."""
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: 32 x 512 positions need ~0.5 GB
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
@@ -208,6 +219,8 @@ def vllm_server(checkpoint: Path, port: int, threads: int, log: IO[str]) -> subp
         "--disable-uvicorn-access-log",
         "--seed",
         "0",
+        "--stream-interval",
+        str(stream_interval),
     ]
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
@@ -336,6 +349,14 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        help="tokens per streamed chunk, each value run on ours (scheduler.stream_interval) "
+        "and vLLM (--stream-interval) alike; 1 = every token (vLLM's default)",
+    )
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM (no .venv-vllm)")
     parser.add_argument("--no-tracing", action="store_true", help="skip the tracing-cost rows")
     parser.add_argument(
@@ -364,22 +385,27 @@ def main() -> None:
         checkpoint = Path(tmp) / "qwen3-moe-70m"
         params = save_random_checkpoint("qwen3_moe", QWEN3_MOE_70M, checkpoint, seed=0)
         console.print(f"Qwen3-MoE: {params:,} parameters, fp32, {args.threads} threads")
-        vllm_proc = None
-        ours_port, base_port, vllm_port = free_port(), free_port(), free_port()
-        if not args.no_vllm:  # it loads while Ray starts
-            vllm_proc = vllm_server(checkpoint, vllm_port, args.threads, vllm_log)
+        ours_port, base_port = free_port(), free_port()
+        vllm_procs: dict[int, tuple[int, subprocess.Popen[Any]]] = {}
+        if not args.no_vllm:  # they load while Ray starts
+            for k in args.stream_interval:
+                port = free_port()
+                vllm_procs[k] = (port, vllm_server(checkpoint, port, args.threads, vllm_log, k))
             console.print(f"vLLM serve starting; its log: {vllm_log.name}")
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": ours_port})
-            common_config = {
+            common_config: dict[str, Any] = {
                 "model": str(checkpoint),
                 "model_name": MODEL_NAME,
                 "policy": None,
                 "scheduler": {"num_slots": SLOTS, "max_waiting": 512, "threads": args.threads},
                 "request_timeout_s": 600,
             }
-            serve.run(build_app(common_config), name="expertmesh", route_prefix="/")
+            for k in args.stream_interval:
+                config = {**common_config}
+                config["scheduler"] = {**common_config["scheduler"], "stream_interval": k}
+                serve.run(build_app(config), name=f"expertmesh-s{k}", route_prefix=f"/s{k}")
             if not args.no_tracing:
                 traced = {
                     **common_config,
@@ -389,37 +415,88 @@ def main() -> None:
                         "metrics_exporter": "prometheus",
                     },
                 }
+                traced["scheduler"] = {
+                    **common_config["scheduler"],
+                    "stream_interval": args.stream_interval[0],
+                }
                 serve.run(build_app(traced), name="expertmesh-traced", route_prefix="/traced")
             ours_url = f"http://127.0.0.1:{ours_port}"
             transformers_server(checkpoint, base_port)
-            servers = {"expertmesh": ours_url}
-            if vllm_proc is not None:
-                servers["vLLM serve"] = f"http://127.0.0.1:{vllm_port}"
+            servers: dict[str, str] = {}
+            procs: dict[str, subprocess.Popen[Any]] = {}
+            for k in args.stream_interval:
+                servers[label("expertmesh", k)] = f"{ours_url}/s{k}"
+                if k in vllm_procs:
+                    port, proc = vllm_procs[k]
+                    servers[label("vLLM serve", k)] = f"http://127.0.0.1:{port}"
+                    procs[label("vLLM serve", k)] = proc
             servers["transformers one-at-a-time"] = f"http://127.0.0.1:{base_port}"
             for name, url in servers.items():
-                wait_ready(url, proc=vllm_proc if name == "vLLM serve" else None)
+                wait_ready(url, proc=procs.get(name))
             rows = measure(servers, args, console)
             overhead = [] if args.no_tracing else tracing_overhead(ours_url, args, console)
         finally:
             serve.shutdown()
             ray.shutdown()
-            if vllm_proc is not None:
-                stop_process(vllm_proc)
+            for _, proc in vllm_procs.values():
+                stop_process(proc)
     report(rows, overhead, args, params, console)
+
+
+def engine_stats(url: str) -> dict[str, float]:
+    """Our scheduler's cumulative counters (GET /health: steps, forwards, forward time)."""
+    import httpx
+
+    return dict(httpx.get(f"{url}/health", timeout=10).json()["stats"])
+
+
+def engine_row(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, Any]:
+    """What the engine did during one load run: steps, forwards, the decode batch it formed,
+    and how much of the wall time went to forward passes and to whole steps."""
+    d = {k: after[k] - before[k] for k in after}
+    decode = max(1, int(d["decode_forwards"]))
+    return {
+        "steps": int(d["steps"]),
+        "prefill_forwards": int(d["prefill_forwards"]),
+        "decode_forwards": int(d["decode_forwards"]),
+        "mean_decode_batch": d["decode_tokens"] / decode,
+        "forward_s": d["forward_s"],
+        "step_s": d["step_s"],
+        "forward_share_of_wall": d["forward_s"] / wall_s,
+        "step_share_of_wall": d["step_s"] / wall_s,
+        "ms_per_forward": 1e3 * d["forward_s"] / max(1, decode + int(d["prefill_forwards"])),
+    }
+
+
+def label(server: str, stream_interval: int) -> str:
+    """A server's row name: `server` at stream interval 1, else `server stream k`."""
+    return server if stream_interval == 1 else f"{server} stream {stream_interval}"
+
+
+def interval_of(name: str) -> int:
+    """The stream interval of a row name made by `label` (the one-at-a-time server: 1)."""
+    head, _, k = name.rpartition(" stream ")
+    return int(k) if head and k.isdigit() else 1
 
 
 def measure(
     servers: dict[str, str], args: argparse.Namespace, console: Any
 ) -> list[dict[str, Any]]:
-    """Rows of (server, N) results; at each N the servers take turns."""
+    """Rows of (server, N) results; at each N the servers take turns. Our rows carry what the
+    engine did (`engine`: steps, forwards, decode batch, forward time over wall time)."""
     for url in servers.values():  # warm-up (first-call costs are not what we measure)
         asyncio.run(load(url, MODEL_NAME, 2, 1, 4))
     rows: list[dict[str, Any]] = []
     for n in args.clients:
         for name, url in servers.items():
             console.print(f"N={n}: {name}...")
+            ours = name.startswith("expertmesh")
+            before = engine_stats(url) if ours else None
             r = asyncio.run(load(url, MODEL_NAME, n, args.requests_per_client, args.max_tokens))
-            rows.append({"server": name, "clients": n, "load_average": os.getloadavg()[0], **r})
+            row = {"server": name, "clients": n, "load_average": os.getloadavg()[0], **r}
+            if before is not None:
+                row["engine"] = engine_row(before, engine_stats(url), r["wall_s"])
+            rows.append(row)
     return rows
 
 
@@ -433,13 +510,18 @@ def report(
     by = {(r["server"], r["clients"]): r for r in rows}
     for r in rows:
         n = r["clients"]
-        vllm = by.get(("vLLM serve", n))
+        r["stream_interval"] = interval_of(r["server"])
+        vllm = by.get((label("vLLM serve", r["stream_interval"]), n))  # same interval
         r["ratio_vs_vllm"] = r["tokens_per_s"] / vllm["tokens_per_s"] if vllm else None
+        vllm1 = by.get(("vLLM serve", n))  # vLLM as it ships (every token streamed)
+        r["ratio_vs_vllm_stream_1"] = r["tokens_per_s"] / vllm1["tokens_per_s"] if vllm1 else None
         base = by[("transformers one-at-a-time", n)]
         r["ratio_vs_one_at_a_time"] = r["tokens_per_s"] / base["tokens_per_s"]
     print_table(
         f"Streaming clients, Qwen3-MoE 61M fp32, {args.requests_per_client} requests per client, "
-        f"max_tokens {args.max_tokens} (ratios: tokens/s over vLLM / over one-at-a-time, same N)",
+        f"max_tokens {args.max_tokens} (ratios: tokens/s over vLLM at the same stream interval "
+        "/ over one-at-a-time, same N; engine: our scheduler's forward passes (prefill + "
+        "decode), mean decode batch, forward time over wall time)",
         [
             "server",
             "N",
@@ -451,6 +533,7 @@ def report(
             "TPOT p50 ms",
             "TPOT p99 ms",
             "requests",
+            "engine",
         ],
         [
             [
@@ -464,28 +547,34 @@ def report(
                 r["tpot_p50_ms"],
                 r["tpot_p99_ms"],
                 r["requests"],
+                engine_cell(r.get("engine")),
             ]
             for r in rows
         ],
         console,
     )
-    has_vllm = any(r["server"] == "vLLM serve" for r in rows)
-    texts = {
-        "expertmesh_vs_vllm": same_texts(rows, "expertmesh", "vLLM serve") if has_vllm else None,
-        "expertmesh_vs_transformers": same_texts(rows, "expertmesh", "transformers one-at-a-time"),
-    }
+    has_vllm = any(r["server"].startswith("vLLM serve") for r in rows)
+    texts: dict[str, Any] = {}
+    for k in args.stream_interval:
+        ours, suffix = label("expertmesh", k), "" if k == 1 else f"_stream_{k}"
+        peer = label("vLLM serve", k)
+        texts[f"expertmesh_vs_vllm{suffix}"] = same_texts(rows, ours, peer) if has_vllm else None
+        texts[f"expertmesh_vs_transformers{suffix}"] = same_texts(
+            rows, ours, "transformers one-at-a-time"
+        )
     for name, t in texts.items():
         if t is not None:
             console.print(f"greedy text {name}: {t['identical']}/{t['prompts']} prompts identical")
-    at32 = by.get(("expertmesh", 32))
-    goals = {
-        "vs_vllm_at_32_ge_1": None
-        if at32 is None or at32["ratio_vs_vllm"] is None
-        else at32["ratio_vs_vllm"] >= 1.0,
-        "vs_one_at_a_time_at_32_ge_3": None
-        if at32 is None
-        else at32["ratio_vs_one_at_a_time"] >= 3.0,
-    }
+    goals: dict[str, bool | None] = {}
+    for k in args.stream_interval:
+        at32 = by.get((label("expertmesh", k), 32))
+        suffix = "" if k == 1 else f"_stream_{k}"
+        goals[f"vs_vllm_at_32_ge_1{suffix}"] = (
+            None if at32 is None or at32["ratio_vs_vllm"] is None else at32["ratio_vs_vllm"] >= 1.0
+        )
+        goals[f"vs_one_at_a_time_at_32_ge_3{suffix}"] = (
+            None if at32 is None else at32["ratio_vs_one_at_a_time"] >= 3.0
+        )
     console.print(f"goals: {goals}")
     path = write_result(
         "bench_serving_quick" if args.quick else "bench_serving",
@@ -497,6 +586,7 @@ def report(
                 "max_tokens": args.max_tokens,
                 "threads": args.threads,
                 "slots": SLOTS,
+                "stream_intervals": args.stream_interval,
                 "vllm": "not run (--no-vllm)"
                 if not has_vllm
                 else "vllm serve, enforce_eager, prefix caching off, max_model_len 512",
@@ -514,18 +604,28 @@ def report(
     console.print(f"wrote {path}")
 
 
+def engine_cell(e: dict[str, Any] | None) -> str:
+    if e is None:
+        return "-"
+    return (
+        f"{e['prefill_forwards']}+{e['decode_forwards']} fw, batch {e['mean_decode_batch']:.1f}, "
+        f"{e['ms_per_forward']:.0f} ms/fw, {e['forward_share_of_wall']:.0%} of wall"
+    )
+
+
 def tracing_overhead(url: str, args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
     """Throughput with every request traced (JSONL spans: HTTP, engine request and steps) vs
     tracing off, same engine settings, runs interleaved off/on/off/on."""
     rows = []
     for n in [c for c in args.clients if c > 1]:
         runs: dict[str, list[float]] = {"off": [], "on": []}
+        off_url = f"{url}/s{args.stream_interval[0]}"
         for _ in range(2):
-            for label, base in (("off", url), ("on", f"{url}/traced")):
+            for mode, base in (("off", off_url), ("on", f"{url}/traced")):
                 r = asyncio.run(
                     load(base, MODEL_NAME, n, args.requests_per_client, args.max_tokens)
                 )
-                runs[label].append(r["tokens_per_s"])
+                runs[mode].append(r["tokens_per_s"])
         off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
         rows.append(
             {"clients": n, "off_tokens_per_s": off, "on_tokens_per_s": on, "cost": 1 - on / off}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,32 @@ def _merge(a: SchedulerEvent, b: SchedulerEvent) -> SchedulerEvent:
         b.event.index, b.event.token_id, a.event.text + b.event.text, b.event.finish_reason
     )
     return SchedulerEvent(event, b.prompt_tokens, b.completion_tokens, b.finish_reason)
+
+
+class _Outbox:
+    """Outputs from the engine thread to one event loop: one wake-up of the loop carries
+    every output that came while it was busy (a step of 32 requests wakes it once, not 32
+    times; each `call_soon_threadsafe` is a pipe write and a GIL hand-over)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: deque[tuple[asyncio.Queue[SchedulerEvent], SchedulerEvent]] = deque()
+        self.scheduled = False
+
+    def put(self, queue: asyncio.Queue[SchedulerEvent], event: SchedulerEvent) -> None:
+        """On the engine thread."""
+        self.items.append((queue, event))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self) -> None:
+        """On the loop: hand out everything queued (an item put while this runs either is
+        taken here or scheduled another delivery: `scheduled` is cleared first)."""
+        self.scheduled = False
+        while self.items:
+            queue, event = self.items.popleft()
+            queue.put_nowait(event)
 
 
 _COUNTED_KEPT = 1024
@@ -114,6 +141,10 @@ class ExpertMeshEngine:
         self.kv_pressure: Any = None
         """`engine_detect.KvPressure` once `supervise` gave the engine an event log."""
         self._events: Any = None
+        self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Per event loop: the engine thread's outputs on their way to the requests' queues."""
         self.batcher.start()
 
     @classmethod
@@ -233,6 +264,12 @@ class ExpertMeshEngine:
             return len(attachment.out_of_service)
         return len(self.supervisor.removed) if self.supervisor is not None else 0
 
+    def _outbox(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
+        outbox = self._outboxes.get(loop)
+        if outbox is None:
+            outbox = self._outboxes[loop] = _Outbox(loop)
+        return outbox
+
     def models(self) -> Sequence[ModelCard]:
         return [ModelCard(self.name, self.batcher.context_window)]
 
@@ -270,11 +307,26 @@ class ExpertMeshEngine:
         if not self.batcher.alive:
             raise EngineDead(f"the engine loop is not running ({self.batcher.fatal!r})")
         ids = self.prompt_ids(request)
-        loop = asyncio.get_running_loop()
+        outbox = self._outbox(asyncio.get_running_loop())
         queue: asyncio.Queue[SchedulerEvent] = asyncio.Queue()
 
-        def sink(event: SchedulerEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        interval = self.batcher.config.stream_interval
+        held: list[SchedulerEvent] = []
+
+        def sink(event: SchedulerEvent) -> None:  # on the engine thread
+            if event.event is not None and event.error is None:
+                if held:
+                    event = _merge(held.pop(), event)
+                if (
+                    event.finish_reason is None
+                    and event.completion_tokens > 1
+                    and (event.completion_tokens - 1) % interval
+                ):
+                    held.append(event)  # the next token(s) go with it
+                    return
+            elif held:  # ended without an event (cancelled, deadline, error): text first
+                outbox.put(queue, held.pop())
+            outbox.put(queue, event)
 
         from opentelemetry import context as otel_context
 

@@ -25,6 +25,7 @@ engine wrapper hands them to the request's asyncio queue.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -68,12 +69,17 @@ class SchedulerConfig:
     Set explicitly because Ray gives a replica that reserves no CPUs OMP_NUM_THREADS=1, which
     would otherwise run the model on one core."""
 
+    stream_interval: int = 1
+    """Tokens per streamed piece after the first: 1 hands every token to the request's stream
+    as it is sampled; k > 1 hands k at once (the first token and the last piece go at once),
+    so the HTTP path (asyncio, SSE, Ray Serve's proxy) carries k times fewer events."""
+
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ValueError(
                 f"scheduler.threads must be >= 1 (or None: all CPUs), got {self.threads}"
             )
-        for name in ("num_slots", "max_waiting", "prefill_chunk"):
+        for name in ("num_slots", "max_waiting", "prefill_chunk", "stream_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"scheduler.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -123,6 +129,13 @@ class SchedulerStats:
     cancelled: int = 0
     expired: int = 0
     rejected: int = 0
+    prefill_forwards: int = 0
+    """Prefill forward passes (one per group of equal chunk lengths)."""
+    decode_forwards: int = 0
+    forward_s: float = 0.0
+    """Wall time inside the model's forward passes (prefill and decode), engine thread."""
+    step_s: float = 0.0
+    """Wall time inside `step` (forwards, sampling, detokenising, sinks, bookkeeping)."""
 
 
 class ContinuousBatcher:
@@ -286,6 +299,13 @@ class ContinuousBatcher:
     @torch.inference_mode()
     def step(self) -> None:
         """One scheduling step (public for tests that drive the loop by hand)."""
+        t0 = time.perf_counter()
+        try:
+            self._step()
+        finally:
+            self.stats.step_s += time.perf_counter() - t0
+
+    def _step(self) -> None:
         if self.step_hook is not None:
             self.step_hook()
         self._retire()
@@ -364,7 +384,10 @@ class ContinuousBatcher:
         group = [r for r in todo if min(chunk, len(r.prompt_ids) - r.prefilled) == n]
         ids = torch.tensor([r.prompt_ids[r.prefilled : r.prefilled + n] for r in group])
         rows = torch.tensor([r.slot for r in group])
+        t0 = time.perf_counter()
         logits = self.model(ids, self.cache, rows, "last", stats)[:, -1]
+        self.stats.forward_s += time.perf_counter() - t0
+        self.stats.prefill_forwards += 1
         self.stats.prefill_tokens += n * len(group)
         done = []
         for i, r in enumerate(group):
@@ -384,7 +407,10 @@ class ContinuousBatcher:
             return []
         ids = torch.tensor([[r.state.completion.token_ids[-1]] for r in active])
         rows = torch.tensor([r.slot for r in active])
+        t0 = time.perf_counter()
         logits = self.model(ids, self.cache, rows, "last", stats)[:, -1]
+        self.stats.forward_s += time.perf_counter() - t0
+        self.stats.decode_forwards += 1
         self.stats.decode_tokens += len(active)
         self._emit(active, logits)
         return [r.request_id for r in active]
@@ -462,4 +488,5 @@ class ContinuousBatcher:
             "kv_bytes_in_use": self.kv_bytes_in_use(),
             "kv_bytes_allocated": self.cache.nbytes,
             "steps": self.stats.steps,
+            "stats": dataclasses.asdict(self.stats),
         }
