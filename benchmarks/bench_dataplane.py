@@ -365,18 +365,29 @@ def run_topology(
         out["placement_profiled"] = {n: len(ep.placement.experts_on(n)) for n in ep.placement.nodes}
         if args.refine and args.profile:
             # Costs measured under real traffic (the planned batch, overlap off), then the
-            # plan made again on them: what a running cluster's rebalancer does.
-            log = CallLog(local=getattr(ep.pool, "local_nodes", ()))
-            ep.dispatcher.observers.append(log)
-            batch = max(args.batches)
-            policy.mode = "off"
-            for _ in range(args.refine):
-                ours_gen.generate((PROMPTS * (batch // len(PROMPTS) + 1))[:batch], params)
-            policy.mode = "auto"
-            ep.dispatcher.observers.remove(log)
+            # plan made again on them: what a running cluster's rebalancer does. Each round
+            # measures the nodes the last plan used; what earlier rounds measured stays.
             out["node_costs_profiled"] = {n: c.to_dict() for n, c in ep.node_costs.items()}
-            replan_measured(ep, log.fit(prior=ep.node_costs))
-            console.print(f"[{name}] re-planned on costs measured in {args.refine} passes")
+            out["placement_rounds"] = []
+            batch = max(args.batches)
+            for round_ in range(args.refine_rounds):
+                log = CallLog(local=getattr(ep.pool, "local_nodes", ()))
+                ep.dispatcher.observers.append(log)
+                policy.mode = "off"
+                for _ in range(args.refine):
+                    ours_gen.generate((PROMPTS * (batch // len(PROMPTS) + 1))[:batch], params)
+                policy.mode = "auto"
+                ep.dispatcher.observers.remove(log)
+                before = {n: len(ep.placement.experts_on(n)) for n in ep.placement.nodes}
+                replan_measured(ep, log.fit(prior=ep.node_costs))
+                after = {n: len(ep.placement.experts_on(n)) for n in ep.placement.nodes}
+                out["placement_rounds"].append(after)
+                console.print(
+                    f"[{name}] round {round_ + 1}: re-planned on costs measured in "
+                    f"{args.refine} passes: {after}"
+                )
+                if after == before:
+                    break
         out["placement"] = {
             "ours": {n: len(ep.placement.experts_on(n)) for n in ep.placement.nodes},
             "eplb": {n: len(eplb.placement.experts_on(n)) for n in eplb.placement.nodes},
@@ -485,6 +496,12 @@ def main() -> None:
         type=int,
         default=2,
         help="generate passes whose measured call costs the plan is made again on (0: none)",
+    )
+    parser.add_argument(
+        "--refine-rounds",
+        type=int,
+        default=3,
+        help="measure-and-re-plan rounds (stops early once a round keeps the plan)",
     )
     parser.add_argument(
         "--no-profile",
