@@ -253,6 +253,7 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
         stream=True,
         stream_options={"include_usage": True},
     )
+    headers = time.perf_counter()  # the response's headers are in (the stream is open)
     async for chunk in stream:
         now = time.perf_counter()
         if chunk.choices and chunk.choices[0].text:
@@ -267,6 +268,7 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
     ttft = (first or end) - t0
     tpot = (end - first) / (tokens - 1) if first is not None and tokens > 1 else 0.0
     return {
+        "headers_s": headers - t0,
         "ttft_s": ttft,
         "tpot_s": tpot,
         "tokens": tokens,
@@ -310,6 +312,9 @@ async def load(
         "tokens": sum(r["tokens"] for r in results),
         "wall_s": wall,
         "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "headers_p50_ms": pct([r["headers_s"] for r in results], 50) * 1e3,
+        "headers_p99_ms": pct([r["headers_s"] for r in results], 99) * 1e3,
+        "ttft_s": ttft,
         "ttft_p50_ms": pct(ttft, 50) * 1e3,
         "ttft_p99_ms": pct(ttft, 99) * 1e3,
         "tpot_p50_ms": pct(tpot, 50) * 1e3 if tpot else 0.0,
@@ -468,6 +473,26 @@ def engine_row(before: dict[str, float], after: dict[str, float], wall_s: float)
     }
 
 
+def _busy_ticks() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def settle(max_wait_s: float = 8.0, busy_below: float = 0.15) -> tuple[float, float]:
+    """Wait until the machine is idle (CPU busy < `busy_below` over 0.5 s), so a run does not
+    start while the previous server still works (a server that keeps spinning after its run
+    would slow the next one); (seconds waited, the last busy fraction)."""
+    t0 = time.monotonic()
+    while True:
+        b0, a0 = _busy_ticks()
+        time.sleep(0.5)
+        b1, a1 = _busy_ticks()
+        busy = (b1 - b0) / max(1, a1 - a0)
+        if busy < busy_below or time.monotonic() - t0 > max_wait_s:
+            return time.monotonic() - t0, busy
+
+
 def label(server: str, stream_interval: int) -> str:
     """A server's row name: `server` at stream interval 1, else `server stream k`."""
     return server if stream_interval == 1 else f"{server} stream {stream_interval}"
@@ -489,13 +514,19 @@ def measure(
     rows: list[dict[str, Any]] = []
     for n in args.clients:
         for name, url in servers.items():
-            console.print(f"N={n}: {name}...")
+            console.print(f"N={n}: {name}...", end=" ")
             ours = name.startswith("expertmesh")
+            waited, busy = settle()
             before = engine_stats(url) if ours else None
             r = asyncio.run(load(url, MODEL_NAME, n, args.requests_per_client, args.max_tokens))
             row = {"server": name, "clients": n, "load_average": os.getloadavg()[0], **r}
+            row["settle"] = {"waited_s": waited, "cpu_busy_at_start": busy}
             if before is not None:
                 row["engine"] = engine_row(before, engine_stats(url), r["wall_s"])
+            console.print(
+                f"{r['tokens_per_s']:.0f} tok/s (waited {waited:.1f} s for an idle machine, "
+                f"CPU {busy:.0%} busy at start)"
+            )
             rows.append(row)
     return rows
 
@@ -576,6 +607,8 @@ def report(
             None if at32 is None else at32["ratio_vs_one_at_a_time"] >= 3.0
         )
     console.print(f"goals: {goals}")
+    import expertmesh
+
     path = write_result(
         "bench_serving_quick" if args.quick else "bench_serving",
         {
@@ -587,6 +620,7 @@ def report(
                 "threads": args.threads,
                 "slots": SLOTS,
                 "stream_intervals": args.stream_interval,
+                "expertmesh_imported_from": str(Path(expertmesh.__file__).parent),
                 "vllm": "not run (--no-vllm)"
                 if not has_vllm
                 else "vllm serve, enforce_eager, prefix caching off, max_model_len 512",
