@@ -500,8 +500,9 @@ def main() -> None:
     parser.add_argument(
         "--refine-rounds",
         type=int,
-        default=3,
-        help="measure-and-re-plan rounds (stops early once a round keeps the plan)",
+        default=1,
+        help="measure-and-re-plan rounds (stops early once a round keeps the plan; 3 rounds "
+        "measured no better than 1 on two-racks, benchmarks/RESULTS.md)",
     )
     parser.add_argument(
         "--no-profile",
