@@ -56,6 +56,7 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, Timing, make_console, median_times, print_table, write_result
 
+from expertmesh.models import moe_kernel
 from expertmesh.models.adapters import adapter_for
 from expertmesh.models.checkpoint import load_model, read_config
 from expertmesh.models.config import KVMode, ModelConfig
@@ -583,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_sizes": list(batch_sizes),
                 "dtype": "float32",
                 "load_average_at_start": load_at_start,
+                "moe_kernel": moe_kernel.unavailable_reason() or "used (models/moe_kernel.py)",
                 "engines": list(engines),
                 "vllm": None
                 if not isinstance(peer, VLLMPeer)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import moe_kernel
 from .config import MoEConfig
 from .errors import ExpertNotLoaded
 from .layers import Linear, activation, int8_linear, skinny_mm
@@ -164,19 +165,42 @@ class ExpertBank(nn.Module):
             return self._int8_expert_outputs(xs, counts)
         gate_up, down = self._expert_views()
         xt = xs.t()  # (hidden, N*k), a view
-        i = self.intermediate
-        outs = []
+        small = moe_kernel.MAX_TOKENS_PER_EXPERT
+        use_kernel = (
+            self.act == "silu"
+            and min(n for n in counts if n) <= small
+            and moe_kernel.applies(xs, self.gate_up)
+        )
+        if use_kernel:  # every expert with <= `small` tokens in one call (decode)
+            used = [e for e, n in enumerate(counts) if n]
+            out = moe_kernel.expert_mlp(
+                xs,
+                [counts[e] for e in used],
+                [self.slot_of[e] for e in used],
+                self.gate_up.detach(),
+                self.down.detach(),
+            )
+        else:
+            out = xs.new_empty(xs.shape)
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            slot = self.slot_of[e]
-            h = skinny_mm(gate_up[slot], xt[:, start : start + n])  # (2I, n)
-            act = activation(self.act, h[:i]).mul_(h[i:])  # (I, n)
-            # A (I, n) operand laid out token-major multiplies ~2x faster than row-major.
-            outs.append(skinny_mm(down[slot], act.t().contiguous().t()))  # (hidden, n)
+            if n and not (use_kernel and n <= small):
+                slot = self.slot_of[e]
+                out[start : start + n] = self._expert_mlp(
+                    gate_up[slot], down[slot], xt, start, n
+                ).t()
             start += n
-        return torch.cat(outs, dim=1).t()
+        return out
+
+    def _expert_mlp(
+        self, gate_up: torch.Tensor, down: torch.Tensor, xt: torch.Tensor, start: int, n: int
+    ) -> torch.Tensor:
+        """One expert on token columns start..start+n of xt (hidden, N*k) -> (hidden, n)."""
+        i = self.intermediate
+        h = skinny_mm(gate_up, xt[:, start : start + n])  # (2I, n)
+        act = activation(self.act, h[:i]).mul_(h[i:])  # (I, n)
+        # A (I, n) operand laid out token-major multiplies ~2x faster than row-major.
+        return skinny_mm(down, act.t().contiguous().t())  # (hidden, n)
 
     def _int8_expert_outputs(self, xs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """`expert_outputs` for int8 weights, in the (tokens x features) layout int8_linear takes."""
