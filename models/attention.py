@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import latent_kernel
 from .config import AttentionConfig, RopeConfig
 from .layers import Linear, RMSNorm, linear
 
@@ -255,8 +256,18 @@ def _latent_decode(
     Every head reads the same latent keys, so the h heads are h query rows of one multi-query
     attention, and the key's two parts are multiplied separately: the cache is read once per
     step, not once per head, and never copied into a concatenated key (at 128k context that
-    copy and the per-head reads were most of a step; benchmarks/RESULTS.md)."""
+    copy and the per-head reads were most of a step; benchmarks/RESULTS.md).
+
+    On the CPU, where every row attends to all L keys, one compiled kernel does scores,
+    softmax and output in a single pass over the cache (models/latent_kernel.py); the eager
+    path below is five passes and MKL's skinny GEMMs (about 6 ms against 2.4 per layer at
+    128k keys here)."""
     B, h = q_lat.shape[0], q_lat.shape[1]
+    if ctx.mask is None and latent_kernel.applies(q_lat, c_all, kr_all):
+        out = latent_kernel.latent_decode(
+            q_lat.view(B, h, -1), q_rope.reshape(B, h, -1), c_all, kr_all, scale
+        )
+        return out.view(B, h, 1, -1)
     scores = torch.baddbmm(
         torch.bmm(q_lat.view(B, h, -1), c_all.transpose(1, 2)),
         q_rope.reshape(B, h, -1),
