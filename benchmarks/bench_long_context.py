@@ -243,6 +243,11 @@ def worker(args: argparse.Namespace) -> None:
     else:
         run = run_ours if args.worker == "ours" else run_transformers
         result = run(path, args.context, args.new_tokens)
+    if args.worker.startswith("ours"):
+        from expertmesh.models import latent_kernel
+
+        # the compiled one-pass latent decode (models/latent_kernel.py) or why it was not used
+        result["latent_kernel"] = latent_kernel.unavailable_reason() or "used"
     print("RESULT " + json.dumps(result))
 
 
