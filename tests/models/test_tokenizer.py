@@ -252,4 +252,4 @@ def test_incremental_detokenizer_equals_full_decode_for_any_text(
     # so the stream is compared with special tokens kept too.
     detok = IncrementalDetokenizer(module_tok, skip_special_tokens=False)
     streamed = "".join(detok.push(i) for i in ids) + detok.flush()
-    assert streamed == module_tok.decode(ids) == text
+    assert streamed == module_tok.decode(ids, skip_special_tokens=False) == text

@@ -1,0 +1,188 @@
+"""Our C++ CPU kernels (`moe_kernel.py`, `latent_kernel.py`): built ahead of time, loaded
+without a compiler at run time.
+
+A kernel is C++ source compiled by `torch.utils.cpp_extension.load_inline`. Compiling takes
+about a minute on two cores, and `load_inline` serialises concurrent builds with a lock file
+that a process killed mid-build leaves behind, after which every process that loads the
+kernel waits forever. Neither belongs on a request path or in an expert-shard actor that
+chaos tests and the supervisor kill. So:
+
+- `python -m expertmesh.models.native` (run by `make venv`) builds every kernel once into
+  `~/.cache/expertmesh/kernels/<name>-<hash>/` (`EXPERTMESH_KERNEL_DIR` overrides), the hash
+  covering the source, the flags and the torch version, so a changed kernel or torch never
+  loads a stale build;
+- at run time `load(spec)` imports that build if it is there and returns None otherwise (the
+  caller keeps its pure-torch path and says why once); it never compiles, unless
+  `EXPERTMESH_KERNEL_BUILD=1` asks it to (development: edit, run, rebuilt on first use).
+
+    spec = KernelSpec("expertmesh_moe_kernel", SOURCE, ("expert_mlp",), ("-O3", "-mavx2"))
+    module = native.load(spec)      # None: not built here (reason: native.why_not(spec))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    source: str
+    functions: tuple[str, ...]
+    cflags: tuple[str, ...] = ()
+    ldflags: tuple[str, ...] = ()
+    cpu_flags: tuple[str, ...] = field(default=("avx2", "fma"))
+    """/proc/cpuinfo flags the compiled code needs (it is built with -m<flag>)."""
+
+    @property
+    def digest(self) -> str:
+        import torch
+
+        h = hashlib.sha256()
+        for part in (self.source, *self.functions, *self.cflags, *self.ldflags, torch.__version__):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()[:12]
+
+    @property
+    def module_name(self) -> str:
+        return f"{self.name}_{self.digest}"
+
+
+SPECS: dict[str, KernelSpec] = {}
+"""Every kernel module registers its spec here on import (`register`)."""
+_loaded: dict[str, Any] = {}
+_why_not: dict[str, str] = {}
+
+
+def register(spec: KernelSpec) -> KernelSpec:
+    SPECS[spec.name] = spec
+    return spec
+
+
+def kernel_dir() -> Path:
+    root = os.environ.get("EXPERTMESH_KERNEL_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "expertmesh" / "kernels"
+
+
+def build_dir(spec: KernelSpec) -> Path:
+    return kernel_dir() / f"{spec.name}-{spec.digest}"
+
+
+def _cpu_missing(spec: KernelSpec) -> str | None:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "cannot read /proc/cpuinfo to check the CPU's instruction sets"
+    missing = [f for f in spec.cpu_flags if f not in flags]
+    return f"the CPU lacks {', '.join(missing)}" if missing else None
+
+
+def build(spec: KernelSpec) -> Any:
+    """Compile `spec` into its build directory (minutes; one process at a time) and import it."""
+    from torch.utils.cpp_extension import load_inline
+
+    directory = build_dir(spec)
+    directory.mkdir(parents=True, exist_ok=True)
+    module = load_inline(
+        name=spec.module_name,
+        cpp_sources=[spec.source],
+        functions=list(spec.functions),
+        extra_cflags=list(spec.cflags),
+        extra_ldflags=list(spec.ldflags),
+        build_directory=str(directory),
+        verbose=False,
+    )
+    _loaded[spec.name] = module
+    _why_not.pop(spec.name, None)
+    return module
+
+
+def _import_built(spec: KernelSpec) -> Any | None:
+    found = sorted(build_dir(spec).glob(f"{spec.module_name}*.so"))
+    if not found:
+        return None
+    import torch  # noqa: F401  (the extension links against torch's libraries, loaded first)
+
+    loader = importlib.util.spec_from_file_location(spec.module_name, found[0])
+    if loader is None or loader.loader is None:
+        return None
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    sys.modules[spec.module_name] = module
+    return module
+
+
+def load(spec: KernelSpec) -> Any | None:
+    """The built kernel, or None (then `why_not(spec)` says why; logged once)."""
+    if spec.name in _loaded:
+        return _loaded[spec.name]
+    if spec.name in _why_not:
+        return None
+    reason = None
+    if os.environ.get(f"{spec.name.upper()}", "1") == "0":
+        reason = f"{spec.name.upper()}=0"
+    else:
+        reason = _cpu_missing(spec)
+    module = None
+    if reason is None:
+        try:
+            module = _import_built(spec)
+            if module is None and os.environ.get("EXPERTMESH_KERNEL_BUILD") == "1":
+                module = build(spec)
+            if module is None:
+                reason = (
+                    f"not built in {build_dir(spec)}; run `python -m expertmesh.models.native` "
+                    "(`make venv` does)"
+                )
+        except Exception as exc:  # a broken build or a missing compiler: the torch path
+            reason = f"cannot load: {type(exc).__name__}: {str(exc)[:300]}"
+    if module is None:
+        _why_not[spec.name] = reason or "unknown"
+        log.warning("%s not used (%s); the pure-torch path runs", spec.name, reason)
+        return None
+    _loaded[spec.name] = module
+    return module
+
+
+def why_not(spec: KernelSpec) -> str | None:
+    load(spec)
+    return _why_not.get(spec.name)
+
+
+def main() -> int:
+    """Build every registered kernel; exit 0 even when one cannot be built (the pure-torch path
+    runs then), saying which and why."""
+    import importlib
+
+    # Run as `python -m`, this file is `__main__`; the kernels register with the package's module.
+    registry = importlib.import_module("expertmesh.models.native")
+    for module in ("moe_kernel", "latent_kernel"):
+        importlib.import_module(f"expertmesh.models.{module}")
+    for spec in registry.SPECS.values():
+        missing = registry._cpu_missing(spec)
+        if missing:
+            print(f"{spec.name}: not built ({missing})")
+            continue
+        try:
+            if registry._import_built(spec) is not None:
+                print(f"{spec.name}: already built in {registry.build_dir(spec)}")
+                continue
+            registry.build(spec)
+            print(f"{spec.name}: built in {registry.build_dir(spec)}")
+        except Exception as exc:
+            print(f"{spec.name}: not built ({type(exc).__name__}: {str(exc)[:300]})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
