@@ -24,8 +24,6 @@ differ from the torch path in the last bits (tests/models/test_latent_kernel.py 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from . import native
@@ -218,18 +216,9 @@ SPEC = native.register(
 )
 
 
-def _load() -> Any:
-    """The built extension, or None (`unavailable_reason` says why; never compiles here)."""
-    return native.load(SPEC)
-
-
-def available() -> bool:
-    return _load() is not None
-
-
-def unavailable_reason() -> str | None:
-    """Why the kernel is not used (None when it is)."""
-    return native.why_not(SPEC)
+available = SPEC.available
+unavailable_reason = SPEC.why_not
+"""Why the kernel is not used (None when it is)."""
 
 
 def applies(q_lat: torch.Tensor, c_all: torch.Tensor, kr_all: torch.Tensor) -> bool:
@@ -256,7 +245,7 @@ def latent_decode(
 ) -> torch.Tensor:
     """softmax(scale * (q_lat c^T + q_rope kr^T)) c for q_lat (B, h, r), q_rope (B, h, dr),
     c_all (B, L, r), kr_all (B, L, dr) -> (B, h, r). Every row attends to all L keys."""
-    module = _load()
+    module = SPEC.load()
     assert module is not None, "latent_decode called without the kernel; check applies() first"
     return module.latent_decode(
         q_lat.contiguous(), q_rope.contiguous(), c_all, kr_all, scale, BLOCK

@@ -20,7 +20,6 @@ path; `EXPERTMESH_MOE_KERNEL=0` turns the kernel off.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -184,18 +183,9 @@ SPEC = native.register(
 )
 
 
-def _load() -> Any:
-    """The built extension, or None (`unavailable_reason` says why; never compiles here)."""
-    return native.load(SPEC)
-
-
-def available() -> bool:
-    return _load() is not None
-
-
-def unavailable_reason() -> str | None:
-    """Why the kernel is not used (None when it is)."""
-    return native.why_not(SPEC)
+available = SPEC.available
+unavailable_reason = SPEC.why_not
+"""Why the kernel is not used (None when it is)."""
 
 
 def applies(xs: torch.Tensor, gate_up: torch.Tensor) -> bool:
@@ -225,7 +215,7 @@ def expert_mlp(
     expert; counts[i] rows for local slot slots[i]) -> (rows, hidden). SiLU only. The rows of
     experts with more than `max_tokens` tokens are left uninitialised: the caller computes
     those (MKL is faster there)."""
-    module = _load()
+    module = SPEC.load()
     assert module is not None, "expert_mlp called without the kernel; check applies() first"
     return module.expert_mlp(
         xs.contiguous(),

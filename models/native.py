@@ -57,6 +57,17 @@ class KernelSpec:
     def module_name(self) -> str:
         return f"{self.name}_{self.digest}"
 
+    def load(self) -> Any | None:
+        """The built extension, or None (never compiles unless asked; see `load`)."""
+        return load(self)
+
+    def available(self) -> bool:
+        return load(self) is not None
+
+    def why_not(self) -> str | None:
+        """Why the kernel is not used (None when it is)."""
+        return why_not(self)
+
 
 SPECS: dict[str, KernelSpec] = {}
 """Every kernel module registers its spec here on import (`register`)."""
