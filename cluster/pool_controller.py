@@ -551,15 +551,20 @@ class PoolController:
         }
 
     def shards_now(self) -> dict[str, Any]:
-        """node -> the serving shard's actor handle (fault injection, benchmarks)."""
-        return dict(self.shards.handles)
+        """node -> the serving shard's actor handle (fault injection, benchmarks); a drained
+        node's stopped shard is not one."""
+        return self._serving_handles()
 
     def events(self) -> list[FaultEvent]:
         return list(self._events.kept)
 
     def expert_bytes(self) -> dict[str, int]:
         """Bytes of expert weights each serving shard holds (from the shards themselves)."""
-        return shard_expert_bytes(self.config, self.shards.handles)
+        return shard_expert_bytes(self.config, self._serving_handles())
+
+    def _serving_handles(self) -> dict[str, Any]:
+        removed = self.supervisor.removed
+        return {n: h for n, h in self.shards.handles.items() if n not in removed}
 
     def down(self) -> int:
         """Stop every shard and standby and forget the pool's state; the shards stopped.
