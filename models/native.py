@@ -7,8 +7,9 @@ that a process killed mid-build leaves behind, after which every process that lo
 kernel waits forever. Neither belongs on a request path or in an expert-shard actor that
 chaos tests and the supervisor kill. So:
 
-- `python -m expertmesh.models.native` (run by `make venv`) builds every kernel once into
-  `~/.cache/expertmesh/kernels/<name>-<hash>/` (`EXPERTMESH_KERNEL_DIR` overrides), the hash
+- `python -m expertmesh.models.native` (run by `make venv`) builds every kernel (each
+  `models/*_kernel.py` registers one) once into `~/.cache/expertmesh/kernels/<name>-<hash>/`
+  (`EXPERTMESH_KERNEL_DIR` overrides), the hash
   covering the source, the flags and the torch version, so a changed kernel or torch never
   loads a stale build;
 - at run time `load(spec)` imports that build if it is there and returns None otherwise (the
@@ -139,11 +140,8 @@ def load(spec: KernelSpec) -> Any | None:
         return _loaded[spec.name]
     if spec.name in _why_not:
         return None
-    reason = None
-    if os.environ.get(f"{spec.name.upper()}", "1") == "0":
-        reason = f"{spec.name.upper()}=0"
-    else:
-        reason = _cpu_missing(spec)
+    switch = spec.name.upper()  # EXPERTMESH_MOE_KERNEL=0 turns expertmesh_moe_kernel off
+    reason = f"{switch}=0" if os.environ.get(switch, "1") == "0" else _cpu_missing(spec)
     module = None
     if reason is None:
         try:
@@ -174,11 +172,14 @@ def main() -> int:
     """Build every registered kernel; exit 0 even when one cannot be built (the pure-torch path
     runs then), saying which and why."""
     import importlib
+    import pkgutil
 
     # Run as `python -m`, this file is `__main__`; the kernels register with the package's module.
     registry = importlib.import_module("expertmesh.models.native")
-    for module in ("moe_kernel", "latent_kernel"):
-        importlib.import_module(f"expertmesh.models.{module}")
+    package = importlib.import_module("expertmesh.models")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.endswith("_kernel"):  # every `models/*_kernel.py` registers a spec
+            importlib.import_module(f"expertmesh.models.{info.name}")
     for spec in registry.SPECS.values():
         missing = registry._cpu_missing(spec)
         if missing:
