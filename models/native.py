@@ -9,9 +9,8 @@ chaos tests and the supervisor kill. So:
 
 - `python -m expertmesh.models.native` (run by `make venv`) builds every kernel (each
   `models/*_kernel.py` registers one) once into `~/.cache/expertmesh/kernels/<name>-<hash>/`
-  (`EXPERTMESH_KERNEL_DIR` overrides), the hash
-  covering the source, the flags and the torch version, so a changed kernel or torch never
-  loads a stale build;
+  (`EXPERTMESH_KERNEL_DIR` overrides), the hash covering the source, the flags and the torch
+  version, so a changed kernel or torch never loads a stale build;
 - at run time `load(spec)` imports that build if it is there and returns None otherwise (the
   caller keeps its pure-torch path and says why once); it never compiles, unless
   `EXPERTMESH_KERNEL_BUILD=1` asks it to (development: edit, run, rebuilt on first use).
