@@ -4,9 +4,18 @@ balancing, in one run.
     nice -n 19 .venv/bin/python benchmarks/bench_training.py            # JSON: benchmarks/results/bench_training.json
     nice -n 19 .venv/bin/python benchmarks/bench_training.py --quick    # a smoke run
     .venv/bin/python benchmarks/bench_training.py --phase speed         # one phase: bench_training_speed.json
+    .venv/bin/python benchmarks/bench_training.py --phase dpo           # the DPO job: bench_training_dpo.json
+    .venv/bin/python benchmarks/bench_training.py --phase distill       # the distillation job: bench_training_distill.json
 
-Each phase holds its own baseline (throughput: 1 worker; balance: no regulariser), so the two
-may run apart (`--phase`, about 4 and 8 minutes on an idle machine) on a shared machine.
+Each phase holds its own baseline (throughput: 1 worker; balance: no regulariser; DPO: the
+starting model; distillation: the same student trained on hard labels only), so they may run
+apart (`--phase`) on a shared machine. `all` runs speed and balance (about 4 and 8 minutes on
+an idle machine); dpo and distill run only when named.
+
+DPO and distillation run the jobs exactly as `expertmesh train dpo|distill --config
+examples/training/{dpo,distill}.yaml` do (the same configs, paths resolved against the
+repository, Ray storage and outputs in a temporary folder); `--steps N` shortens either to N
+optimiser steps (recorded in the JSON; the result name gets `_<N>steps`).
 
 Throughput: the demo model's shape (DeepSeek-V3-style, 6.2M parameters) pre-trained on the
 Shakespeare plays with the same global batch (16 x 256 tokens per step) by 1 worker with 2
@@ -29,11 +38,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO_ROOT, make_console, print_table, write_result
 
-from expertmesh.training.config import PretrainConfig, parse_config
+from expertmesh.training.config import DistillConfig, DPOConfig, PretrainConfig, parse_config
+from expertmesh.training.distill import run_distill
+from expertmesh.training.dpo import run_dpo
 from expertmesh.training.pretrain import run_pretrain
 from expertmesh.training.runner import read_train_log
 
@@ -79,17 +92,158 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     }
 
 
+EXAMPLES = REPO_ROOT / "examples" / "training"
+
+
+def example_job(kind: str, storage: Path, steps: int | None) -> dict[str, Any]:
+    """examples/training/<kind>.yaml as `expertmesh train <kind>` reads it, with its relative
+    paths resolved against the repository, Ray storage and output under `storage`, no progress
+    bar, and optionally `steps` optimiser steps (checkpoints and evaluations scaled with it)."""
+    data = yaml.safe_load((EXAMPLES / f"{kind}.yaml").read_text())
+
+    def repo(path: str) -> str:
+        return str(REPO_ROOT / path)
+
+    model = data["model"]
+    for key in ("checkpoint", "tokenizer"):
+        if key in model:
+            model[key] = repo(model[key])
+    for key in ("train", "val"):
+        if key in data["data"]:
+            data["data"][key] = repo(data["data"][key])
+    if "distill" in data:
+        data["distill"]["teacher"] = repo(data["distill"]["teacher"])
+    run = data["run"]
+    run.update({"storage_path": str(storage / "ray"), "progress_bar": False})
+    if steps is not None:
+        optim = data["optim"]
+        optim["max_steps"] = steps
+        optim["warmup_steps"] = min(optim.get("warmup_steps", 0), max(1, steps // 10))
+        run["checkpoint_every"] = min(run.get("checkpoint_every", steps), steps)
+        run["eval_every"] = min(run.get("eval_every", steps), steps)
+    data["output"]["dir"] = str(storage / kind)
+    return data
+
+
+def train_tail(log_path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Steps, median step time, tokens/s and the last tenth's mean of `keys` of one run's log."""
+    log = read_train_log(log_path)
+    tail = log[-max(1, len(log) // 10) :]
+    return {
+        "steps": len(log),
+        "median_step_s": statistics.median(r["step_s"] for r in log),
+        "tokens_per_s": log[-1]["tokens_per_s"],
+        **{f"train_{k}_last_tenth": statistics.mean(r[k] for r in tail) for k in keys},
+    }
+
+
+def run_dpo_phase(storage: Path, steps: int | None) -> dict[str, Any]:
+    cfg = parse_config(example_job("dpo", storage, steps), DPOConfig, "dpo")
+    t0 = time.perf_counter()
+    out = run_dpo(cfg)
+    wall = time.perf_counter() - t0
+    if out.after is None:
+        raise RuntimeError("dpo: the training run did not finish (no 'after' metrics)")
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "before": out.before,
+        "after": out.after,
+        "training": train_tail(out.training.log_path, ("loss", "reward_accuracy")),
+        "wall_s": wall,
+    }
+
+
+def run_distill_phase(storage: Path, steps: int | None) -> dict[str, Any]:
+    cfg = parse_config(example_job("distill", storage, steps), DistillConfig, "distill")
+    if not cfg.distill.baseline:
+        raise ValueError("distill: the bench needs distill.baseline (the hard-labels student)")
+    t0 = time.perf_counter()
+    out = run_distill(cfg)
+    wall = time.perf_counter() - t0
+    if out.student_val_perplexity is None or out.baseline is None:
+        raise RuntimeError("distill: a training run did not finish")
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "teacher_val_perplexity": out.teacher_val_perplexity,
+        "student_val_perplexity": out.student_val_perplexity,
+        "baseline_val_perplexity": out.baseline_val_perplexity,
+        "student_vs_baseline": out.student_val_perplexity / out.baseline_val_perplexity,
+        "student_training": train_tail(out.student.log_path, ("loss",)),
+        "baseline_training": train_tail(out.baseline.log_path, ("loss",)),
+        "wall_s": wall,
+    }
+
+
+def main_job_phase(phase: str, steps: int | None, console: Any) -> None:
+    """The DPO or distillation job with the example config, its table and JSON."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-training-{phase}-") as tmp:
+        console.print(f"[bold]{phase}[/]: examples/training/{phase}.yaml" + (
+            f", {steps} steps" if steps is not None else ""
+        ))  # fmt: skip
+        if phase == "dpo":
+            result = run_dpo_phase(Path(tmp), steps)
+        else:
+            result = run_distill_phase(Path(tmp), steps)
+    if phase == "dpo":
+        b, a = result["before"], result["after"]
+        print_table(
+            f"DPO, held-out pairs, {result['training']['steps']} steps (before = the start model)",
+            ["held-out metric", "before", "after"],
+            [
+                ["preference accuracy", b["val_preference_accuracy"], a["val_preference_accuracy"]],
+                ["DPO reward accuracy", b["val_reward_accuracy"], a["val_reward_accuracy"]],
+                ["DPO loss", b["val_dpo_loss"], a["val_dpo_loss"]],
+            ],
+            console,
+        )
+        baseline = {"before (the starting checkpoint, policy = reference)": b}
+    else:
+        print_table(
+            f"Distillation, {result['student_training']['steps']} steps, held-out perplexity",
+            ["model", "val perplexity", "vs hard labels only"],
+            [
+                ["teacher", result["teacher_val_perplexity"], "-"],
+                ["student, KL + hard labels", result["student_val_perplexity"],
+                 result["student_vs_baseline"]],
+                ["same student, hard labels only", result["baseline_val_perplexity"], 1.0],
+            ],
+            console,
+        )  # fmt: skip
+        baseline = {
+            "same student, same init and batches, hard labels only (kl_weight 0), same run": {
+                "val_perplexity": result["baseline_val_perplexity"]
+            }
+        }
+    suffix = f"_{steps}steps" if steps is not None else ""
+    path = write_result(
+        f"bench_training_{phase}{suffix}", {"phase": phase, "steps_override": steps, **result},
+        baseline=baseline,
+    )  # fmt: skip
+    console.print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per throughput set-up")
     parser.add_argument(
         "--phase",
-        choices=("all", "speed", "balance"),
+        choices=("all", "speed", "balance", "dpo", "distill"),
         default="all",
-        help="run one phase only (JSON: bench_training_<phase>.json)",
+        help="run one phase only (JSON: bench_training_<phase>.json); all = speed + balance",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="dpo/distill: optimiser steps instead of the example config's",
     )
     args = parser.parse_args()
+    if args.steps is not None and (args.steps < 1 or args.phase not in ("dpo", "distill")):
+        parser.error("--steps N (N >= 1) goes with --phase dpo or --phase distill")
+    if args.phase in ("dpo", "distill"):
+        main_job_phase(args.phase, args.steps, make_console())
+        return
     phases = ("speed", "balance") if args.phase == "all" else (args.phase,)
     speed_steps, balance_steps = (6, 12) if args.quick else (30, 160)
     console = make_console()
