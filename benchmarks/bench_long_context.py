@@ -22,6 +22,14 @@ machine has). Cache bytes: ours from the cache's tensors; the MHA-equivalent cac
 `full` mode: per-head K and V) from the shapes; transformers' own from its cache object
 (transformers 5.25 caches DeepSeek's latent too: the same size as ours).
 Results: benchmarks/results/bench_long_context.json.
+
+`--same-process` runs all of our contexts in one process instead (its peak RSS is then that of
+all of them together): each context prefilled (chunked, latent cache; beyond `--prefill-max`
+tiled as in `run_ours_tiled`; `--also-tiled` adds a tiled copy of each context prefilled for
+real beyond `--tile-prefill`), then the decode steps go round-robin, one step of every context
+per round, so a change in machine load hits every context alike and the ratio between
+contexts does not depend on when each process ran. Each of our rows records how many decode
+steps the compiled latent kernel ran (`latent_kernel_calls`, one per MLA layer and step).
 """
 
 from __future__ import annotations
@@ -159,6 +167,92 @@ def run_ours_tiled(path: Path, context: int, new_tokens: int, prefilled: int) ->
     }
 
 
+def _fill_with_copies(cache: Any, prefilled: int, context: int) -> None:
+    """Positions prefilled..context-1 of row 0 of every layer: copies of the first entries."""
+    for layer in cache.layers:
+        for store in (layer.first, layer.second):
+            done = prefilled
+            while done < context:
+                n = min(prefilled, context - done)
+                store.data[0, done : done + n] = store.data[0, :n]
+                done += n
+    cache.lengths[0] = context
+
+
+def run_ours_same_process(
+    path: Path, plan: list[tuple[int, int]], new_tokens: int
+) -> list[dict[str, Any]]:
+    """(context, tokens prefilled for real) pairs, each prefilled into its own latent cache
+    (the rest of a context filled with copies, as run_ours_tiled), then `new_tokens` greedy
+    decode steps round-robin: step i of every cache before step i + 1 of any."""
+    from expertmesh.models import latent_kernel
+    from expertmesh.models.checkpoint import load_model
+    from expertmesh.models.kv_cache import KVCache, kv_bytes_per_token
+
+    model = load_model(path)
+    calls = [0]
+    kernel = latent_kernel.latent_decode
+
+    def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return kernel(*args)
+
+    latent_kernel.latent_decode = counted  # attention dispatches through the module attribute
+    loaded = _rss_mib()
+    rows: list[dict[str, Any]] = []
+    states: list[tuple[Any, list[int]]] = []
+    with torch.inference_mode():
+        for context, prefilled in plan:
+            prompt = torch.tensor([_prompt(prefilled, model.config.vocab_size)])
+            cache = KVCache(model.config, "latent", 1, context + new_tokens)
+            t0 = time.perf_counter()
+            for start in range(0, prefilled, CHUNK):
+                logits = model(prompt[:, start : start + CHUNK], cache, None, "last")
+            prefill_s = time.perf_counter() - t0
+            if prefilled < context:
+                _fill_with_copies(cache, prefilled, context)
+            states.append((cache, [int(logits[0, -1].argmax())]))
+            rows.append(
+                {
+                    "context": context,
+                    "prefill_s": prefill_s if prefilled == context else None,
+                    "prefilled_tokens": prefilled if prefilled < context else None,
+                    "partial_prefill_s": prefill_s if prefilled < context else None,
+                    "steps_s": [],
+                    "steps_cpu_s": [],
+                    "latent_kernel_calls": 0,
+                    "cache_bytes": cache.nbytes,
+                    "mha_cache_bytes": kv_bytes_per_token(model.config, "full", 4)
+                    * (context + new_tokens),
+                }
+            )
+            print(f"prefilled {context} ({prefilled} for real) in {prefill_s:.1f} s", flush=True)
+        for _ in range(new_tokens - 1):
+            for row, (cache, tokens) in zip(rows, states):
+                before = calls[0]
+                t0, c0 = time.perf_counter(), time.process_time()
+                logits = model(torch.tensor([[tokens[-1]]]), cache, None, "last")
+                tokens.append(int(logits[0, -1].argmax()))
+                row["steps_s"].append(time.perf_counter() - t0)
+                row["steps_cpu_s"].append(time.process_time() - c0)
+                row["latent_kernel_calls"] += calls[0] - before
+    peak = _rss_mib()
+    for row, (_, tokens) in zip(rows, states):
+        row.update(
+            {
+                "per_token_s": statistics.median(row["steps_s"]),
+                "per_token_cpu_s": statistics.median(row["steps_cpu_s"]),
+                "decode_s": sum(row["steps_s"]),
+                "decode_steps": len(row["steps_s"]),
+                "tokens": tokens,
+                "rss_loaded_mib": loaded,
+                "peak_rss_mib": peak,
+                "peak_rss_scope": "the one process of every context",
+            }
+        )
+    return rows
+
+
 def run_ours(path: Path, context: int, new_tokens: int) -> dict[str, Any]:
     from expertmesh.models.checkpoint import load_model
     from expertmesh.models.generate import Generator, SamplingParams
@@ -238,17 +332,58 @@ def run_transformers(path: Path, context: int, new_tokens: int) -> dict[str, Any
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     path = Path(args.checkpoint)
+    if args.worker == "ours-same-process":
+        plan = [tuple(int(x) for x in item.split(":")) for item in args.plan.split(",")]
+        rows = run_ours_same_process(path, plan, args.new_tokens)  # type: ignore[arg-type]
+        from expertmesh.models import latent_kernel
+
+        for row in rows:
+            row["latent_kernel"] = latent_kernel.unavailable_reason() or "used"
+        print("RESULT " + json.dumps(rows))
+        return
+    from expertmesh.models import latent_kernel
+
+    calls = [0]
+    kernel = latent_kernel.latent_decode
+
+    def counted(*a: Any) -> Any:
+        calls[0] += 1
+        return kernel(*a)
+
+    latent_kernel.latent_decode = counted  # attention dispatches through the module attribute
     if args.worker == "ours-tiled":
         result = run_ours_tiled(path, args.context, args.new_tokens, args.tile_prefill)
     else:
         run = run_ours if args.worker == "ours" else run_transformers
         result = run(path, args.context, args.new_tokens)
     if args.worker.startswith("ours"):
-        from expertmesh.models import latent_kernel
-
-        # the compiled one-pass latent decode (models/latent_kernel.py) or why it was not used
+        # the compiled one-pass latent decode (models/latent_kernel.py) or why it was not used,
+        # and how many layer calls it served (decode steps x MLA layers when it always ran)
         result["latent_kernel"] = latent_kernel.unavailable_reason() or "used"
+        result["latent_kernel_calls"] = calls[0]
     print("RESULT " + json.dumps(result))
+
+
+def measure_same_process(
+    path: Path, plan: list[tuple[int, int]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """run_ours_same_process in a child process: one row per (context, prefilled) of `plan`."""
+    argv = [sys.executable, __file__, "--worker", "ours-same-process", "--checkpoint", str(path)]
+    argv += ["--plan", ",".join(f"{c}:{p}" for c, p in plan)]
+    argv += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+    base = [{"engine": "ours-same-process", "context": c} for c, _ in plan]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return [{**b, "error": f"did not finish in {args.timeout:.0f} s"} for b in base]
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return [{**b, "error": f"exit {proc.returncode}: {tail[0][:200]}"} for b in base]
+    found = json.loads(lines[-1].removeprefix("RESULT "))
+    return [{**b, "wall_s": wall, **r} for b, r in zip(base, found)]
 
 
 def measure(engine: str, path: Path, context: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -294,6 +429,17 @@ def main() -> None:
         help="tokens prefilled for real before the copies, beyond --prefill-max",
     )
     parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="all of our contexts in one process, decode steps round-robin (see above)",
+    )
+    parser.add_argument(
+        "--also-tiled",
+        action="store_true",
+        help="with --same-process: a tiled copy of every context prefilled for real beyond "
+        "--tile-prefill, to compare the two in the same process",
+    )
+    parser.add_argument(
         "--previous",
         type=Path,
         help="JSON lines of runs measured earlier with this script and config; those "
@@ -303,8 +449,11 @@ def main() -> None:
         "--result-name", default="bench_long_context", help="benchmarks/results/<name>.json"
     )
     parser.add_argument(
-        "--worker", choices=["ours", "ours-tiled", "transformers"], help=argparse.SUPPRESS
+        "--worker",
+        choices=["ours", "ours-tiled", "ours-same-process", "transformers"],
+        help=argparse.SUPPRESS,
     )
+    parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -322,53 +471,64 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "deepseek-v3-yarn-tiny"
         build_checkpoint(path)
+        if args.same_process:
+            plan = [(c, c if c <= args.prefill_max else args.tile_prefill) for c in contexts]
+            if args.also_tiled:
+                plan += [(c, args.tile_prefill) for c, p in list(plan) if p > args.tile_prefill]
+            for row in measure_same_process(path, plan, args):
+                print(json.dumps({k: v for k, v in row.items() if not k.startswith("steps")}))
+                rows.append(row)
         for context in contexts:
-            ours_engine = "ours" if context <= args.prefill_max else "ours-tiled"
-            engines = [ours_engine]
+            engines = [] if args.same_process else [
+                "ours" if context <= args.prefill_max else "ours-tiled"
+            ]  # fmt: skip
             engines += ["transformers"] if context <= args.transformers_max else []
             for engine in engines:
                 row = previous.get((engine, context)) or measure(engine, path, context, args)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    ours = {r["context"]: r for r in rows if r["engine"].startswith("ours") and "error" not in r}
+    ours = [r for r in rows if r["engine"].startswith("ours") and "error" not in r]
     ref = {r["context"]: r for r in rows if r["engine"] == "transformers" and "error" not in r}
-    first = min(ours) if ours else None
+    # the ratio's base: our shortest context (prefilled for real if it was both ways)
+    first = min(ours, key=lambda r: (r["context"], bool(r.get("prefilled_tokens"))), default=None)
     summary = []
-    for context in contexts:
-        o, t = ours.get(context), ref.get(context)
+    for o in ours:
+        context, t = o["context"], ref.get(o["context"])
+        assert first is not None
         summary.append(
             {
                 "context": context,
-                "ours_per_token_ms": o and o["per_token_s"] * 1e3,
-                "ours_per_token_cpu_ms": o and o["per_token_cpu_s"] * 1e3,
-                "ours_prefill_s": o and o["prefill_s"],
-                "ours_cache_filled_by": o
-                and ("copies" if o.get("prefilled_tokens") else "prefill"),
-                "ours_peak_rss_mib": o and o["peak_rss_mib"],
-                "ours_cache_mib": o and o["cache_bytes"] / 2**20,
-                "mha_cache_mib": o and o["mha_cache_bytes"] / 2**20,
-                "cache_vs_mha": o and o["cache_bytes"] / o["mha_cache_bytes"],
-                "per_token_vs_first_context": o
-                and first
-                and o["per_token_s"] / ours[first]["per_token_s"],
-                "cpu_per_token_vs_first_context": o
-                and first
-                and o["per_token_cpu_s"] / ours[first]["per_token_cpu_s"],
+                "ours_engine": o["engine"],
+                "ours_per_token_ms": o["per_token_s"] * 1e3,
+                "ours_per_token_cpu_ms": o["per_token_cpu_s"] * 1e3,
+                "ours_prefill_s": o["prefill_s"],
+                "ours_cache_filled_by": "copies" if o.get("prefilled_tokens") else "prefill",
+                "ours_latent_kernel_calls": o.get("latent_kernel_calls"),
+                "ours_decode_steps": o.get("decode_steps"),
+                "ours_peak_rss_mib": o["peak_rss_mib"],
+                "ours_cache_mib": o["cache_bytes"] / 2**20,
+                "mha_cache_mib": o["mha_cache_bytes"] / 2**20,
+                "cache_vs_mha": o["cache_bytes"] / o["mha_cache_bytes"],
+                "per_token_vs_first_context": o["per_token_s"] / first["per_token_s"],
+                "cpu_per_token_vs_first_context": o["per_token_cpu_s"] / first["per_token_cpu_s"],
                 "hf_per_token_ms": t and t["per_token_s"] * 1e3,
                 "hf_per_token_cpu_ms": t and t["per_token_cpu_s"] * 1e3,
                 "hf_prefill_s": t and t["prefill_s"],
                 "hf_peak_rss_mib": t and t["peak_rss_mib"],
                 "hf_cache_mib": t and t["cache_bytes"] / 2**20,
-                "per_token_speedup_vs_hf": o and t and t["per_token_s"] / o["per_token_s"],
-                "greedy_identical": o and t and o["tokens"] == t["tokens"],
+                "per_token_speedup_vs_hf": t and t["per_token_s"] / o["per_token_s"],
+                # tokens after a cache of copies are not those of the prompt: not compared
+                "greedy_identical": None
+                if t is None or o.get("prefilled_tokens")
+                else o["tokens"] == t["tokens"],
             }
         )
     print_table(
         "Long context: DeepSeek-V3-shaped (YaRN x40), latent cache, chunked prefill vs transformers",
-        ["context", "ours ms/tok", "CPU ms/tok", "x vs first (CPU)", "ours prefill s",
+        ["context", "cache by", "ours ms/tok", "CPU ms/tok", "x vs first (CPU)", "ours prefill s",
          "ours peak RSS MiB", "cache MiB", "vs MHA cache", "HF ms/tok", "HF CPU ms/tok",
          "HF prefill s", "HF peak RSS MiB", "HF cache MiB", "speed-up", "same greedy"],
-        [[s["context"], s["ours_per_token_ms"], s["ours_per_token_cpu_ms"],
+        [[s["context"], s["ours_cache_filled_by"], s["ours_per_token_ms"], s["ours_per_token_cpu_ms"],
           s["cpu_per_token_vs_first_context"], s["ours_prefill_s"], s["ours_peak_rss_mib"],
           s["ours_cache_mib"], s["cache_vs_mha"], s["hf_per_token_ms"],
           s["hf_per_token_cpu_ms"], s["hf_prefill_s"], s["hf_peak_rss_mib"], s["hf_cache_mib"],
@@ -382,6 +542,7 @@ def main() -> None:
             "prefill_chunk": CHUNK,
             "new_tokens": args.new_tokens,
             "threads": args.threads,
+            "same_process": args.same_process,
             "summary": summary,
             "runs": rows,
             "errors": errors,

@@ -65,6 +65,49 @@ def test_kernel_matches_float64_attention_on_strided_cache_views(length, r, dr):
     assert err <= max(4 * (eager32.double() - want).abs().max().item(), 2e-6), err
 
 
+@pytest.mark.parametrize("heads", [1, 2, 3, 5, 6, 8])  # the weighted sum runs 4 heads per pass
+@pytest.mark.parametrize(("r", "dr"), [(32, 16), (24, 8), (512, 64)])  # 512/64: DeepSeek's
+def test_kernel_matches_float64_attention_for_any_head_count(heads, r, dr):
+    gen = torch.Generator().manual_seed(heads * 1000 + r)
+    B, length = 1, 333  # not a multiple of the block nor of 8
+    c = torch.randn(B, length, r, generator=gen) * 2
+    kr = torch.randn(B, length, dr, generator=gen) * 2
+    ql = torch.randn(B, heads, r, generator=gen) / r**0.5
+    qr = torch.randn(B, heads, dr, generator=gen) / dr**0.5
+    with torch.no_grad():
+        got = latent_kernel.latent_decode(ql, qr, c, kr, 0.7)
+    want = _eager(ql.double(), qr.double(), c.double(), kr.double(), 0.7)
+    eager32 = _eager(ql, qr, c, kr, 0.7)
+    assert got.shape == (B, heads, r)
+    err = (got.double() - want).abs().max().item()
+    assert err <= max(4 * (eager32.double() - want).abs().max().item(), 2e-6), err
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_keys_split_across_threads_give_the_one_pass_result(threads):
+    """With more threads than rows a row's keys are split into parts (>= MIN_PART keys each)
+    and merged; the result must be that of one pass, to float32 rounding."""
+    gen = torch.Generator().manual_seed(threads)
+    length = 3 * latent_kernel.MIN_PART + 77  # three or four parts, the last one short
+    c = torch.randn(1, length, 32, generator=gen) * 2
+    kr = torch.randn(1, length, 16, generator=gen) * 2
+    ql = torch.randn(1, 4, 32, generator=gen) / 4
+    qr = torch.randn(1, 4, 16, generator=gen) / 4
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one = latent_kernel.latent_decode(ql, qr, c, kr, 0.5)
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            split = latent_kernel.latent_decode(ql, qr, c, kr, 0.5)
+    finally:
+        torch.set_num_threads(before)
+    want = _eager(ql.double(), qr.double(), c.double(), kr.double(), 0.5)
+    assert (split.double() - want).abs().max().item() < 1e-5
+    assert (split - one).abs().max().item() < 1e-5
+
+
 def test_kernel_does_not_apply_with_autograd_or_other_dtypes():
     c = torch.zeros(1, 8, 32)
     kr = torch.zeros(1, 8, 16)
