@@ -8,7 +8,10 @@ Servers, each on `models/synthetic.py`'s QWEN3_MOE_70M (Qwen3-MoE, 61M parameter
 tokenizer), fp32, greedy, 32 batch slots, `--threads` cores:
 
 - **expertmesh**: `build_app` on Ray Serve (continuous batching, 32 slots, no selector policy:
-  vLLM has none either);
+  vLLM has none either), reached through Ray Serve's direct ingress (`--ingress direct`, the
+  default: the replica serves HTTP itself, `serving.app.DIRECT_INGRESS_ENV`), plus one row
+  through Serve's proxy actor to the same replica (`expertmesh via Serve proxy`, stream
+  interval 1; `--ingress proxy` runs every row that way);
 - **vLLM** (the baseline): vLLM's OpenAI server (`vllm serve`'s) from .venv-vllm (`make venv-vllm`), a subprocess,
   eager mode, prefix caching off (the clients cycle through 8 prompts, a hit rate no real
   traffic has; ours has no prefix cache), its worker bound to the same cores;
@@ -362,6 +365,14 @@ def main() -> None:
         help="tokens per streamed chunk, each value run on ours (scheduler.stream_interval) "
         "and vLLM (--stream-interval) alike; 1 = every token (vLLM's default)",
     )
+    parser.add_argument(
+        "--ingress",
+        choices=["direct", "proxy"],
+        default="direct",
+        help="direct: Ray Serve's direct ingress (our replicas serve HTTP themselves; also one "
+        "row through Serve's proxy to the same replica, stream interval 1); proxy: only "
+        "through Serve's proxy actor (Serve's default)",
+    )
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM (no .venv-vllm)")
     parser.add_argument("--no-tracing", action="store_true", help="skip the tracing-cost rows")
     parser.add_argument(
@@ -379,7 +390,10 @@ def main() -> None:
     from ray import serve
 
     from expertmesh.models.synthetic import QWEN3_MOE_70M, save_random_checkpoint
-    from expertmesh.serving.app import build_app
+    from expertmesh.serving.app import DIRECT_INGRESS_ENV, build_app
+
+    if args.ingress == "direct":  # read by Serve's controller and replicas: before Ray starts
+        os.environ.update(DIRECT_INGRESS_ENV)
 
     torch.set_num_threads(args.threads)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -425,12 +439,17 @@ def main() -> None:
                     "stream_interval": args.stream_interval[0],
                 }
                 serve.run(build_app(traced), name="expertmesh-traced", route_prefix="/traced")
-            ours_url = f"http://127.0.0.1:{ours_port}"
+            proxy_url = f"http://127.0.0.1:{ours_port}"
+            apps = [f"s{k}" for k in args.stream_interval]
+            apps += [] if args.no_tracing else ["traced"]
+            ours_urls = {app: app_url(app, proxy_url, args.ingress) for app in apps}
             transformers_server(checkpoint, base_port)
             servers: dict[str, str] = {}
             procs: dict[str, subprocess.Popen[Any]] = {}
             for k in args.stream_interval:
-                servers[label("expertmesh", k)] = f"{ours_url}/s{k}"
+                servers[label("expertmesh", k)] = ours_urls[f"s{k}"]
+                if k == 1 and args.ingress == "direct":  # the same replica through the proxy
+                    servers[PROXY_ROW] = f"{proxy_url}/s{k}"
                 if k in vllm_procs:
                     port, proc = vllm_procs[k]
                     servers[label("vLLM serve", k)] = f"http://127.0.0.1:{port}"
@@ -439,13 +458,31 @@ def main() -> None:
             for name, url in servers.items():
                 wait_ready(url, proc=procs.get(name))
             rows = measure(servers, args, console)
-            overhead = [] if args.no_tracing else tracing_overhead(ours_url, args, console)
+            overhead = [] if args.no_tracing else tracing_overhead(ours_urls, args, console)
         finally:
             serve.shutdown()
             ray.shutdown()
             for _, proc in vllm_procs.values():
                 stop_process(proc)
     report(rows, overhead, args, params, console)
+
+
+PROXY_ROW = "expertmesh via Serve proxy"
+"""With --ingress direct: our stream-interval-1 replica reached through Serve's proxy actor
+(Serve's default path), in the same run: the before/after of direct ingress."""
+
+
+def app_url(key: str, proxy_url: str, ingress: str) -> str:
+    """Where the client reaches our Serve app `expertmesh-<key>` (route prefix /<key>): its
+    replica's own HTTP server under direct ingress, else Serve's proxy."""
+    from expertmesh.serving.app import ingress_urls
+
+    if ingress == "proxy":
+        return f"{proxy_url}/{key}"
+    urls = ingress_urls(f"expertmesh-{key}")
+    if not urls:
+        raise RuntimeError(f"direct ingress: no replica HTTP server for app expertmesh-{key}")
+    return urls[0]
 
 
 def engine_stats(url: str) -> dict[str, float]:
@@ -593,6 +630,8 @@ def report(
         texts[f"expertmesh_vs_transformers{suffix}"] = same_texts(
             rows, ours, "transformers one-at-a-time"
         )
+    if any(r["server"] == PROXY_ROW for r in rows):
+        texts["expertmesh_via_proxy_vs_direct"] = same_texts(rows, PROXY_ROW, "expertmesh")
     for name, t in texts.items():
         if t is not None:
             console.print(f"greedy text {name}: {t['identical']}/{t['prompts']} prompts identical")
@@ -621,6 +660,7 @@ def report(
                 "slots": SLOTS,
                 "stream_intervals": args.stream_interval,
                 "expertmesh_imported_from": str(Path(expertmesh.__file__).parent),
+                "ingress": args.ingress,
                 "vllm": "not run (--no-vllm)"
                 if not has_vllm
                 else "vllm serve, enforce_eager, prefix caching off, max_model_len 512",
@@ -647,15 +687,17 @@ def engine_cell(e: dict[str, Any] | None) -> str:
     )
 
 
-def tracing_overhead(url: str, args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
+def tracing_overhead(
+    urls: dict[str, str], args: argparse.Namespace, console: Any
+) -> list[dict[str, Any]]:
     """Throughput with every request traced (JSONL spans: HTTP, engine request and steps) vs
     tracing off, same engine settings, runs interleaved off/on/off/on."""
     rows = []
     for n in [c for c in args.clients if c > 1]:
         runs: dict[str, list[float]] = {"off": [], "on": []}
-        off_url = f"{url}/s{args.stream_interval[0]}"
+        off_url = urls[f"s{args.stream_interval[0]}"]
         for _ in range(2):
-            for mode, base in (("off", off_url), ("on", f"{url}/traced")):
+            for mode, base in (("off", off_url), ("on", urls["traced"])):
                 r = asyncio.run(
                     load(base, MODEL_NAME, n, args.requests_per_client, args.max_tokens)
                 )

@@ -182,6 +182,51 @@ class ApiServer:
         await self.engine.shutdown()
 
 
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+"""The environment that makes Ray Serve's ingress replicas serve HTTP themselves (Ray Serve's
+experimental direct ingress): set where Ray starts (`ray start`, `ray.init`, the RayService
+pods), since Serve's controller and replicas read it at import. Each API replica then runs its
+own HTTP server on a port Serve allocates (30000-31000 by default; `ingress_urls` names them)
+and the streamed tokens no longer cross the Serve proxy actor (one Ray object per batch of ASGI
+messages and a second process's event loop per chunk). Serve's proxy keeps serving every route
+on its usual port too."""
+
+
+def ingress_urls(app_name: str, timeout_s: float = 60.0) -> list[str]:
+    """The base URLs (route prefix included) of `app_name`'s replicas' own HTTP servers when
+    Serve runs with direct ingress (`DIRECT_INGRESS_ENV`); [] when it routes through its proxy
+    only. Waits up to `timeout_s` for a running replica. Reads the Serve controller's instance
+    details (the target groups the REST API's GET /api/serve/applications/ reports)."""
+    import time
+
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    if client is None:
+        raise RuntimeError("Ray Serve is not running in this Ray cluster")
+    controller = client._controller
+    deadline = time.monotonic() + timeout_s
+    while True:
+        details = ray.get(controller.get_serve_instance_details.remote())
+        host = (details.get("http_options") or {}).get("host") or "127.0.0.1"
+        urls = []
+        for group in details.get("target_groups") or []:
+            protocol = group.get("protocol")
+            if group.get("app_name") != app_name or getattr(protocol, "value", protocol) != "HTTP":
+                continue
+            prefix = (group.get("route_prefix") or "/").rstrip("/")
+            for target in group.get("targets") or []:
+                if "REPLICA" not in target.get("name", ""):  # the proxy, while none runs
+                    continue
+                # The replica binds Serve's http_options.host; on all interfaces, its node's IP.
+                address = target["ip"] if host in ("0.0.0.0", "::") else host
+                urls.append(f"http://{address}:{target['port']}{prefix}")
+        if urls or time.monotonic() > deadline:
+            return urls
+        time.sleep(0.5)
+
+
 def deployment_options(config: ServingConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": "expertmesh-api",
