@@ -8,9 +8,12 @@ Each step it
 2. admits waiting requests, oldest first, while a slot is free and the KV budget (tokens
    reserved = prompt + max_tokens of every running request) has room: a request is admitted
    only if it can finish, so a running request never runs out of KV memory;
-3. runs one prefill chunk (at most `prefill_chunk` prompt tokens, of the oldest requests still
-   prefilling, equal chunk lengths batched together), so a long prompt never stalls the
-   decoding requests for more than one chunk;
+3. runs one prefill chunk (at most `prefill_chunk` prompt tokens of each request still
+   prefilling), so a long prompt never stalls the decoding requests for more than one chunk.
+   Chunks of different lengths share one forward pass, the shorter ones padded at their end
+   (`_prefill_group`: causal attention keeps the padding out of every real token, the cache
+   lengths are set back past it, the router statistics count real tokens only); a chunk
+   shorter than half the longest waits for the next step rather than be padded;
 4. runs one decode step for every request past its prefill, all in one batch.
 
 The waiting queue is bounded: `submit` raises `Overloaded` when it is full (the server answers
@@ -42,6 +45,7 @@ from expertmesh.models.device import model_device
 from expertmesh.models.generate import RequestState, SamplingParams, StreamEvent, sample
 from expertmesh.models.kv_cache import KVCache
 from expertmesh.models.model import MoEModel
+from expertmesh.models.router_stats import RouterStats
 from expertmesh.models.tokenizer import Tokenizer
 
 from .engine import ContextTooLong, Overloaded
@@ -130,7 +134,9 @@ class SchedulerStats:
     expired: int = 0
     rejected: int = 0
     prefill_forwards: int = 0
-    """Prefill forward passes (one per group of equal chunk lengths)."""
+    """Prefill forward passes (one per step with prompts to prefill, see `_prefill_group`)."""
+    prefill_padding: int = 0
+    """Padding tokens that prefill passes ran (shorter chunks filled to the longest)."""
     decode_forwards: int = 0
     forward_s: float = 0.0
     """Wall time inside the model's forward passes (prefill and decode), engine thread."""
@@ -374,29 +380,69 @@ class ContinuousBatcher:
                     extra={"request_id": req.request_id, "prompt_tokens": len(req.prompt_ids)},
                 )
 
+    def _prefill_group(self, todo: list[_Request]) -> list[tuple[_Request, int]]:
+        """The prefilling requests of this step's one prefill pass and their chunk sizes: every
+        chunk longer than half the longest (shorter ones wait: less padding than real tokens
+        per row), whose padded end still fits its cache row."""
+        chunk = self.config.prefill_chunk
+        sizes = [min(chunk, len(r.prompt_ids) - r.prefilled) for r in todo]
+        width = max(sizes)
+        return [
+            (r, n)
+            for r, n in zip(todo, sizes)
+            if n == width or (2 * n > width and r.prefilled + width <= self.max_len)
+        ]
+
     def _prefill(self, stats: Any) -> bool:
         todo = [r for r in self._running if not r.decoding]
         if not todo:
             return False
-        chunk = self.config.prefill_chunk
-        first = todo[0]
-        n = min(chunk, len(first.prompt_ids) - first.prefilled)
-        group = [r for r in todo if min(chunk, len(r.prompt_ids) - r.prefilled) == n]
-        ids = torch.tensor([r.prompt_ids[r.prefilled : r.prefilled + n] for r in group])
-        rows = torch.tensor([r.slot for r in group])
+        group = self._prefill_group(todo)
+        width = max(n for _, n in group)
+        ids = torch.tensor(
+            [r.prompt_ids[r.prefilled : r.prefilled + n] + [0] * (width - n) for r, n in group]
+        )
+        rows = torch.tensor([r.slot for r, _ in group])
         t0 = time.perf_counter()
-        logits = self.model(ids, self.cache, rows, "last", stats)[:, -1]
+        if all(n == width for _, n in group):
+            logits = self.model(ids, self.cache, rows, "last", stats)[:, -1]
+        else:
+            logits = self._padded_forward(ids, rows, [n for _, n in group], stats)
         self.stats.forward_s += time.perf_counter() - t0
         self.stats.prefill_forwards += 1
-        self.stats.prefill_tokens += n * len(group)
+        self.stats.prefill_tokens += sum(n for _, n in group)
+        self.stats.prefill_padding += sum(width - n for _, n in group)
         done = []
-        for i, r in enumerate(group):
+        for i, (r, n) in enumerate(group):
             r.prefilled += n
             if r.decoding:
                 done.append((r, logits[i]))
         if done:
             self._emit([r for r, _ in done], torch.stack([lg for _, lg in done]))
         return True
+
+    def _padded_forward(
+        self, ids: torch.Tensor, rows: torch.Tensor, sizes: list[int], stats: Any
+    ) -> torch.Tensor:
+        """Logits (B, vocab) at each row's last real token of a prefill pass whose rows were
+        padded at their end to `ids`' width. Attention is causal, so no real token sees the
+        padding; the padding's keys and values are written past each row's real tokens and
+        the cache lengths are set back to the real ones (the next tokens overwrite them).
+        `stats` (router statistics) gets the real tokens' expert choices only."""
+        B, width = ids.shape
+        scratch = None if stats is None else RouterStats(self.model.config, keep_last=True)
+        h = self.model.hidden_states(ids, self.cache, rows, scratch)
+        last = torch.tensor(sizes) - 1
+        logits = self.model.lm_head(h[torch.arange(B), last])
+        self.cache.lengths[rows] -= width - (last + 1)
+        if stats is not None and scratch is not None:
+            real = (torch.arange(width)[None, :] <= last[:, None]).reshape(-1)
+            for layer, (choice, weights) in scratch.last.items():
+                if choice.shape[0] == real.numel():
+                    stats.record(layer, choice[real], weights[real])
+                else:  # not one row per token (B * width): count them as they came
+                    stats.record(layer, choice, weights)
+        return logits
 
     def _decode(self, stats: Any) -> list[str]:
         """One decode step; the request ids of the batch in row order (empty: nothing ran)."""

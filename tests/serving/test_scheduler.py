@@ -199,3 +199,63 @@ def test_engine_thread_serves_and_reports_a_stall(model, tokenizer):
     finally:
         batcher.step_hook = None
         batcher.stop()
+
+
+class _CountingObserver:
+    """Router statistics over a whole run (EngineMetrics resets them every step)."""
+
+    def __init__(self, config) -> None:
+        from expertmesh.models.router_stats import RouterStats
+
+        self.stats = RouterStats(config, keep_last=True)
+
+    def after_step(self, *_: object) -> None:
+        pass
+
+    def forget(self, _: str) -> None:
+        pass
+
+
+def test_prompts_of_different_lengths_prefill_in_one_padded_pass(model, tokenizer):
+    # 6, 8, 10 and 11 tokens: each longer than half the longest, so one pass pads them to 11
+    prompts = ["ROMEO:", "To be, or not to be", "JULIET: O Romeo, Romeo!", "KING LEAR: Blow, winds"]
+    ids = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+    params = SamplingParams(max_tokens=7, ignore_eos=True)
+    expected = [Generator(model, tokenizer).generate([p], [params])[0].text for p in prompts]
+    batcher = ContinuousBatcher(model, tokenizer, SchedulerConfig(num_slots=4))
+    batcher.observer = _CountingObserver(model.config)
+    out = Collector()
+    for i, x in enumerate(ids):
+        batcher.submit(f"r{i}", x, params, out.sink(f"r{i}"))
+    batcher.step()
+    width = max(len(x) for x in ids)
+    assert batcher.stats.prefill_forwards == 1
+    assert batcher.stats.prefill_padding == sum(width - len(x) for x in ids) > 0
+    slots = {r.request_id: r.slot for r in batcher._running}
+    for i, x in enumerate(ids):  # the real prompt and the first fed token, not the padding
+        assert int(batcher.cache.lengths[slots[f"r{i}"]]) == len(x) + 1
+    run_until_idle(batcher)
+    for i in range(len(prompts)):
+        assert out.text(f"r{i}") == expected[i]
+        assert out.last(f"r{i}").completion_tokens == params.max_tokens
+    fed = sum(len(x) + params.max_tokens - 1 for x in ids)  # the last token is never fed
+    top_k = model.config.moe.top_k
+    for layer in model.config.moe_layer_ids:  # the padding is not counted as routed tokens
+        assert int(batcher.observer.stats.tokens[layer].sum()) == fed * top_k
+
+
+def test_a_chunk_under_half_the_longest_waits_for_the_next_pass(model, tokenizer):
+    short, long = "A", "Now is the winter of our discontent"  # 2-3 tokens against 10
+    batcher = ContinuousBatcher(model, tokenizer, SchedulerConfig(num_slots=2))
+    out = Collector()
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for rid, p in (("short", short), ("long", long)):
+        batcher.submit(rid, tokenizer.encode(p, add_special_tokens=True), params, out.sink(rid))
+    batcher.step()
+    assert batcher.stats.prefill_forwards == 1 and batcher.stats.prefill_padding == 0
+    assert "long" in out.events and "short" not in out.events
+    batcher.step()
+    assert batcher.stats.prefill_forwards == 2 and "short" in out.events
+    run_until_idle(batcher)
+    expected = Generator(model, tokenizer).generate([short], [params])[0].text
+    assert out.text("short") == expected
