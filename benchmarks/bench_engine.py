@@ -5,6 +5,7 @@ per token for each cache mode.
     .venv/bin/python benchmarks/bench_engine.py            # ~5 min on 2 idle cores
     .venv/bin/python benchmarks/bench_engine.py --quick    # 1 timed call, batch 1 and 8
     .venv/bin/python benchmarks/bench_engine.py --no-vllm  # without .venv-vllm
+    .venv/bin/python benchmarks/bench_engine.py --ab       # ours before/after the decode kernels
 
 vLLM runs from its own venv (`make venv-vllm`): `benchmarks/vllm_peer.py` under
 `.venv-vllm/bin/python`, a subprocess this script drives over stdin/stdout (JSON lines), so
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -45,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -56,7 +58,7 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, Timing, make_console, median_times, print_table, write_result
 
-from expertmesh.models import moe_kernel
+from expertmesh.models import decode_kernel, moe, moe_kernel
 from expertmesh.models.adapters import adapter_for
 from expertmesh.models.checkpoint import load_model, read_config
 from expertmesh.models.config import KVMode, ModelConfig
@@ -513,6 +515,65 @@ def load_engines(
     return engines
 
 
+@contextlib.contextmanager
+def before_decode_kernels() -> Iterator[None]:
+    """Our engine as it was before models/decode_kernel.py (eager attention, RMSNorm and
+    few-row GEMMs) and before prefill experts ran in the (tokens x features) layout."""
+    available, rows = decode_kernel.available, moe.SKINNY_ROWS
+    decode_kernel.available = lambda: False  # type: ignore[assignment]
+    moe.SKINNY_ROWS = 1 << 62  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        decode_kernel.available = available  # type: ignore[assignment]
+        moe.SKINNY_ROWS = rows  # type: ignore[misc]
+
+
+def kernel_ab(checkpoint: Path, repeats: int, seed: int, console: Console) -> list[dict[str, Any]]:
+    """Our engine before and after the decode kernels, alternating call by call in one process
+    (`--ab`); rows for the JSON."""
+    ours = OursEngine(checkpoint)
+    rows = []
+    for batch in BATCH_SIZES:
+        prompts = random_prompts(batch, QWEN3_MOE_70M["vocab_size"], seed)
+        splits: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+
+        def call(
+            name: str,
+            prompts: Tokens = prompts,
+            splits: dict[str, list[dict[str, float]]] = splits,
+        ) -> Tokens:
+            with before_decode_kernels() if name == "before" else contextlib.nullcontext():
+                out = ours.runner(prompts)()
+            splits[name].append(ours.last_split_s() or {})
+            return out
+
+        timings = median_times(
+            {name: functools.partial(call, name) for name in ("before", "after")},
+            repeats,
+            warmup=1,
+        )
+        row: dict[str, Any] = {"batch_size": batch}
+        for name, timing in timings.items():
+            timed = splits[name][1:]  # the warm-up call first
+            row[name] = {
+                "median_s": timing.median_s,
+                "times_s": list(timing.times_s),
+                "tokens_per_s": batch * NEW_TOKENS / timing.median_s,
+                "prefill_s": [s["prefill_s"] for s in timed],
+                "decode_ms_per_step": [1e3 * s["decode_s"] / (NEW_TOKENS - 1) for s in timed],
+            }
+        row["speedup"] = timings["before"].median_s / timings["after"].median_s
+        row["tokens_identical"] = timings["before"].result == timings["after"].result
+        rows.append(row)
+        console.print(
+            f"batch {batch}: before {row['before']['tokens_per_s']:,.1f} tok/s, after "
+            f"{row['after']['tokens_per_s']:,.1f} ({row['speedup']:.2f}x); tokens identical: "
+            f"{row['tokens_identical']}; load {os.getloadavg()[0]:.1f}"
+        )
+    return rows
+
+
 def open_log(name: str) -> IO[str]:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     return (LOG_DIR / name).open("w")
@@ -532,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
         default="threads",
         help="VLLM_CPU_OMP_THREADS_BIND for vLLM: 'threads' (cores 0..threads-1, the default), "
         "'auto' (vLLM's own default) or a core list",
+    )
+    parser.add_argument(
+        "--ab",
+        action="store_true",
+        help="only our engine, before/after the decode kernels alternately in one process",
     )
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
@@ -557,6 +623,16 @@ def main(argv: list[str] | None = None) -> int:
             f"prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens; median of {repeats} after 1 warm-up"
         )
         model_config = read_config(checkpoint)
+        if args.ab:
+            ab = kernel_ab(checkpoint, repeats, args.seed, console)
+            path = write_result(
+                "bench_engine_ab",
+                {"settings": {"threads": args.threads, "repeats": repeats}, "rows": ab},
+                baseline="our engine without models/decode_kernel.py and with the transposed "
+                "prefill expert layout (before 2026-12-07's change), alternating in this process",
+            )
+            console.print(f"wrote {path}")
+            return 0
         engines = load_engines(checkpoint, args, log, console)
         try:
             results = measure(
@@ -585,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
                 "dtype": "float32",
                 "load_average_at_start": load_at_start,
                 "moe_kernel": moe_kernel.unavailable_reason() or "used (models/moe_kernel.py)",
+                "decode_kernel": decode_kernel.unavailable_reason()
+                or "used (models/decode_kernel.py)",
                 "engines": list(engines),
                 "vllm": None
                 if not isinstance(peer, VLLMPeer)

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import latent_kernel
+from . import decode_kernel, latent_kernel
 from .config import AttentionConfig, RopeConfig
+from .kv_cache import TensorStore
 from .layers import Linear, RMSNorm, linear
 
 if TYPE_CHECKING:
@@ -187,8 +188,13 @@ class Attention(nn.Module):
         if fused is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
+            qkv = linear(x, *fused)
+            if self._kernel_runs(qkv, ctx, layer):
+                if T == 1:
+                    return self.o_proj(self._kernel_decode(qkv, ctx, layer).view(B, 1, -1))
+                return self._kernel_prefill(qkv, ctx, layer)
             hq, hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            q, k, v = linear(x, *fused).split([hq, hkv, hkv], dim=-1)
+            q, k, v = qkv.split([hq, hkv, hkv], dim=-1)
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]
         if cfg.clip_qkv is not None:
@@ -207,6 +213,78 @@ class Attention(nn.Module):
             return self.o_proj(out)
         out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx, cfg.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _kernel_runs(self, qkv: torch.Tensor, ctx: StepContext, layer: int) -> bool:
+        """Whether this pass's q/k norms, rotary and cache write (and, decoding, attention)
+        run compiled (models/decode_kernel.py): a plain fp32 heads-major cache, per-head or
+        no q/k norm, no clipping; decoding, no sliding window that cuts keys off."""
+        cfg = self.cfg
+        if ctx.cache is None or cfg.qk_norm == "full" or cfg.clip_qkv is not None:
+            return False
+        decoding = qkv.shape[1] == 1
+        if decoding and cfg.sliding_window is not None and ctx.key_len > cfg.sliding_window:
+            return False
+        kv = ctx.cache.layers[layer]
+        first, second = kv.first, kv.second
+        return (
+            type(first) is TensorStore
+            and type(second) is TensorStore
+            and first.heads_major
+            and second.data.dtype == first.data.dtype
+            and decode_kernel.applies(qkv, first.data, cfg.head_dim)
+        )
+
+    def _kernel_prefill(self, qkv: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
+        """T > 1 new tokens a row: q/k norm, rotary and the cache write in one compiled call,
+        then SDPA over the cache's heads-major views -> the block's output (B, T, hidden)."""
+        cfg = self.cfg
+        assert ctx.cache is not None
+        B, T, _ = qkv.shape
+        kv = ctx.cache.layers[layer]
+        q_norm, k_norm = self.q_norm, self.k_norm
+        q = decode_kernel.gqa_prefill_prep(
+            qkv.reshape(B * T, -1),
+            None if q_norm is None else q_norm.weight,
+            None if k_norm is None else k_norm.weight,
+            q_norm.eps if q_norm is not None else 0.0,
+            ctx.cos.reshape(B * T, -1),
+            ctx.sin.reshape(B * T, -1),
+            kv.first.data,
+            kv.second.data,
+            ctx.rows,
+            ctx.write_pos,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            self.rotary.interleaved,
+        ).view(B, T, cfg.num_heads, cfg.head_dim)
+        rows, n, length = ctx.read_rows(), B, ctx.key_len
+        k = kv.first.read_heads(rows, n, length, q.dtype)  # (B, Hkv, L, D)
+        v = kv.second.read_heads(rows, n, length, q.dtype)
+        out = sdpa(q.transpose(1, 2), k, v, ctx, cfg.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _kernel_decode(self, qkv: torch.Tensor, ctx: StepContext, layer: int) -> torch.Tensor:
+        """q/k norm, rotary, cache write and attention of one decode step -> (B, H * D)."""
+        cfg = self.cfg
+        assert ctx.cache is not None
+        kv = ctx.cache.layers[layer]
+        q_norm, k_norm = self.q_norm, self.k_norm
+        return decode_kernel.gqa_decode(
+            qkv.reshape(qkv.shape[0], -1),
+            None if q_norm is None else q_norm.weight,
+            None if k_norm is None else k_norm.weight,
+            q_norm.eps if q_norm is not None else 0.0,
+            ctx.cos[:, 0],
+            ctx.sin[:, 0],
+            kv.first.data,
+            kv.second.data,
+            ctx.rows,
+            ctx.write_pos[:, 0],
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim**-0.5,
+            self.rotary.interleaved,
+        )
 
 
 def decode_attention(

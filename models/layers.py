@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decode_kernel
+
 SKINNY_ROWS = 128
 """At or below this many input rows, `linear` computes (W @ x^T)^T instead of x @ W^T.
 
@@ -34,6 +36,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if rows == 0 or rows > SKINNY_ROWS or x.device.type != "cpu":
         return F.linear(x, weight, bias)
+    if (
+        rows <= decode_kernel.FEW_ROWS
+        and (rows >= 8 or weight.shape[0] <= 2048)
+        and decode_kernel.linear_applies(x, weight)
+    ):
+        out = decode_kernel.few_rows_linear(x.reshape(rows, x.shape[-1]), weight)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     out = skinny_mm(weight, x.reshape(rows, x.shape[-1]).t()).t()
     if bias is not None:
         out = out + bias
@@ -73,5 +84,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if decode_kernel.rms_norm_applies(x, self.weight):  # fp32 inference: one pass a row
+            return decode_kernel.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32, scale in the input dtype (as the reference implementations do).
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)

@@ -17,7 +17,7 @@ from torch import nn
 from . import moe_kernel
 from .config import MoEConfig
 from .errors import ExpertNotLoaded
-from .layers import Linear, activation, int8_linear, skinny_mm
+from .layers import SKINNY_ROWS, Linear, activation, int8_linear, skinny_mm
 
 if TYPE_CHECKING:
     from .router_stats import RouterStats
@@ -179,6 +179,7 @@ class ExpertBank(nn.Module):
                 [self.slot_of[e] for e in used],
                 self.gate_up.detach(),
                 self.down.detach(),
+                max_tokens=small,
             )
         else:
             out = xs.new_empty(xs.shape)
@@ -186,9 +187,12 @@ class ExpertBank(nn.Module):
         for e, n in enumerate(counts):
             if n and not (use_kernel and n <= small):
                 slot = self.slot_of[e]
-                out[start : start + n] = self._expert_mlp(
-                    gate_up[slot], down[slot], xt, start, n
-                ).t()
+                if n > SKINNY_ROWS:  # prefill: x @ W^T is as fast, and writes rows in place
+                    self._expert_mlp_rows(gate_up[slot], down[slot], xs, start, n, out)
+                else:
+                    out[start : start + n] = self._expert_mlp(
+                        gate_up[slot], down[slot], xt, start, n
+                    ).t()
             start += n
         return out
 
@@ -201,6 +205,26 @@ class ExpertBank(nn.Module):
         act = activation(self.act, h[:i]).mul_(h[i:])  # (I, n)
         # A (I, n) operand laid out token-major multiplies ~2x faster than row-major.
         return skinny_mm(down, act.t().contiguous().t())  # (hidden, n)
+
+    def _expert_mlp_rows(
+        self,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        xs: torch.Tensor,
+        start: int,
+        n: int,
+        out: torch.Tensor,
+    ) -> None:
+        """One expert on token rows start..start+n of xs, written to the same rows of `out`:
+        for hundreds of rows the (tokens x features) GEMMs run as fast as the transposed ones
+        and need no transposing copy of the activation or the result (prefill)."""
+        i = self.intermediate
+        h = torch.mm(xs[start : start + n], gate_up.t())  # (n, 2I)
+        act = activation(self.act, h[:, :i]).mul_(h[:, i:])  # (n, I)
+        if out.requires_grad or act.requires_grad:
+            out[start : start + n] = torch.mm(act, down.t())
+        else:
+            torch.mm(act, down.t(), out=out[start : start + n])
 
     def _int8_expert_outputs(self, xs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """`expert_outputs` for int8 weights, in the (tokens x features) layout int8_linear takes."""

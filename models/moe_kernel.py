@@ -23,7 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
-from . import native
+# decode_kernel registers its spec on import: `python -m expertmesh.models.native` imports this
+# module, so it builds that kernel too.
+from . import decode_kernel, native  # noqa: F401
 
 MAX_TOKENS_PER_EXPERT = 8
 """The kernel computes the experts with at most this many tokens; ExpertBank runs the others
