@@ -72,10 +72,10 @@ class Router(nn.Module):
             ids = torch.topk(choice, cfg.top_k, dim=-1)[1]
             weights = scores.gather(1, ids)
         if cfg.norm_topk_prob:
-            weights = weights / (
-                weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.scoring == "sigmoid" else 0)
-            )
-        weights = weights * cfg.routed_scaling_factor
+            total = weights.sum(dim=-1, keepdim=True)
+            weights = weights / (total + 1e-20 if cfg.scoring == "sigmoid" else total)
+        if cfg.routed_scaling_factor != 1.0:  # (x * 1.0 is x: one op a layer saved)
+            weights = weights * cfg.routed_scaling_factor
         return ids, weights.to(x.dtype), logits
 
     def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
