@@ -3,9 +3,10 @@
 `up` starts the embedded Ray cluster (one Ray node per topology node with `--topology`, else
 one node), deploys the API (`serving.app.build_app`) on Ray Serve, waits until it answers,
 prints the URL and an example `curl`, and serves until Ctrl-C or `expertmesh down`.
-`--detach` runs that in the background and returns once the API is up; the state file
-(`~/.expertmesh/up.json`, or `$EXPERTMESH_HOME/up.json`) records its pid and URL for
-`status`, `down`, `sql` and `mcp token`.
+`--direct-ingress` turns on Ray Serve's direct ingress (the replica's own HTTP port, printed,
+beside the proxy's). `--detach` runs that in the background and returns once the API is up;
+the state file (`~/.expertmesh/up.json`, or `$EXPERTMESH_HOME/up.json`) records its pid and
+URLs for `status`, `down`, `sql` and `mcp token`.
 
 MCP is served on `/mcp` beside the API unless `--no-mcp` (or the config has no policy): the
 built-in token issuer's key is `$EXPERTMESH_HOME/mcp-issuer.pem` (`expertmesh mcp token`
@@ -59,6 +60,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="serve on the rig `expertmesh rig up` brought up (the API on the head node's "
         "address, experts on the rig's nodes, planned on its measured topology; docs/rig.md)",
+    )
+    up.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="Ray Serve's direct ingress (experimental in Ray Serve): the API replica serves "
+        "HTTP itself on a port Serve picks (printed; the proxy's port keeps working), so "
+        "streamed tokens skip the proxy actor (docs/serving.md)",
     )
     up.add_argument("--no-mcp", action="store_true", help="do not serve MCP on /mcp")
     up.add_argument(
@@ -127,6 +135,14 @@ def mcp_issuer(mcp: Any) -> str:
 
 def run_up(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    if getattr(args, "direct_ingress", False) and getattr(args, "rig", False):
+        from expertmesh.serving.app import DIRECT_INGRESS_ENV
+
+        console.print(
+            "--direct-ingress: not with --rig (the rig's Ray nodes started without "
+            f"{', '.join(DIRECT_INGRESS_ENV)}=1 in their environment)"
+        )
+        return 2
     config = serving_config(args)  # bad config: fail before starting anything
     _check_config(config)
     if args.topology is not None:
@@ -197,6 +213,11 @@ def _serve_foreground(args: argparse.Namespace, platform: Any, console: Console)
 
     cluster = None
     rig = contextlib.ExitStack()
+    direct = getattr(args, "direct_ingress", False)
+    if direct:
+        from expertmesh.serving.app import DIRECT_INGRESS_ENV
+
+        os.environ.update(DIRECT_INGRESS_ENV)  # read by Serve's controller and replicas
     if getattr(args, "rig", False):
         from .cmd_rig import enter_rig_for_serving
 
@@ -222,6 +243,13 @@ def _serve_foreground(args: argparse.Namespace, platform: Any, console: Console)
 
             app = pin_to_attention_node(app)
         serve.run(app, name="expertmesh", route_prefix=config.route_prefix)
+        direct_urls: list[str] = []
+        if direct:
+            from expertmesh.serving.app import ingress_urls
+
+            direct_urls = ingress_urls("expertmesh")
+            if not direct_urls:
+                raise RuntimeError("--direct-ingress: Ray Serve reported no replica HTTP port")
         mcp = platform.agents.mcp
         _write_state(
             {
@@ -233,9 +261,16 @@ def _serve_foreground(args: argparse.Namespace, platform: Any, console: Console)
                 "mcp_issuer": mcp_issuer(mcp) if mcp and not mcp.jwks_url else None,
                 "mcp_key_file": mcp.key_file if mcp and not mcp.jwks_url else None,
                 "ray_address": ray.get_runtime_context().gcs_address,
+                "direct_urls": direct_urls,
             }
         )
         console.print(f"[bold]expertmesh is up[/bold]: {url}/v1  (model {config.model_name!r})")
+        if direct_urls:
+            console.print(
+                "direct ingress (no proxy hop): "
+                + ", ".join(f"{u}/v1" for u in direct_urls)
+                + "  (one URL a replica; a load balancer spreads clients over them)"
+            )
         if mcp is not None:
             console.print(
                 f"MCP: {mcp.resource_url}  (token: expertmesh mcp token --agent NAME "
@@ -251,7 +286,11 @@ def _serve_foreground(args: argparse.Namespace, platform: Any, console: Console)
         if args.request is not None:
             print(
                 _one_request(
-                    url, config.model_name, args.request, args.max_tokens, _dev_key(config)
+                    direct_urls[0] if direct_urls else url,
+                    config.model_name,
+                    args.request,
+                    args.max_tokens,
+                    _dev_key(config),
                 )
             )
             if args.exit_after_request:
@@ -326,6 +365,8 @@ def run_status(args: argparse.Namespace) -> int:
         console.print(f"expertmesh (pid {state['pid']}) does not answer at {state['url']}: {e}")
         return 1
     console.print(f"expertmesh is up at {state['url']}/v1 (pid {state['pid']})")
+    if state.get("direct_urls"):
+        console.print(f"direct ingress: {', '.join(u + '/v1' for u in state['direct_urls'])}")
     console.print(f"models: {', '.join(m['id'] for m in models['data'])}")
     if state.get("mcp"):
         console.print(f"MCP: {state['mcp']}")

@@ -266,6 +266,34 @@ def test_up_on_the_mixed_topology_serves_one_request_and_exits(tmp_path):
     assert not (tmp_path / "up.json").exists()
 
 
+def test_up_with_direct_ingress_answers_on_the_replicas_own_port(tmp_path):
+    """`--direct-ingress`: the replica's own HTTP port is printed and `--request` goes there
+    (a URL that did not answer would fail the request and the command)."""
+    env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
+    for _ in range(3):  # retry on a port another process took first
+        proxy_port = free_port()
+        r = cli(
+            "up",
+            "--direct-ingress",
+            "--port",
+            str(proxy_port),
+            "--request",
+            "ROMEO:",
+            "--max-tokens",
+            "8",
+            "--exit-after-request",
+            env=env,
+        )
+        if r.returncode == 0 or "Failed to bind" not in r.stderr:
+            break
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    found = re.search(r"direct ingress \(no proxy hop\): http://127\.0\.0\.1:(\d+)/v1", r.stderr)
+    assert found and int(found.group(1)) != proxy_port, r.stderr[-2000:]
+    assert r.stdout.startswith("ROMEO:")
+    rig = cli("up", "--rig", "--direct-ingress", env=env, timeout=120)
+    assert rig.returncode == 2 and "--direct-ingress: not with --rig" in rig.stderr
+
+
 def test_logs_show_one_requests_path_across_processes(platform):
     url, env = platform
     r = httpx.post(
