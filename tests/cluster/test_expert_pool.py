@@ -272,6 +272,7 @@ def test_a_rebalance_and_a_drain_reach_every_replica_between_steps(pool, expecte
     assert drained < 30
     assert after["version"] > status["version"]
     assert "cpu-fast" not in after["nodes"]
+
     # what each replica's /health and out-of-service gauge read (the controller's view): a
     # replica whose requests ended before the drain's version takes it on its poll thread
     def took_the_drain() -> bool:
