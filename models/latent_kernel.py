@@ -40,26 +40,10 @@ MIN_PART = 4096
 """With more torch threads than rows, a row's keys are split into parts of at least this many
 keys, one thread each (a part must outweigh the cost of a task and of merging)."""
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <cmath>
-#include <limits>
-#include <vector>
-
+_SOURCE = (
+    native.CPP_PRELUDE
+    + r"""
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  __m128 s = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, s);
-  s = _mm_add_ss(s, sh);
-  return _mm_cvtss_f32(s);
-}
 
 inline float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -336,6 +320,7 @@ torch::Tensor latent_decode(torch::Tensor q_lat, torch::Tensor q_rope, torch::Te
   return out;
 }
 """
+)
 
 SPEC = native.register(
     native.KernelSpec(

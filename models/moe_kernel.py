@@ -23,97 +23,17 @@ from collections.abc import Sequence
 
 import torch
 
-# decode_kernel registers its spec on import: `python -m expertmesh.models.native` imports this
-# module, so it builds that kernel too.
-from . import decode_kernel, native  # noqa: F401
+from . import native
 
 MAX_TOKENS_PER_EXPERT = 8
 """The kernel computes the experts with at most this many tokens; ExpertBank runs the others
 as MKL GEMMs, faster from about 8 columns up (prefill)."""
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <cmath>
-#include <vector>
-
+_SOURCE = (
+    native.CPP_PRELUDE
+    + native.CPP_DOT_BLOCKS
+    + r"""
 namespace {
-
-// Software prefetch of the weight rows this many rows ahead: 14 -> 18 GB/s at 4 tokens,
-// 2 threads (no prefetch / 2 / 4 / 8 rows ahead measured; 4 and 8 equal).
-constexpr int64_t PREFETCH = 4;
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  __m128 s = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, s);
-  s = _mm_add_ss(s, sh);
-  return _mm_cvtss_f32(s);
-}
-
-// y[j * ldy + r] = dot(W row r, X row j) for r in [r0, r1), j in [0, NJ); K % 8 == 0.
-// Two weight rows at a time, so each weight vector loaded feeds 2 * NJ FMAs.
-template <int NJ>
-void dots(const float* W, const float* X, int64_t K, int64_t r0, int64_t r1, float* Y,
-          int64_t ldy) {
-  int64_t r = r0;
-  for (; r + 2 <= r1; r += 2) {
-    const float* w0 = W + r * K;
-    const float* w1 = w0 + K;
-    __m256 a0[NJ], a1[NJ];
-    for (int j = 0; j < NJ; ++j) {
-      a0[j] = _mm256_setzero_ps();
-      a1[j] = _mm256_setzero_ps();
-    }
-    for (int64_t k = 0; k < K; k += 8) {
-      if (PREFETCH) {
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + PREFETCH * K + k), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w1 + PREFETCH * K + k), _MM_HINT_T0);
-      }
-      __m256 v0 = _mm256_loadu_ps(w0 + k);
-      __m256 v1 = _mm256_loadu_ps(w1 + k);
-      for (int j = 0; j < NJ; ++j) {
-        __m256 xv = _mm256_loadu_ps(X + j * K + k);
-        a0[j] = _mm256_fmadd_ps(v0, xv, a0[j]);
-        a1[j] = _mm256_fmadd_ps(v1, xv, a1[j]);
-      }
-    }
-    for (int j = 0; j < NJ; ++j) {
-      Y[j * ldy + r] = hsum(a0[j]);
-      Y[j * ldy + r + 1] = hsum(a1[j]);
-    }
-  }
-  for (; r < r1; ++r) {
-    const float* w0 = W + r * K;
-    __m256 a0[NJ];
-    for (int j = 0; j < NJ; ++j) a0[j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-      __m256 v0 = _mm256_loadu_ps(w0 + k);
-      for (int j = 0; j < NJ; ++j)
-        a0[j] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(X + j * K + k), a0[j]);
-    }
-    for (int j = 0; j < NJ; ++j) Y[j * ldy + r] = hsum(a0[j]);
-  }
-}
-
-// n token rows X (n, K) against weight rows [r0, r1) of W (rows, K), in groups of <= 4.
-void dots_n(const float* W, const float* X, int64_t K, int64_t r0, int64_t r1, int64_t n,
-            float* Y, int64_t ldy) {
-  for (int64_t j0 = 0; j0 < n; j0 += 4) {
-    const float* x = X + j0 * K;
-    float* y = Y + j0 * ldy;
-    switch (std::min<int64_t>(4, n - j0)) {
-      case 1: dots<1>(W, x, K, r0, r1, y, ldy); break;
-      case 2: dots<2>(W, x, K, r0, r1, y, ldy); break;
-      case 3: dots<3>(W, x, K, r0, r1, y, ldy); break;
-      default: dots<4>(W, x, K, r0, r1, y, ldy); break;
-    }
-  }
-}
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
@@ -173,6 +93,7 @@ torch::Tensor expert_mlp(torch::Tensor xs, std::vector<int64_t> counts,
   return out;
 }
 """
+)
 
 SPEC = native.register(
     native.KernelSpec(
