@@ -33,6 +33,8 @@ Built ahead of time like the MoE kernel (`python -m expertmesh.models.native`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import native
@@ -330,7 +332,24 @@ def gqa_decode(
     (D,) or None."""
     module = SPEC.load()
     assert module is not None, "gqa_decode called without the kernel; check applies() first"
-    return module.gqa_decode(
+    args = _gqa_args(qkv, q_norm, k_norm, eps, cos, sin, kcache, vcache, rows, pos)
+    return module.gqa_decode(*args, num_heads, num_kv_heads, float(scale), interleaved)
+
+
+def _gqa_args(
+    qkv: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kcache: torch.Tensor,
+    vcache: torch.Tensor,
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+) -> tuple[Any, ...]:
+    """The leading arguments of the two GQA entry points, in the layout the C++ reads."""
+    return (
         qkv.contiguous(),
         _EMPTY if q_norm is None else q_norm.detach().float().contiguous(),
         _EMPTY if k_norm is None else k_norm.detach().float().contiguous(),
@@ -341,24 +360,23 @@ def gqa_decode(
         vcache,
         rows.contiguous(),
         pos.contiguous(),
-        num_heads,
-        num_kv_heads,
-        float(scale),
-        interleaved,
+    )
+
+
+def _plain_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 CPU tensors outside autograd, the kernel built: what every dense entry point needs."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and available()
     )
 
 
 def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `rms_norm` can run: fp32 CPU tensors, last dim a multiple of 8, no autograd."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.dim() >= 1
-        and x.shape[-1] % 8 == 0
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and available()
-    )
+    return x.dim() >= 1 and x.shape[-1] % 8 == 0 and _plain_fp32(x, weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -376,15 +394,7 @@ FEW_ROWS = 16
 def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `few_rows_linear` can run: fp32 on the CPU, in-features a multiple of 8,
     no autograd, the kernel built."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and weight.dim() == 2
-        and weight.shape[1] % 8 == 0
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and available()
-    )
+    return weight.dim() == 2 and weight.shape[1] % 8 == 0 and _plain_fp32(x, weight)
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -414,18 +424,5 @@ def gqa_prefill_prep(
     (B * T, D/2); pos (B, T)."""
     module = SPEC.load()
     assert module is not None, "gqa_prefill_prep called without the kernel; check applies()"
-    return module.gqa_prefill_prep(
-        qkv.contiguous(),
-        _EMPTY if q_norm is None else q_norm.detach().float().contiguous(),
-        _EMPTY if k_norm is None else k_norm.detach().float().contiguous(),
-        float(eps),
-        cos.contiguous(),
-        sin.contiguous(),
-        kcache,
-        vcache,
-        rows.contiguous(),
-        pos.contiguous(),
-        num_heads,
-        num_kv_heads,
-        interleaved,
-    )
+    args = _gqa_args(qkv, q_norm, k_norm, eps, cos, sin, kcache, vcache, rows, pos)
+    return module.gqa_prefill_prep(*args, num_heads, num_kv_heads, interleaved)
