@@ -237,17 +237,16 @@ def test_up_refuses_a_bad_config_naming_the_field(tmp_path):
     assert r.returncode == 2 and "mcp.agents.bot: tenant 'finance' is not in the policy" in r.stderr
 
 
-def test_up_on_the_mixed_topology_serves_one_request_and_exits(tmp_path):
-    """The README's main job: experts on a 3-node embedded cluster, one request, then down."""
-    env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
-    topology = Path(__file__).resolve().parents[2] / "examples" / "topologies" / "mixed.yaml"
-    for _ in range(3):  # retry on a port another process took first
+def up_one_request(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """`expertmesh up ARGS --request ROMEO: --max-tokens 8 --exit-after-request` on a free
+    port, retried when another process took the port first; the result and the port."""
+    for _ in range(3):
+        port = free_port()
         r = cli(
             "up",
+            *args,
             "--port",
-            str(free_port()),
-            "--topology",
-            str(topology),
+            str(port),
             "--request",
             "ROMEO:",
             "--max-tokens",
@@ -257,6 +256,14 @@ def test_up_on_the_mixed_topology_serves_one_request_and_exits(tmp_path):
         )
         if r.returncode == 0 or "Failed to bind" not in r.stderr:
             break
+    return r, port
+
+
+def test_up_on_the_mixed_topology_serves_one_request_and_exits(tmp_path):
+    """The README's main job: experts on a 3-node embedded cluster, one request, then down."""
+    env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
+    topology = Path(__file__).resolve().parents[2] / "examples" / "topologies" / "mixed.yaml"
+    r, _ = up_one_request(env, "--topology", str(topology))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.startswith("ROMEO:")
     # the trained demo may end before max_tokens: "[stop; N prompt + M completion tokens]"
@@ -270,22 +277,7 @@ def test_up_with_direct_ingress_answers_on_the_replicas_own_port(tmp_path):
     """`--direct-ingress`: the replica's own HTTP port is printed and `--request` goes there
     (a URL that did not answer would fail the request and the command)."""
     env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
-    for _ in range(3):  # retry on a port another process took first
-        proxy_port = free_port()
-        r = cli(
-            "up",
-            "--direct-ingress",
-            "--port",
-            str(proxy_port),
-            "--request",
-            "ROMEO:",
-            "--max-tokens",
-            "8",
-            "--exit-after-request",
-            env=env,
-        )
-        if r.returncode == 0 or "Failed to bind" not in r.stderr:
-            break
+    r, proxy_port = up_one_request(env, "--direct-ingress")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     found = re.search(r"direct ingress \(no proxy hop\): http://127\.0\.0\.1:(\d+)/v1", r.stderr)
     assert found and int(found.group(1)) != proxy_port, r.stderr[-2000:]
