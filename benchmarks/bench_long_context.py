@@ -137,14 +137,7 @@ def run_ours_tiled(path: Path, context: int, new_tokens: int, prefilled: int) ->
         for start in range(0, prefilled, CHUNK):
             logits = model(prompt[:, start : start + CHUNK], cache, None, "last")
         partial_prefill_s = time.perf_counter() - t0
-        for layer in cache.layers:
-            for store in (layer.first, layer.second):
-                done = prefilled
-                while done < context:
-                    n = min(prefilled, context - done)
-                    store.data[0, done : done + n] = store.data[0, :n]
-                    done += n
-        cache.lengths[0] = context
+        _fill_with_copies(cache, prefilled, context)
         tokens = [int(logits[0, -1].argmax())]
         for _ in range(new_tokens - 1):
             t0, c0 = time.perf_counter(), time.process_time()
