@@ -192,17 +192,27 @@ def _water_fill(room: np.ndarray, amount: np.ndarray) -> np.ndarray:
 # Planning steps
 
 
+def _usable_speed(caps: np.ndarray, cost: CostModel) -> np.ndarray:
+    """(L, N) each node's speed where it may serve the layer (its preferred nodes, or every node
+    with a slot when none is preferred), else 0."""
+    usable = (caps > 0) & cost.preferred
+    usable = np.where(usable.any(axis=1, keepdims=True), usable, caps > 0)
+    return np.where(usable, cost.speed, 0.0)
+
+
+def _layer_tau(a: np.ndarray, v: np.ndarray, cost: CostModel) -> np.ndarray:
+    """(L,) the time if all usable nodes (speeds v, `_usable_speed`) finish the layer together."""
+    return (a.sum(axis=1) + v @ cost.latency_s) / v.sum(axis=1)
+
+
 def _layer_bounds(
     a: np.ndarray, caps: np.ndarray, cost: CostModel
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per layer: tau (L,), the time if all usable nodes finish together, and (L, N+1) the
     speed sum of the r fastest usable nodes (index r)."""
-    usable = (caps > 0) & cost.preferred
-    usable = np.where(usable.any(axis=1, keepdims=True), usable, caps > 0)
-    v = np.where(usable, cost.speed, 0.0)
-    tau = (a.sum(axis=1) + (v * cost.latency_s).sum(axis=1)) / v.sum(axis=1)
+    v = _usable_speed(caps, cost)
     vtop = np.concatenate([np.zeros((len(a), 1)), np.cumsum(-np.sort(-v, axis=1), axis=1)], axis=1)
-    return tau, vtop
+    return _layer_tau(a, v, cost), vtop
 
 
 def _replica_counts(
@@ -525,16 +535,12 @@ def plan_placement(
     best = plans[0].step_time_s
     ideal = _lower_bound_s(a, caps, cost)
     near_ideal = best <= ideal * (1 + EPLB_SKIP)  # then a subset must lower the ideal itself
-    for dropped in _drop_order(a, caps, cost):
-        sub = caps.copy()
-        sub[:, dropped] = 0
-        if ((sub > 0).sum(axis=1) < options.min_replicas).any() or (
-            sub.sum(axis=1) < shape.num_experts * options.min_replicas
-        ).any():
-            break  # too few slots left for every expert
-        bound = _lower_bound_s(a, sub, cost)
+    order = _drop_order(a, caps, cost)
+    for k, bound in enumerate(_drop_bounds_s(a, caps, cost, order, options.min_replicas)):
         if bound >= best or (near_ideal and bound >= ideal):
             continue  # even a perfect plan on these nodes could not win (or not by much)
+        sub = caps.copy()
+        sub[:, order[: k + 1]] = 0
         try:
             plan = _plan(a, nodes, shape, options, cost, min(budget, int(sub.sum())), sub)
         except PlacementError:
@@ -612,26 +618,51 @@ then beat ours by more; EPLB's own run would cost more than planning)."""
 def _lower_bound_s(a: np.ndarray, caps: np.ndarray, cost: CostModel) -> float:
     """A step time no plan within `caps` beats: per layer, every usable node finishing
     together (tau of `_layer_bounds`) plus one dispatch call."""
-    tau, _ = _layer_bounds(a, caps, cost)
+    tau = _layer_tau(a, _usable_speed(caps, cost), cost)
     if cost.in_process:  # the colocated node alone is never called
         return float(tau.sum())
     return float(tau.sum() + cost.call_s * len(tau))
 
 
-def _drop_order(a: np.ndarray, caps: np.ndarray, cost: CostModel) -> list[list[int]]:
-    """Node sets to leave empty, one more each time: the nodes with slots that cost the most
-    for a fair share of a layer's tokens (message latency + share x cost per token) first; the
-    attention node's own process (colocated) is never dropped. Every layer a node serves costs
-    its latency and a dispatch call, so with slow links or costly calls fewer nodes can be
-    faster."""
+def _drop_order(a: np.ndarray, caps: np.ndarray, cost: CostModel) -> np.ndarray:
+    """Nodes to leave empty, in order (the node sets tried are its prefixes): the nodes with
+    slots that cost the most for a fair share of a layer's tokens (message latency + share x
+    cost per token) first; the attention node's own process (colocated) is never dropped. Every
+    layer a node serves costs its latency and a dispatch call, so with slow links or costly
+    calls fewer nodes can be faster."""
     has_slots = caps.sum(axis=0) > 0
     candidates = np.flatnonzero(has_slots & ~cost.colocated)
-    if not len(candidates):
-        return []
     share = a.sum(axis=1).mean() / max(int(has_slots.sum()), 1)
     badness = cost.latency_s[candidates] + share * cost.token_s[candidates]
-    order = candidates[np.argsort(-badness, kind="stable")].tolist()
-    return [order[: k + 1] for k in range(len(order))]
+    return candidates[np.argsort(-badness, kind="stable")]
+
+
+def _drop_bounds_s(
+    a: np.ndarray, caps: np.ndarray, cost: CostModel, order: np.ndarray, min_replicas: int
+) -> np.ndarray:
+    """`_lower_bound_s` with the first k + 1 nodes of `order` left empty, for each k while
+    the nodes left still hold min_replicas of every expert on distinct nodes, all at once: each
+    of tau's sums is the full sum less a running sum over the dropped columns."""
+    L, E = a.shape
+
+    def left(x: np.ndarray) -> np.ndarray:  # (L, N) -> (L, K): x summed over the nodes kept
+        return x.sum(axis=1, keepdims=True) - np.cumsum(x[:, order], axis=1)
+
+    held = caps > 0
+    pref = held & cost.preferred
+    feasible = ((left(held) >= min_replicas) & (left(caps) >= E * min_replicas)).all(axis=0)
+    k = int(np.argmin(feasible)) if not feasible.all() else len(order)  # the first one short
+    if k == 0:
+        return np.zeros(0)
+    order = order[:k]
+    # `_usable_speed`: a layer's preferred nodes, or all with slots when it has none left.
+    has_pref = left(pref) > 0
+    v_all, v_pref = np.where(held, cost.speed, 0.0), np.where(pref, cost.speed, 0.0)
+    speed = np.where(has_pref, left(v_pref), left(v_all))
+    weighted = np.where(has_pref, left(v_pref * cost.latency_s), left(v_all * cost.latency_s))
+    tau = (a.sum(axis=1, keepdims=True) + weighted) / speed
+    calls = 0.0 if cost.in_process else cost.call_s * L
+    return tau.sum(axis=0) + calls
 
 
 def _best_per_layer(
