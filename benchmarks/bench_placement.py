@@ -7,8 +7,10 @@ same number on every GPU, in every layer). Each GPU is one planner node. Balance
 max / mean node time of the cost model in `cluster/placement.py`: "equal speeds" counts
 tokens only (what EPLB optimises), "speeds counted" divides by each node's speed and adds its
 link time (what a step really waits for). EPLB is `cluster/eplb.py`, written from DeepSeek's
-published description and vectorised over layers; when vLLM is installed its shipped EPLB is
-timed too (same inputs).
+published description and vectorised over layers. vLLM's shipped EPLB
+(`DefaultEplbPolicy.rebalance_experts`) runs on the same inputs in `.venv-vllm` (`make
+venv-vllm`; its own process, since vLLM pins its own torch): its time, and whether its mapping
+equals ours (ties may be broken differently: the most loaded GPU is compared too).
 
 Load traces are synthetic per-layer log-normal expert loads (seeds fixed)
 on DeepSeek-V3's routed-expert shape: 58 MoE layers x 256 experts, top-8, hidden 7168,
@@ -18,8 +20,11 @@ fp8 experts of 3 x 7168 x 2048 weights.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import make_console, print_table, write_result
+from common import VLLM_PYTHON, make_console, print_table, write_result
 
 from expertmesh.cluster.eplb import rebalance_experts
 from expertmesh.cluster.placement import (
@@ -60,13 +65,58 @@ def skewed_load(shape: ExpertShape, seed: int, sigma: float = 0.8) -> np.ndarray
     return p / p.sum(axis=1, keepdims=True) * 4096 * shape.top_k
 
 
-def vllm_eplb() -> Any:
-    """vLLM's shipped EPLB (`rebalance_experts`), or None when vLLM is not installed."""
-    try:
-        from vllm.distributed.eplb.rebalance_algo import rebalance_experts as fn
-    except Exception:
-        return None
-    return fn
+VLLM_EPLB_CHILD = """
+import json, sys, time
+import numpy as np, torch
+from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+cases = json.loads(sys.argv[2])
+loads = np.load(sys.argv[1])
+out = {}
+for i, (R, groups, num_nodes, G, repeats) in enumerate(cases):
+    weight = torch.from_numpy(loads[f"load{i}"])
+    best, phy2log = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        phy2log = DefaultEplbPolicy.rebalance_experts(weight, R, groups, num_nodes, G)
+        best = min(best, time.perf_counter() - t)
+    out[f"phy2log{i}"] = phy2log.numpy()
+    out[f"ms{i}"] = np.array(best * 1e3)
+np.savez(sys.argv[3], **out)
+"""
+
+
+def gpu_max_load(phy2log: np.ndarray, load: np.ndarray, gpus: int) -> float:
+    """EPLB's own objective for a phy2log: the most loaded GPU's tokens (each replica taking
+    an equal share of its expert's), summed over layers."""
+    L, R = phy2log.shape
+    count = np.stack([np.bincount(row, minlength=load.shape[1]) for row in phy2log])
+    rows = np.arange(L)[:, None]
+    per_slot = load[rows, phy2log] / count[rows, phy2log]
+    return float(per_slot.reshape(L, gpus, R // gpus).sum(axis=2).max(axis=1).sum())
+
+
+def vllm_eplb_times(
+    cases: list[tuple[np.ndarray, int, int, int, int]], repeats: int
+) -> list[tuple[float, np.ndarray]] | str:
+    """vLLM's shipped EPLB (`DefaultEplbPolicy.rebalance_experts`, in `.venv-vllm`: vLLM's
+    torch pins differ from ours) on each (load, slots, groups, nodes, GPUs) case: its best
+    time of `repeats` in that process and its phy2log; or why it did not run."""
+    if not VLLM_PYTHON.exists():
+        return f"{VLLM_PYTHON} not found (`make venv-vllm`)"
+    with tempfile.TemporaryDirectory(prefix="bench-placement-") as tmp:
+        loads, out = Path(tmp) / "loads.npz", Path(tmp) / "out.npz"
+        np.savez(loads, **{f"load{i}": c[0] for i, c in enumerate(cases)})
+        spec = json.dumps([[*c[1:], repeats] for c in cases])
+        proc = subprocess.run(
+            [str(VLLM_PYTHON), "-c", VLLM_EPLB_CHILD, str(loads), spec, str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if proc.returncode:
+            return "vLLM's EPLB failed: " + proc.stderr.strip().splitlines()[-1]
+        got = np.load(out)
+        return [(float(got[f"ms{i}"]), got[f"phy2log{i}"]) for i in range(len(cases))]
 
 
 def best_time(fn: Any, repeats: int) -> tuple[float, Any]:
@@ -120,13 +170,8 @@ def scenario(
         "plan_time_ratio": t_ours / t_eplb,
         "slots_over": ev["slots_over"],
     }
-    vllm = vllm_eplb()
-    if vllm is not None:
-        import torch
-
-        weight = torch.from_numpy(load)
-        t_vllm, _ = best_time(lambda: vllm(weight, R, groups, num_nodes, G), repeats)
-        row["vllm_eplb_plan_ms"] = t_vllm * 1e3
+    row["_eplb_case"] = (load, R, groups, num_nodes, G)
+    row["_eplb_phy2log"] = result.phy2log
     return row
 
 
@@ -153,6 +198,21 @@ def main() -> None:
             row = scenario(name, speeds, per_node, slots, skewed_load(shape, seed), shape, repeats)
             row["seed"] = seed
             rows.append(row)
+
+    case_of = [r.pop("_eplb_case") for r in rows]
+    vllm = vllm_eplb_times(case_of, repeats)
+    for i, r in enumerate(rows):
+        ours_eplb = r.pop("_eplb_phy2log")
+        if isinstance(vllm, str):
+            continue
+        ms, phy2log = vllm[i]
+        r["vllm_eplb_plan_ms"] = ms
+        r["plan_time_vs_vllm_eplb"] = r["ours_plan_ms"] / ms
+        r["vllm_eplb_same_phy2log"] = bool(np.array_equal(phy2log, ours_eplb))
+        load, _, _, _, G = case_of[i]
+        r["vllm_eplb_gpu_max_vs_ours"] = gpu_max_load(phy2log, load, G) / gpu_max_load(
+            ours_eplb, load, G
+        )
 
     console = make_console(160)
     print_table(
@@ -201,8 +261,36 @@ def main() -> None:
         "planner_no_slower_than_eplb": all(r["plan_time_ratio"] <= 1.0 for r in rows),
         "memory_never_exceeded": all(not r["slots_over"] for r in rows),
     }
-    if vllm_eplb() is None:
-        console.print("vLLM not installed: its shipped EPLB is not timed (cluster/eplb.py is).")
+    if isinstance(vllm, str):
+        console.print(f"vLLM's shipped EPLB not timed: {vllm}")
+    else:
+        print_table(
+            "vLLM's shipped EPLB (.venv-vllm, its own process, best of the same repeats)",
+            [
+                "scenario",
+                "seed",
+                "vLLM EPLB ms",
+                "EPLB (ours) ms",
+                "ours plan ms",
+                "ours / vLLM EPLB",
+                "same phy2log as cluster/eplb.py",
+                "its max GPU load / ours",
+            ],
+            [
+                [
+                    r["scenario"],
+                    r["seed"],
+                    r["vllm_eplb_plan_ms"],
+                    r["eplb_plan_ms"],
+                    r["ours_plan_ms"],
+                    r["plan_time_vs_vllm_eplb"],
+                    r["vllm_eplb_same_phy2log"],
+                    r["vllm_eplb_gpu_max_vs_ours"],
+                ]
+                for r in rows
+            ],
+            console,
+        )
     console.print(
         "goals: " + ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in goals.items())
     )
@@ -215,7 +303,8 @@ def main() -> None:
             "rows": rows,
             "goals": goals,
         },
-        baseline="EPLB (cluster/eplb.py) on the same load trace and slot budget, same run",
+        baseline="EPLB (cluster/eplb.py) on the same load trace and slot budget, same run; "
+        "vLLM's shipped EPLB (.venv-vllm) timed on the same inputs in the same run",
     )
     console.print(f"wrote {path}")
 

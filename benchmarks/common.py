@@ -29,6 +29,8 @@ T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+"""vLLM's own virtual environment (`make venv-vllm`): the peer runs there, in a subprocess."""
 """Where `write_result` puts `<name>.json`; committed, so every RESULTS.md figure has its data."""
 
 
