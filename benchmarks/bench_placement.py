@@ -105,7 +105,8 @@ def vllm_eplb_times(
         return f"{VLLM_PYTHON} not found (`make venv-vllm`)"
     with tempfile.TemporaryDirectory(prefix="bench-placement-") as tmp:
         loads, out = Path(tmp) / "loads.npz", Path(tmp) / "out.npz"
-        np.savez(loads, **{f"load{i}": c[0] for i, c in enumerate(cases)})
+        arrays: dict[str, Any] = {f"load{i}": c[0] for i, c in enumerate(cases)}
+        np.savez(loads, **arrays)
         spec = json.dumps([[*c[1:], repeats] for c in cases])
         proc = subprocess.run(
             [str(VLLM_PYTHON), "-c", VLLM_EPLB_CHILD, str(loads), spec, str(out)],
