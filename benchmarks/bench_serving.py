@@ -507,6 +507,7 @@ def engine_row(before: dict[str, float], after: dict[str, float], wall_s: float)
         "forward_share_of_wall": d["forward_s"] / wall_s,
         "step_share_of_wall": d["step_s"] / wall_s,
         "ms_per_forward": 1e3 * d["forward_s"] / max(1, decode + int(d["prefill_forwards"])),
+        "ms_per_decode_forward": 1e3 * d.get("decode_forward_s", 0.0) / decode,
     }
 
 
@@ -683,7 +684,8 @@ def engine_cell(e: dict[str, Any] | None) -> str:
         return "-"
     return (
         f"{e['prefill_forwards']}+{e['decode_forwards']} fw, batch {e['mean_decode_batch']:.1f}, "
-        f"{e['ms_per_forward']:.0f} ms/fw, {e['forward_share_of_wall']:.0%} of wall"
+        f"{e['ms_per_forward']:.0f} ms/fw ({e['ms_per_decode_forward']:.0f} decode), "
+        f"{e['forward_share_of_wall']:.0%} of wall"
     )
 
 

@@ -35,6 +35,9 @@ class SchedulerSpec(_Spec):
     """No progress for this long while holding work = stalled (health check fails)."""
     threads: Annotated[int, Field(ge=1)] | None = None
     """torch threads of the engine; default every CPU the replica may run on."""
+    pace_delivery_s: Annotated[float, Field(ge=0, le=1)] = 0.005
+    """Engine waits up to this long after a step for its outputs to reach the streams
+    (the HTTP path's per-token work then runs between forward passes); 0 = no wait."""
     stream_interval: Annotated[int, Field(ge=1)] = 1
     """Tokens per streamed chunk after the first (first token and last chunk go at once);
     k > 1 sends k times fewer SSE events through the proxy."""

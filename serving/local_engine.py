@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 import weakref
 from collections import OrderedDict, deque
@@ -51,12 +52,16 @@ class _Outbox:
         self.loop = loop
         self.items: deque[tuple[asyncio.Queue[SchedulerEvent], SchedulerEvent]] = deque()
         self.scheduled = False
+        self.settled = threading.Event()
+        """Set once the loop delivered everything put and ran the streams it woke."""
+        self.settled.set()
 
     def put(self, queue: asyncio.Queue[SchedulerEvent], event: SchedulerEvent) -> None:
         """On the engine thread."""
         self.items.append((queue, event))
         if not self.scheduled:
             self.scheduled = True
+            self.settled.clear()
             self.loop.call_soon_threadsafe(self.deliver)
 
     def deliver(self) -> None:
@@ -66,6 +71,12 @@ class _Outbox:
         while self.items:
             queue, event = self.items.popleft()
             queue.put_nowait(event)
+        # Runs after the streams this woke (their wake-ups are ahead of it in the ready queue).
+        self.loop.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        if not self.scheduled:
+            self.settled.set()
 
 
 _COUNTED_KEPT = 1024
@@ -145,6 +156,10 @@ class ExpertMeshEngine:
             weakref.WeakKeyDictionary()
         )
         """Per event loop: the engine thread's outputs on their way to the requests' queues."""
+        self._outbox_list: tuple[_Outbox, ...] = ()
+        """The same outboxes, for the engine thread (replaced whole, never mutated)."""
+        if self.batcher.config.pace_delivery_s > 0:
+            self.batcher.after_step_hook = self._await_delivery
         self.batcher.start()
 
     @classmethod
@@ -268,7 +283,15 @@ class ExpertMeshEngine:
         outbox = self._outboxes.get(loop)
         if outbox is None:
             outbox = self._outboxes[loop] = _Outbox(loop)
+            self._outbox_list = (*self._outbox_list, outbox)
         return outbox
+
+    def _await_delivery(self) -> None:
+        """On the engine thread, after a step: wait (at most `pace_delivery_s`) until the
+        event loops handed the step's outputs to their streams."""
+        timeout = self.batcher.config.pace_delivery_s
+        for outbox in self._outbox_list:
+            outbox.settled.wait(timeout)
 
     def models(self) -> Sequence[ModelCard]:
         return [ModelCard(self.name, self.batcher.context_window)]

@@ -73,6 +73,13 @@ class SchedulerConfig:
     Set explicitly because Ray gives a replica that reserves no CPUs OMP_NUM_THREADS=1, which
     would otherwise run the model on one core."""
 
+    pace_delivery_s: float = 0.005
+    """After a step that produced outputs, the engine thread waits up to this long for the
+    event loop to hand them to their streams (SSE chunks built) before the next forward pass;
+    0 = no wait. The loop's per-token work then runs between forwards instead of taking the
+    GIL from the engine between every op of one (N = 32: 33.9 -> 31.9 ms per decode pass,
+    +3% tokens/s)."""
+
     stream_interval: int = 1
     """Tokens per streamed piece after the first: 1 hands every token to the request's stream
     as it is sampled; k > 1 hands k at once (the first token and the last piece go at once),
@@ -82,6 +89,10 @@ class SchedulerConfig:
         if self.threads is not None and self.threads < 1:
             raise ValueError(
                 f"scheduler.threads must be >= 1 (or None: all CPUs), got {self.threads}"
+            )
+        if self.pace_delivery_s < 0:
+            raise ValueError(
+                f"scheduler.pace_delivery_s must be >= 0 (0: no wait), got {self.pace_delivery_s}"
             )
         for name in ("num_slots", "max_waiting", "prefill_chunk", "stream_interval"):
             if getattr(self, name) < 1:
@@ -140,6 +151,8 @@ class SchedulerStats:
     decode_forwards: int = 0
     forward_s: float = 0.0
     """Wall time inside the model's forward passes (prefill and decode), engine thread."""
+    decode_forward_s: float = 0.0
+    """The decode passes' share of `forward_s`."""
     step_s: float = 0.0
     """Wall time inside `step` (forwards, sampling, detokenising, sinks, bookkeeping)."""
 
@@ -191,6 +204,9 @@ class ContinuousBatcher:
         self.fatal: BaseException | None = None
         self.step_hook: Callable[[], None] | None = None
         """Called at the start of every step (fault injection in tests: make it sleep)."""
+        self.after_step_hook: Callable[[], None] | None = None
+        """Called by the loop after every step, on the engine thread (the async wrapper waits
+        there until the step's outputs reached their streams, `SchedulerConfig.pace_delivery_s`)."""
 
     # ----------------------------------------------------------------- public, any thread
 
@@ -297,6 +313,8 @@ class ContinuousBatcher:
                     if self._stop:
                         break
                 self.step()
+                if self.after_step_hook is not None:
+                    self.after_step_hook()
         except BaseException as e:  # the engine is dead: fail everything, health says so
             self.fatal = e
             self._fail_all(e)
@@ -455,7 +473,9 @@ class ContinuousBatcher:
         rows = torch.tensor([r.slot for r in active])
         t0 = time.perf_counter()
         logits = self.model(ids, self.cache, rows, "last", stats)[:, -1]
-        self.stats.forward_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.stats.forward_s += elapsed
+        self.stats.decode_forward_s += elapsed
         self.stats.decode_forwards += 1
         self.stats.decode_tokens += len(active)
         self._emit(active, logits)
