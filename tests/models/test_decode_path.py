@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from expertmesh.models.adapters import adapter_for
-from expertmesh.models.config import ModelConfig
+from expertmesh.models.attention import Rotary
+from expertmesh.models.config import ModelConfig, RopeConfig
 from expertmesh.models.kv_cache import KVCache, TensorStore
 from expertmesh.models.model import MoEModel, StepContext, decode_attention, init_random, skinny_mm
 
@@ -114,3 +115,21 @@ def test_cached_decode_equals_full_forward(tiny_config: ModelConfig) -> None:
         model(ids[:, :8], cache)
         got = model(ids[:, 8:], cache, logits_for="last")[:, -1]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaling", ["default", "yarn"])
+def test_rotary_table_lookup_equals_computing_each_position(
+    dtype: torch.dtype, scaling: str
+) -> None:
+    """cos/sin read from the grown table are the values computed for those positions alone,
+    bit for bit, before and after the table grows past its first 256 positions."""
+    cfg = RopeConfig(theta=10000.0, dim=16, scaling=scaling, factor=4.0, original_max_position=64)
+    rotary = Rotary(cfg)
+    for positions in (torch.tensor([[3, 4, 5], [0, 200, 255]]), torch.tensor([[1000], [7]])):
+        freqs = positions[..., None].float() * rotary.inv_freq
+        cos, sin = rotary.cos_sin(positions, dtype)
+        assert cos.shape == (*positions.shape, 8) and cos.dtype == dtype
+        assert torch.equal(cos, (freqs.cos() * rotary.scale).to(dtype))
+        assert torch.equal(sin, (freqs.sin() * rotary.scale).to(dtype))
+    assert rotary._tables[dtype][0].shape[0] == 1024
