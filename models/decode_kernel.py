@@ -11,7 +11,7 @@
   q comes back token-major for PyTorch's flash SDPA, which still does the attention.
 - `rms_norm_rows`: `RMSNorm` in one pass a row (F.rms_norm is six ops on the CPU: 5.7 ms for
   4096 x 512 rows here against 0.16 ms).
-- `few_rows_linear`: x @ W^T for <= 16 rows, the moe kernel's dot-product blocks on a dense
+- `few_rows_linear`: x @ W^T for <= 32 rows, the moe kernel's dot-product blocks on a dense
   weight: each block of 32 weight rows read from memory once and reused from cache for every
   group of 4 input rows (MKL's GEMMs for 8-12 rows reached 9-14 GB/s here, this 19-31).
 
@@ -387,8 +387,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return module.rms_norm_rows(rows, weight.detach().contiguous(), float(eps)).view(x.shape)
 
 
-FEW_ROWS = 16
-"""`few_rows_linear` runs inputs of at most this many rows (layers.linear)."""
+FEW_ROWS = 32
+"""`few_rows_linear` runs inputs of at most this many rows (layers.linear).
+
+32, not 16: at batch 32 (bench_engine.py's decode step: q/k/v, o_proj and lm_head, weights
+cold from DRAM behind the experts) it measured 24.39 -> 23.47 ms a step against MKL's
+weight-left GEMM (median of 10 calls each, alternating in one process, load 1.8; greedy
+tokens identical), and it runs in the same OpenMP pool as the attention kernel."""
 
 
 def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -167,7 +167,7 @@ def test_rms_norm_keeps_autograd_when_training() -> None:
     assert x.grad is not None and norm.weight.grad is not None
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16, 17, 31, 32])
 def test_few_rows_linear_matches_f_linear(rows) -> None:
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(67, 40, generator=gen)  # odd out rows: the kernel's one-row tail
