@@ -209,7 +209,7 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor weight, int64_t blo
   const int64_t nb = (R + block - 1) / block;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      dots_n(W, X, K, b * block, std::min(R, (b + 1) * block), n, Y, R);
+      dots_n<false>(W, X, K, b * block, std::min(R, (b + 1) * block), n, Y, R);
   });
   return y;
 }

@@ -37,54 +37,6 @@ namespace {
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
-// Weight rows per group in `dots8`, and its prefetch distance in rows (4 groups ahead).
-constexpr int ROWS = 8;
-constexpr int64_t PREFETCH8 = 32;
-
-// `dots<NJ>` (same sums, same order: bitwise equal) on eight weight rows at a time: more
-// loads in flight (the accumulators spill at NJ = 4 and it is still faster). Experts' weight
-// streaming, 2 threads, vs 2 rows prefetching 4 ahead: 21 -> 30 GB/s at 1 token, 21 -> 25-29
-// at 4 (4 rows: 25-27 and 20-25; 16 rows: 27-29 and 20; prefetch 0-64 rows ahead measured).
-template <int NJ>
-void dots8(const float* W, const float* X, int64_t K, int64_t r0, int64_t r1, float* Y,
-           int64_t ldy) {
-  int64_t r = r0;
-  for (; r + ROWS <= r1; r += ROWS) {
-    const float* w0 = W + r * K;
-    __m256 a[ROWS][NJ];
-    for (int q = 0; q < ROWS; ++q)
-      for (int j = 0; j < NJ; ++j) a[q][j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-      for (int q = 0; q < ROWS; ++q)
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + (PREFETCH8 + q) * K + k), _MM_HINT_T0);
-      __m256 v[ROWS];
-      for (int q = 0; q < ROWS; ++q) v[q] = _mm256_loadu_ps(w0 + q * K + k);
-      for (int j = 0; j < NJ; ++j) {
-        const __m256 xv = _mm256_loadu_ps(X + j * K + k);
-        for (int q = 0; q < ROWS; ++q) a[q][j] = _mm256_fmadd_ps(v[q], xv, a[q][j]);
-      }
-    }
-    for (int q = 0; q < ROWS; ++q)
-      for (int j = 0; j < NJ; ++j) Y[j * ldy + r + q] = hsum(a[q][j]);
-  }
-  if (r < r1) dots<NJ>(W, X, K, r, r1, Y, ldy);
-}
-
-// `dots_n` with `dots8`.
-inline void dots8_n(const float* W, const float* X, int64_t K, int64_t r0, int64_t r1,
-                    int64_t n, float* Y, int64_t ldy) {
-  for (int64_t j0 = 0; j0 < n; j0 += 4) {
-    const float* x = X + j0 * K;
-    float* y = Y + j0 * ldy;
-    switch (std::min<int64_t>(4, n - j0)) {
-      case 1: dots8<1>(W, x, K, r0, r1, y, ldy); break;
-      case 2: dots8<2>(W, x, K, r0, r1, y, ldy); break;
-      case 3: dots8<3>(W, x, K, r0, r1, y, ldy); break;
-      default: dots8<4>(W, x, K, r0, r1, y, ldy); break;
-    }
-  }
-}
-
 }  // namespace
 
 // xs (M, H): token rows sorted by expert; counts[i] rows go to local slot slots[i].
@@ -119,8 +71,8 @@ torch::Tensor expert_mlp(torch::Tensor xs, std::vector<int64_t> counts,
         const int64_t nj = std::min<int64_t>(4, n - j0);
         const float* x = X + (offset[e] + j0) * H;
         // Rows r0..r1 of gate and of up; row r lands at g[j * block + (r - r0)].
-        dots8_n(W + r0 * H, x, H, 0, r1 - r0, nj, g.data(), block);
-        dots8_n(W + (I + r0) * H, x, H, 0, r1 - r0, nj, u.data(), block);
+        dots_n<true>(W + r0 * H, x, H, 0, r1 - r0, nj, g.data(), block);
+        dots_n<true>(W + (I + r0) * H, x, H, 0, r1 - r0, nj, u.data(), block);
         for (int64_t j = 0; j < nj; ++j) {
           float* a = A + (offset[e] + j0 + j) * I;
           for (int64_t r = r0; r < r1; ++r)
@@ -135,7 +87,7 @@ torch::Tensor expert_mlp(torch::Tensor xs, std::vector<int64_t> counts,
       const int64_t n = counts[e];
       if (n == 0 || n > max_n) continue;
       const float* W = D + slots[e] * H * I;
-      dots8_n(W, A + offset[e] * I, I, r0, r1, n, O + offset[e] * H, H);
+      dots_n<true>(W, A + offset[e] * I, I, r0, r1, n, O + offset[e] * H, H);
     }
   });
   return out;
