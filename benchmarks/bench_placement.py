@@ -65,6 +65,9 @@ def skewed_load(shape: ExpertShape, seed: int, sigma: float = 0.8) -> np.ndarray
     return p / p.sum(axis=1, keepdims=True) * 4096 * shape.top_k
 
 
+EplbCase = tuple[np.ndarray, int, int, int, int]
+"""EPLB's inputs: (load, physical slots per layer, groups, nodes, GPUs)."""
+
 VLLM_EPLB_CHILD = """
 import json, sys, time
 import numpy as np, torch
@@ -95,9 +98,7 @@ def gpu_max_load(phy2log: np.ndarray, load: np.ndarray, gpus: int) -> float:
     return float(per_slot.reshape(L, gpus, R // gpus).sum(axis=2).max(axis=1).sum())
 
 
-def vllm_eplb_times(
-    cases: list[tuple[np.ndarray, int, int, int, int]], repeats: int
-) -> list[tuple[float, np.ndarray]] | str:
+def vllm_eplb_times(cases: list[EplbCase], repeats: int) -> list[tuple[float, np.ndarray]] | str:
     """vLLM's shipped EPLB (`DefaultEplbPolicy.rebalance_experts`, in `.venv-vllm`: vLLM's
     torch pins differ from ours) on each (load, slots, groups, nodes, GPUs) case: its best
     time of `repeats` in that process and its phy2log; or why it did not run."""
@@ -139,7 +140,8 @@ def scenario(
     shape: ExpertShape,
     repeats: int,
     link_gbps: float = 400.0,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], EplbCase, np.ndarray]:
+    """The row, the inputs EPLB got (for vLLM's EPLB on the same) and EPLB's phy2log."""
     G = len(speeds)
     R = slots_per_gpu * G
     nodes = [
@@ -171,9 +173,7 @@ def scenario(
         "plan_time_ratio": t_ours / t_eplb,
         "slots_over": ev["slots_over"],
     }
-    row["_eplb_case"] = (load, R, groups, num_nodes, G)
-    row["_eplb_phy2log"] = result.phy2log
-    return row
+    return row, (load, R, groups, num_nodes, G), result.phy2log
 
 
 def main() -> None:
@@ -193,27 +193,25 @@ def main() -> None:
         ("half slower 64", half(64), 8, 5),
         ("4 speeds 32", [1.0, 0.75, 0.5, 0.25] * 8, 8, 9),
     ]
-    rows = []
+    rows, eplb_cases, eplb_maps = [], [], []
     for name, speeds, per_node, slots in tqdm(cases, desc="scenarios"):
         for seed in (0, 1):
-            row = scenario(name, speeds, per_node, slots, skewed_load(shape, seed), shape, repeats)
+            load = skewed_load(shape, seed)
+            row, case, phy2log = scenario(name, speeds, per_node, slots, load, shape, repeats)
             row["seed"] = seed
             rows.append(row)
+            eplb_cases.append(case)
+            eplb_maps.append(phy2log)
 
-    case_of = [r.pop("_eplb_case") for r in rows]
-    vllm = vllm_eplb_times(case_of, repeats)
-    for i, r in enumerate(rows):
-        ours_eplb = r.pop("_eplb_phy2log")
-        if isinstance(vllm, str):
-            continue
-        ms, phy2log = vllm[i]
-        r["vllm_eplb_plan_ms"] = ms
-        r["plan_time_vs_vllm_eplb"] = r["ours_plan_ms"] / ms
-        r["vllm_eplb_same_phy2log"] = bool(np.array_equal(phy2log, ours_eplb))
-        load, _, _, _, G = case_of[i]
-        r["vllm_eplb_gpu_max_vs_ours"] = gpu_max_load(phy2log, load, G) / gpu_max_load(
-            ours_eplb, load, G
-        )
+    vllm = vllm_eplb_times(eplb_cases, repeats)
+    if not isinstance(vllm, str):
+        for r, (load, *_, G), ours_eplb, (ms, phy2log) in zip(rows, eplb_cases, eplb_maps, vllm):
+            r["vllm_eplb_plan_ms"] = ms
+            r["plan_time_vs_vllm_eplb"] = r["ours_plan_ms"] / ms
+            r["vllm_eplb_same_phy2log"] = bool(np.array_equal(phy2log, ours_eplb))
+            r["vllm_eplb_gpu_max_vs_ours"] = gpu_max_load(phy2log, load, G) / gpu_max_load(
+                ours_eplb, load, G
+            )
 
     console = make_console(160)
     print_table(
