@@ -118,6 +118,7 @@ torch::Tensor gqa_decode(torch::Tensor qkv, torch::Tensor q_norm_w, torch::Tenso
   const float fscale = (float)scale, feps = (float)eps;
   const int64_t width = (H + 2 * Hkv) * D;
 
+  pybind11::gil_scoped_release no_gil;  // no Python below: other threads may run
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> q(G * D), tmp(D), probs, acc(G * D);
     for (int64_t t = t0; t < t1; ++t) {
@@ -190,6 +191,7 @@ torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor w, double eps) {
   const float* W = w.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const float feps = (float)eps;
+  pybind11::gil_scoped_release no_gil;  // no Python below: other threads may run
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) rms_norm(X + r * D, W, D, feps, Y + r * D);
   });
@@ -207,6 +209,7 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor weight, int64_t blo
   const float* W = weight.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t nb = (R + block - 1) / block;
+  pybind11::gil_scoped_release no_gil;  // no Python below: other threads may run
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       dots_n<false>(W, X, K, b * block, std::min(R, (b + 1) * block), n, Y, R);
@@ -245,6 +248,7 @@ torch::Tensor gqa_prefill_prep(torch::Tensor qkv, torch::Tensor q_norm_w, torch:
   float* Q = q.data_ptr<float>();
   const float feps = (float)eps;
   const int64_t width = (H + 2 * Hkv) * D;
+  pybind11::gil_scoped_release no_gil;  // no Python below: other threads may run
   at::parallel_for(0, B * T, 8, [&](int64_t i0, int64_t i1) {
     std::vector<float> tmp(D);
     for (int64_t i = i0; i < i1; ++i) {

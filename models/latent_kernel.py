@@ -305,6 +305,7 @@ torch::Tensor latent_decode(torch::Tensor q_lat, torch::Tensor q_rope, torch::Te
   P = std::max<int64_t>(1, (L + step - 1) / step);
   std::vector<float> acc(B * P * H * R, 0.0f), m(B * P * H, -std::numeric_limits<float>::infinity()),
       l(B * P * H, 0.0f);
+  pybind11::gil_scoped_release no_gil;  // no Python below: other threads may run
   at::parallel_for(0, B * P, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / P, p = t % P, j0 = p * step, n = std::min(step, L - j0);

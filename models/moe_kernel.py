@@ -60,6 +60,7 @@ torch::Tensor expert_mlp(torch::Tensor xs, std::vector<int64_t> counts,
   const int64_t ib = (I + block - 1) / block, hb = (H + block - 1) / block;
 
   // Gate and up rows of one block together, so the activation is applied in place.
+  pybind11::gil_scoped_release no_gil;  // no Python below: other threads may run
   at::parallel_for(0, E * ib, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> g(block * 4), u(block * 4);
     for (int64_t t = t0; t < t1; ++t) {
