@@ -119,7 +119,7 @@ torch::Tensor gqa_decode(torch::Tensor qkv, torch::Tensor q_norm_w, torch::Tenso
   const int64_t width = (H + 2 * Hkv) * D;
 
   pybind11::gil_scoped_release no_gil;  // no Python below: other threads may run
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(B * Hkv, [&](int64_t t0, int64_t t1) {
     std::vector<float> q(G * D), tmp(D), probs, acc(G * D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, g = t % Hkv, p = P[b], L = p + 1;
@@ -210,7 +210,7 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor weight, int64_t blo
   float* Y = y.data_ptr<float>();
   const int64_t nb = (R + block - 1) / block;
   pybind11::gil_scoped_release no_gil;  // no Python below: other threads may run
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  parallel_tasks(nb, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       dots_n<false>(W, X, K, b * block, std::min(R, (b + 1) * block), n, Y, R);
   });

@@ -61,7 +61,7 @@ torch::Tensor expert_mlp(torch::Tensor xs, std::vector<int64_t> counts,
 
   // Gate and up rows of one block together, so the activation is applied in place.
   pybind11::gil_scoped_release no_gil;  // no Python below: other threads may run
-  at::parallel_for(0, E * ib, 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(E * ib, [&](int64_t t0, int64_t t1) {
     std::vector<float> g(block * 4), u(block * 4);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = t / ib, r0 = (t % ib) * block, r1 = std::min(I, r0 + block);
@@ -82,7 +82,7 @@ torch::Tensor expert_mlp(torch::Tensor xs, std::vector<int64_t> counts,
       }
     }
   });
-  at::parallel_for(0, E * hb, 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(E * hb, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = t / hb, r0 = (t % hb) * block, r1 = std::min(H, r0 + block);
       const int64_t n = counts[e];

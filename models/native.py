@@ -78,6 +78,7 @@ CPP_PRELUDE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -95,10 +96,45 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// f(t, t + 1) for every task t in [0, n) on the intra-op threads. Each thread first runs its
+// own contiguous share, as at::parallel_for would (one stream of weight rows per thread, which
+// the prefetches follow), then takes tasks from the back of another thread's share. A thread
+// the OS preempts (a serving replica's event loop wanting a core, on a machine with as many
+// threads as cores) no longer holds up the whole region while the others wait at its end.
+// Each task computes the same sums in the same order either way.
+inline int64_t take_task(std::atomic<uint64_t>& range, bool front) {
+  uint64_t v = range.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint64_t lo = v >> 32, hi = v & 0xffffffffu;
+    if (lo >= hi) return -1;
+    const uint64_t taken = front ? ((lo + 1) << 32) | hi : (lo << 32) | (hi - 1);
+    if (range.compare_exchange_weak(v, taken, std::memory_order_relaxed))
+      return static_cast<int64_t>(front ? lo : hi - 1);
+  }
+}
+
+template <typename F>
+inline void parallel_tasks(int64_t n, const F& f) {
+  const int64_t T = std::min<int64_t>(n, at::get_num_threads());
+  if (T <= 1 || n >= (int64_t(1) << 31)) {
+    at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) { f(t0, t1); });
+    return;
+  }
+  std::vector<std::atomic<uint64_t>> shares(T);
+  for (int64_t i = 0; i < T; ++i)
+    shares[i].store(static_cast<uint64_t>(n * i / T) << 32 | static_cast<uint64_t>(n * (i + 1) / T));
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t t; (t = take_task(shares[i], true)) >= 0;) f(t, t + 1);
+    for (int64_t k = 1; k < T; ++k)
+      for (int64_t t; (t = take_task(shares[(b + k) % T], false)) >= 0;) f(t, t + 1);
+  });
+}
+
 }  // namespace
 """
-"""C++ every kernel source starts with: the headers and `hsum` (the 8 lanes of an AVX register
-added)."""
+"""C++ every kernel source starts with: the headers, `hsum` (the 8 lanes of an AVX register
+added) and `parallel_tasks` (a parallel loop whose threads take tasks one at a time)."""
 
 CPP_DOT_BLOCKS = r"""
 namespace {

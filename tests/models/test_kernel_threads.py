@@ -1,13 +1,16 @@
-"""Our C++ kernels let go of the GIL while they compute, as torch's own ops do: a serving replica
-runs the model on its engine thread and its HTTP event loops on others, and a kernel that kept
-the GIL would stop every stream for the whole call (about 20 ms of each batch-32 decode step)."""
+"""Our C++ kernels and threads: they let go of the GIL while they compute, as torch's own ops do
+(a serving replica runs the model on its engine thread and its HTTP event loops on others, and
+a kernel that kept the GIL would stop every stream for the whole call, about 20 ms of each
+batch-32 decode step); and their threads take tasks as they go (`native.parallel_tasks`), each
+task once, with the same sums whatever the number of threads."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -83,3 +86,39 @@ def test_the_expert_kernel_releases_the_gil() -> None:
     xs = torch.randn(experts * per_expert, hidden, generator=gen)
     counts, slots = [per_expert] * experts, list(range(experts))
     assert_other_threads_ran(lambda: moe_kernel.expert_mlp(xs, counts, slots, gate_up, down))
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.skipif(
+    not (decode_kernel.available() and moe_kernel.available()),
+    reason=f"kernels not built here: {decode_kernel.unavailable_reason()}, "
+    f"{moe_kernel.unavailable_reason()}",
+)
+def test_every_task_runs_once_with_the_same_sums_on_any_number_of_threads() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=gen)
+    weight = torch.randn(1003, 64, generator=gen)  # 126 blocks of 8 rows, the last short
+    experts, hidden, inter = 7, 64, 32
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen)
+    down = torch.randn(experts, hidden, inter, generator=gen)
+    counts, slots = [3, 1, 8, 2, 5, 4, 6], [6, 0, 5, 1, 4, 2, 3]
+    xs = torch.randn(sum(counts), hidden, generator=gen)
+    runs = []
+    for threads in (1, 2, 3, 4):
+        with intra_op_threads(threads), torch.inference_mode():
+            linear = decode_kernel.few_rows_linear(x, weight, block=8)
+            expert = moe_kernel.expert_mlp(xs, counts, slots, gate_up, down, block=8)
+        runs.append((linear, expert))
+    torch.testing.assert_close(runs[0][0], torch.nn.functional.linear(x, weight))
+    for linear, expert in runs[1:]:
+        assert torch.equal(linear, runs[0][0])
+        assert torch.equal(expert, runs[0][1])
