@@ -78,7 +78,8 @@ class SchedulerConfig:
     event loop to hand them to their streams (SSE chunks built) before the next forward pass;
     0 = no wait. The loop's per-token work then runs between forwards instead of taking the
     GIL from the engine between every op of one (N = 32: 33.9 -> 31.9 ms per decode pass,
-    +3% tokens/s)."""
+    +3% tokens/s; with the kernels releasing the GIL, 0 against 5 ms gave 501-561 against
+    608-707 tok/s, then 563-692 against 562-744: benchmarks/RESULTS.md, serving)."""
 
     stream_interval: int = 1
     """Tokens per streamed piece after the first: 1 hands every token to the request's stream
