@@ -17,7 +17,8 @@ chaos tests and the supervisor kill. So:
 
 Every entry point lets go of the GIL once its arguments are checked, as torch's own ops do: a
 serving replica runs the model on its engine thread and its HTTP event loops on others, and a
-kernel holding the GIL stops every stream for the whole call (`tests/models/test_kernel_gil.py`).
+kernel holding the GIL stops every stream for the whole call. Their parallel loops hand out
+tasks as threads free up (`parallel_tasks`). Both: `tests/models/test_kernel_threads.py`.
 
     spec = KernelSpec("expertmesh_moe_kernel", SOURCE, ("expert_mlp",), ("-O3", "-mavx2"))
     module = native.load(spec)      # None: not built here (reason: native.why_not(spec))
