@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import threading
 import time
-import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -152,12 +151,10 @@ class ExpertMeshEngine:
         self.kv_pressure: Any = None
         """`engine_detect.KvPressure` once `supervise` gave the engine an event log."""
         self._events: Any = None
-        self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
-            weakref.WeakKeyDictionary()
-        )
-        """Per event loop: the engine thread's outputs on their way to the requests' queues."""
-        self._outbox_list: tuple[_Outbox, ...] = ()
-        """The same outboxes, for the engine thread (replaced whole, never mutated)."""
+        self._outboxes: tuple[_Outbox, ...] = ()
+        """One per event loop that asked (a replica has one or two): the engine thread's
+        outputs on their way to the requests' queues. Replaced whole, never mutated, so the
+        engine thread can walk it while a loop adds its own."""
         if self.batcher.config.pace_delivery_s > 0:
             self.batcher.after_step_hook = self._await_delivery
         self.batcher.start()
@@ -280,17 +277,18 @@ class ExpertMeshEngine:
         return len(self.supervisor.removed) if self.supervisor is not None else 0
 
     def _outbox(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
-        outbox = self._outboxes.get(loop)
-        if outbox is None:
-            outbox = self._outboxes[loop] = _Outbox(loop)
-            self._outbox_list = (*self._outbox_list, outbox)
+        for outbox in self._outboxes:
+            if outbox.loop is loop:
+                return outbox
+        outbox = _Outbox(loop)
+        self._outboxes = (*self._outboxes, outbox)
         return outbox
 
     def _await_delivery(self) -> None:
         """On the engine thread, after a step: wait (at most `pace_delivery_s`) until the
         event loops handed the step's outputs to their streams."""
         timeout = self.batcher.config.pace_delivery_s
-        for outbox in self._outbox_list:
+        for outbox in self._outboxes:
             outbox.settled.wait(timeout)
 
     def models(self) -> Sequence[ModelCard]:
